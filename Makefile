@@ -1,0 +1,33 @@
+# make demo   run the quickstart job on a local Ray instance (mnist5k, CPU, a few minutes)
+# make test   run the test suite (real local Ray, ~10 minutes on 2 cores)
+# make bench  run the benchmarks and rewrite bench/RESULTS.md
+# Each target creates .venv and installs raykd into it on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.raykd-installed
+
+# Ray 2.60 enables token auth by default; local runs and job submission need none of it.
+export RAY_AUTH_MODE := disabled
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/raykd run jobs/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/kd_overhead.py
+
+clean:
+	rm -rf runs bench/runs

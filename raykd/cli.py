@@ -1,0 +1,92 @@
+"""The `raykd` command.
+
+    raykd run JOB.yaml [key=value ...]   run a job; prints the results table at the end
+    raykd results RUN_DIR [--plot F.png] print a run's results table (mean ± std over seeds)
+
+Bad input ends with a one-line error and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from raykd.errors import RaykdError
+
+
+def _cmd_run(args) -> int:
+    from raykd.config import load_job
+    from raykd.pipeline import run_job
+    from raykd.ray_env import init_ray
+    from raykd.results import format_summary
+
+    from raykd.data import load_dataset
+
+    spec = load_job(args.job, args.overrides)
+    splits = load_dataset(spec.data)  # absent data fails here, before Ray starts
+    init_ray(spec.ray.address, spec.ray.num_cpus)
+    df = run_job(spec, splits=splits)
+    print(f"\nresults: {spec.run_dir / 'results.parquet'}")
+    print(format_summary(df))
+    return 0
+
+
+def _cmd_results(args) -> int:
+    from raykd.results import format_summary, plot_summary, read_results
+
+    df = read_results(args.run_dir)
+    print(format_summary(df))
+    if args.plot:
+        plot_summary(df, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="raykd", description="Knowledge distillation on Ray.",
+        epilog="Run 'raykd COMMAND --help' for a command's options.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="run a job and print its results table",
+                         description="Run a job spec. Re-running the same job resumes it: "
+                         "finished runs are kept, interrupted ones continue from their last "
+                         "checkpoint.")
+    run.add_argument("job", help="job spec (YAML), e.g. jobs/quickstart.yaml")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="dotted overrides, e.g. student.train.epochs=5 seeds=[0,1]")
+    run.set_defaults(fn=_cmd_run)
+
+    res = sub.add_parser("results", help="print a run's results table",
+                         description="Print mean ± std over seeds per role, method and model.")
+    res.add_argument("run_dir", help="a run directory (OUTPUT_DIR/NAME)")
+    res.add_argument("--plot", metavar="FILE.png", help="also draw accuracy per method")
+    res.set_defaults(fn=_cmd_results)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raykd.ray_env import set_ray_env
+
+    set_ray_env()  # before anything imports ray: some settings are read at import
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except RaykdError as e:
+        print(f"raykd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raykd: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("RAYKD_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()
+        print(f"raykd: error: {type(e).__name__}: {first[-1] if first else ''} "
+              "(set RAYKD_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

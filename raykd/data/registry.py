@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from raykd.errors import RaykdError
+
+_DATASETS: dict[str, Callable] = {}
+
+
+@dataclass
+class DatasetSplits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, int, int]  # C, H, W
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.input_shape[1]
+
+
+def register_dataset(name: str):
+    def deco(fn):
+        _DATASETS[name] = fn
+        return fn
+    return deco
+
+
+def dataset_names() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def check_dataset_name(name: str) -> None:
+    if name not in _DATASETS:
+        raise RaykdError(f"unknown dataset {name!r}; allowed: {', '.join(dataset_names())}")
+
+
+def load_dataset(spec) -> DatasetSplits:
+    """Build the splits a `DataSpec` describes (see raykd.config)."""
+    check_dataset_name(spec.dataset)
+    return _DATASETS[spec.dataset](spec)
+
+
+def split_indices(n: int, val_size: int, test_size: int, train_size: int | None, seed: int,
+                  name: str) -> tuple[list[int], list[int], list[int]]:
+    """A seeded permutation cut into test, val and train (train optionally limited)."""
+    if val_size + test_size >= n:
+        raise RaykdError(
+            f"data: val_size ({val_size}) + test_size ({test_size}) leave no training images "
+            f"out of the {n} in {name}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    test = perm[:test_size]
+    val = perm[test_size:test_size + val_size]
+    train = perm[test_size + val_size:]
+    return _limit(train, train_size, name), val, test
+
+
+def _limit(indices: list[int], train_size: int | None, name: str) -> list[int]:
+    if train_size is None:
+        return indices
+    if train_size > len(indices):
+        raise RaykdError(f"data.train_size={train_size} but {name} has only {len(indices)} "
+                         "training images after the val/test split")
+    return indices[:train_size]
+
+
+def subset(ds: Dataset, idx: list[int]) -> Subset:
+    return Subset(ds, idx)

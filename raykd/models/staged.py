@@ -1,0 +1,135 @@
+"""The staged-model protocol every raykd model follows.
+
+A staged model is an ordered list of named blocks. Running the blocks in order is the plain
+forward pass; the output of any block can be *tapped* by name. Stage names ("stage1", ...) are
+aliases for the block that ends each residual stage, and "logits" names the final block's output.
+Teacher shards, neighbourhoods and feature-based methods all address a model through these names,
+so no code ever depends on a model's module layout or positional indices.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from raykd.errors import RaykdError
+
+LOGITS = "logits"
+
+
+class StagedModel(nn.Module):
+    def __init__(self, blocks: "OrderedDict[str, nn.Module]", stages: dict[str, str]):
+        super().__init__()
+        if not blocks:
+            raise ValueError("a staged model needs at least one block")
+        self.blocks = nn.ModuleDict(blocks)
+        unknown = [b for b in stages.values() if b not in self.blocks]
+        if unknown:
+            raise ValueError(f"stage boundaries name unknown blocks: {unknown}")
+        self.stages = dict(stages)
+
+    # ----- names -------------------------------------------------------------------------
+    @property
+    def block_names(self) -> list[str]:
+        return list(self.blocks.keys())
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self.stages.keys())
+
+    @property
+    def tap_names(self) -> list[str]:
+        return self.stage_names + self.block_names + [LOGITS]
+
+    def resolve_tap(self, tap: str) -> str:
+        """Map a tap name (stage alias, block name or 'logits') to the block whose output it is."""
+        if tap == LOGITS:
+            return self.block_names[-1]
+        if tap in self.stages:
+            return self.stages[tap]
+        if tap in self.blocks:
+            return tap
+        raise RaykdError(
+            f"unknown tap {tap!r}; allowed: {', '.join(self.stage_names + [LOGITS])} "
+            f"or a block name ({', '.join(self.block_names)})"
+        )
+
+    def block_index(self, name: str) -> int:
+        return self.block_names.index(self.resolve_tap(name))
+
+    # ----- running -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks.values():
+            x = block(x)
+        return x
+
+    def run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Run the contiguous block range [start, stop) on x (the activation entering `start`)."""
+        for name in self.block_names[start:stop]:
+            x = self.blocks[name](x)
+        return x
+
+    def features(self, x: torch.Tensor, taps: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Return exactly the requested activations, running only as far as the last one."""
+        return self.features_from(x, taps, start=0)
+
+    def features_from(
+        self, x: torch.Tensor, taps: Iterable[str], start: int = 0, stop: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Run blocks from `start` and collect requested taps that fall in [start, stop).
+
+        Taps outside that range are ignored, which lets a shard serve its part of a request.
+        """
+        names = self.block_names
+        stop = len(names) if stop is None else stop
+        wanted: dict[str, list[str]] = {}
+        for tap in taps:
+            idx = self.block_index(tap)
+            if start <= idx < stop:
+                wanted.setdefault(names[idx], []).append(tap)
+        if not wanted:
+            return {}
+        last = max(names.index(b) for b in wanted)
+        out: dict[str, torch.Tensor] = {}
+        for name in names[start : last + 1]:
+            x = self.blocks[name](x)
+            for tap in wanted.get(name, ()):
+                out[tap] = x
+        return out
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass on one input (conv and linear layers)."""
+    total = 0
+
+    def conv_hook(mod: nn.Conv2d, _inp, out):
+        nonlocal total
+        kh, kw = mod.kernel_size
+        total += out.numel() * (mod.in_channels // mod.groups) * kh * kw
+
+    def linear_hook(mod: nn.Linear, _inp, out):
+        nonlocal total
+        total += out.numel() * mod.in_features
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return int(total)

@@ -1,0 +1,130 @@
+"""From a job spec to results rows: plan the units, run them on Ray in dependency order.
+
+Data flows one way: spec -> units (teacher per seed, then one student per method and seed) ->
+concurrent Ray Train runs -> rows in RUN_DIR/results.parquet. Units with a row already are not
+run again; an interrupted unit resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from raykd.config import JobSpec
+from raykd.data import load_dataset
+from raykd.errors import RaykdError
+from raykd.methods import method_params
+from raykd.results import ResultsTable
+from raykd.train.unit import Unit
+
+
+def plan_units(spec: JobSpec) -> list[Unit]:
+    models = spec.run_dir / "models"
+    units: list[Unit] = []
+    for seed in spec.seeds:
+        teacher_key = f"seed{seed}-teacher"
+        teacher_export = spec.teacher.checkpoint or str(models / f"{teacher_key}.pt")
+        if spec.teacher.checkpoint is None:
+            units.append(Unit(
+                key=teacher_key, role="teacher", label="ce", method={"method": "ce"},
+                model=spec.teacher.model, optim=spec.teacher.train, data=spec.data, seed=seed,
+                export_path=teacher_export, cpus_per_worker=spec.ray.cpus_per_worker))
+        for label, entry in spec.methods.items():
+            cls, _ = method_params(label, entry)
+            key = f"seed{seed}-{label}"
+            units.append(Unit(
+                key=key, role="student", label=label, method=entry, model=spec.student.model,
+                optim=spec.student.train, data=spec.data, seed=seed,
+                export_path=str(models / f"{key}.pt"),
+                teacher_export=teacher_export if cls.uses_teacher else None,
+                cpus_per_worker=spec.ray.cpus_per_worker,
+                depends_on=[teacher_key] if cls.uses_teacher and spec.teacher.checkpoint is None
+                else []))
+    return units
+
+
+def default_parallelism(spec: JobSpec) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    if spec.ray.use_gpu:
+        per_run, have = spec.ray.workers, resources.get("GPU", 0)
+    else:
+        per_run, have = spec.ray.workers * spec.ray.cpus_per_worker, resources.get("CPU", 1)
+    return max(1, math.floor(have / per_run))
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def log(msg: str) -> None:
+    print(f"raykd: {msg}", file=sys.stderr, flush=True)
+
+
+def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None):
+    """Run every unit of the job; return the results table as a DataFrame.
+
+    `fail_at` (unit key -> epoch) injects a failure after that epoch's checkpoint, for tests.
+    """
+    import ray
+
+    from raykd.train.runner import fit_unit
+
+    run_dir = spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+    splits = splits or load_dataset(spec.data)   # absent data fails here, before any run
+    table = ResultsTable(run_dir)
+    units = plan_units(spec)
+    for unit in units:
+        if fail_at and unit.key in fail_at:
+            unit.fail_at_epoch = fail_at[unit.key]
+    done = {u.key for u in units if table.get(u.key) and Path(u.export_path).exists()}
+    pending = {u.key: u for u in units if u.key not in done}
+    if done:
+        log(f"{len(done)} of {len(units)} runs already finished in {run_dir}; running the rest")
+    limit = spec.ray.max_parallel or default_parallelism(spec)
+    storage = str(run_dir / "ray")
+    in_flight: dict = {}
+    failed: dict[str, str] = {}
+    started = time.perf_counter()
+    total = len(units)
+    while pending or in_flight:
+        for key, unit in list(pending.items()):
+            bad = [d for d in unit.depends_on if d in failed]
+            if bad:
+                failed[key] = f"not run: {bad[0]} failed"
+                del pending[key]
+        ready = [u for u in pending.values() if all(d in done for d in u.depends_on)]
+        for unit in ready[: max(0, limit - len(in_flight))]:
+            ref = fit_unit.remote(unit, storage, spec.ray.workers, spec.ray.use_gpu,
+                                  spec.ray.max_failures, splits.num_classes, splits.input_shape)
+            in_flight[ref] = unit
+            del pending[unit.key]
+            log(f"started {unit.key} ({unit.role}, {unit.model}, {unit.optim.epochs} epochs)")
+        if not in_flight:
+            break
+        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        unit = in_flight.pop(ref)
+        try:
+            row = ray.get(ref)
+        except Exception as exc:  # a run that failed after its retries
+            failed[unit.key] = _one_line(exc)
+            log(f"FAILED {unit.key}: {failed[unit.key]}")
+            continue
+        table.add(row)
+        done.add(unit.key)
+        log(f"[{len(done)}/{total}] {unit.key}: val_top1 {row['val_top1']:.4f} "
+            f"test_top1 {row['test_top1']:.4f} ({row['wall_s']:.0f}s; "
+            f"{time.perf_counter() - started:.0f}s elapsed)")
+    if failed:
+        names = ", ".join(f"{k} ({v})" for k, v in failed.items())
+        raise RaykdError(f"{len(failed)} of {total} runs failed: {names}; finished runs are kept "
+                         f"in {run_dir}, re-run the job to resume")
+    return table.frame()

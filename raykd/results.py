@@ -1,0 +1,105 @@
+"""The results table: RUN_DIR/results.parquet, one row per trained model.
+
+Rows are written as each run finishes (write aside, then rename), so a crash loses nothing that
+was done. Accuracies are fractions in [0, 1]; summaries give mean ± std over seeds.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from raykd.errors import RaykdError
+
+RESULTS_FILE = "results.parquet"
+REQUIRED_COLUMNS = ["method", "role", "model", "dataset", "seed", "val_top1", "test_top1",
+                    "params", "wall_s", "epochs"]
+ROLE_ORDER = {"teacher": 0, "head": 1, "neighbourhood": 2, "student": 3}
+
+
+class ResultsTable:
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / RESULTS_FILE
+        self.rows: list[dict] = []
+        if self.path.exists():
+            self.rows = pd.read_parquet(self.path).to_dict("records")
+
+    def get(self, unit: str) -> dict | None:
+        for row in self.rows:
+            if row.get("unit") == unit:
+                return row
+        return None
+
+    def add(self, row: dict) -> None:
+        missing = [c for c in REQUIRED_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"results row lacks columns {missing}")
+        self.rows = [r for r in self.rows if r.get("unit") != row.get("unit")] + [row]
+        self.write()
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".results.", suffix=".parquet")
+        os.close(fd)
+        self.frame().to_parquet(tmp, engine="pyarrow", index=False)
+        os.replace(tmp, self.path)
+
+
+def read_results(run_dir: str | Path) -> pd.DataFrame:
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise RaykdError(f"no results table at {path} (is {run_dir} a run directory?)")
+    return pd.read_parquet(path)
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds per (role, method, model)."""
+    keys = ["role", "method", "model"]
+    g = df.groupby(keys, sort=False)
+    out = g.agg(seeds=("seed", "nunique"), val_mean=("val_top1", "mean"),
+                val_std=("val_top1", "std"), test_mean=("test_top1", "mean"),
+                test_std=("test_top1", "std"), params=("params", "first"),
+                wall_s=("wall_s", "mean")).reset_index()
+    out["_order"] = out["role"].map(ROLE_ORDER).fillna(9)
+    return out.sort_values(["_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def _pm(mean: float, std: float) -> str:
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.4f} ± {0.0 if pd.isna(std) else std:.4f}"
+
+
+def format_summary(df: pd.DataFrame) -> str:
+    s = summarize(df)
+    table = pd.DataFrame({
+        "role": s["role"], "method": s["method"], "model": s["model"], "seeds": s["seeds"],
+        "val_top1": [_pm(m, d) for m, d in zip(s["val_mean"], s["val_std"])],
+        "test_top1": [_pm(m, d) for m, d in zip(s["test_mean"], s["test_std"])],
+        "params": s["params"], "wall_s": s["wall_s"].round(1),
+    })
+    return table.to_string(index=False)
+
+
+def plot_summary(df: pd.DataFrame, path: str | Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarize(df)
+    labels = [f"{r}\n{m}" for r, m in zip(s["role"], s["method"])]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(s)), 3.5))
+    ax.bar(range(len(s)), s["test_mean"], yerr=s["test_std"].fillna(0), capsize=4,
+           color="#4c72b0")
+    ax.set_xticks(range(len(s)), labels, fontsize=8)
+    ax.set_ylabel("test top-1 (mean ± std over seeds)")
+    lo = max(0.0, float((s["test_mean"] - s["test_std"].fillna(0)).min()) - 0.05)
+    ax.set_ylim(lo, 1.0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

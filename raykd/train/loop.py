@@ -1,0 +1,184 @@
+"""The one training loop. It runs in every Ray Train worker, for teachers and students alike.
+
+The loop asks the method which taps it needs, gets the student's and the teacher's activations,
+sums the method's named losses and logs each of them. It never looks at which method it runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import defaultdict
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from raykd.data import load_dataset
+from raykd.methods import MethodContext, Step, build_method
+from raykd.models import build_model
+from raykd.models.export import save_export
+from raykd.teacher import LocalTeacher
+from raykd.train.optim import make_optimizer, make_scheduler
+from raykd.train.unit import Unit
+
+STATE_FILE = "state.pt"
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, batch_size: int, device, rank: int = 0,
+             world: int = 1) -> float:
+    """Top-1 accuracy; with several workers each scores a disjoint shard and counts are summed."""
+    shard = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in DataLoader(shard, batch_size=batch_size):
+        x, y = x.to(device), y.to(device)
+        correct[0] += (model(x).argmax(1) == y).sum()
+        correct[1] += len(y)
+    if world > 1:
+        dist.all_reduce(correct)
+    model.train(was_training)
+    return float(correct[0] / correct[1].clamp_min(1))
+
+
+def quiet_ray_logs() -> None:
+    """Ray Train logs every checkpoint and report at INFO; our own epoch line says enough."""
+    for name in ("ray.train", "ray.tune", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:  # this module names its logger by file path, outside the "ray.train" tree
+        from ray.train.v2._internal.execution import context
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+class TrainableParts(torch.nn.Module):
+    """The student plus the method's extra modules, so one optimizer, one checkpoint and one
+    DDP wrapper cover both. Its forward returns the student's requested taps."""
+
+    def __init__(self, model: torch.nn.Module, extra: torch.nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.extra = extra if extra is not None else torch.nn.Identity()
+
+    def forward(self, x, taps):
+        return self.model.features(x, taps)
+
+
+def _report(metrics: dict, state: dict | None, rank: int) -> None:
+    """Every rank must call report (it is a barrier); rank 0 attaches the checkpoint."""
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0 and state is not None:
+            torch.save(state, os.path.join(d, STATE_FILE))
+            with open(os.path.join(d, "metrics.json"), "w") as f:
+                json.dump(metrics, f)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_unit(config: dict) -> None:
+    unit: Unit = config["unit"]
+    quiet_ray_logs()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(unit.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    torch.manual_seed(unit.seed)
+
+    splits = load_dataset(unit.data)
+    model = build_model(unit.model, splits.num_classes, splits.in_channels, splits.image_size)
+    teacher = LocalTeacher(unit.teacher_export, device) if unit.teacher_export else None
+    method = build_method(unit.label, unit.method, MethodContext(
+        student=model, num_classes=splits.num_classes, input_shape=splits.input_shape,
+        teacher=teacher.model if teacher else None))
+    trainable = TrainableParts(model, method.modules()).to(device)
+    optimizer = make_optimizer(trainable.parameters(), unit.optim)
+    scheduler = make_scheduler(optimizer, unit.optim)
+    epochs = unit.optim.epochs
+
+    start_epoch, last_metrics = 0, {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
+        trainable.load_state_dict(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, last_metrics = state["epoch"] + 1, state["metrics"]
+        if rank == 0:
+            print(f"[{unit.key}] resuming after epoch {start_epoch}/{epochs}", flush=True)
+
+    # DDP (gloo or nccl) when there are several workers; a method's extra modules ride along
+    wrapped = ray.train.torch.prepare_model(trainable, move_to_device=False) if world > 1 \
+        else trainable
+    student = trainable.model
+
+    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=unit.seed) if world > 1 else None
+    student_taps = sorted(set(method.student_taps()) | {"logits"})
+    teacher_taps = method.teacher_taps() if teacher else []
+
+    def state_dict(epoch: int, metrics: dict) -> dict:
+        return {"trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics}
+
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = DataLoader(
+            splits.train, batch_size=unit.data.batch_size, sampler=sampler,
+            shuffle=sampler is None, drop_last=False, num_workers=unit.data.loader_workers,
+            generator=torch.Generator().manual_seed(unit.seed * 10_007 + epoch))
+        trainable.train()
+        sums: dict[str, float] = defaultdict(float)
+        seen = 0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            teacher_out = teacher.features(x, teacher_taps) if teacher_taps else {}
+            student_out = wrapped(x, student_taps)
+            terms = method.losses(Step(x=x, y=y, student=student_out, teacher=teacher_out,
+                                       epoch=epoch, epochs=epochs))
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(y)
+            seen += n
+            sums["loss"] += loss.item() * n
+            for name, value in terms.items():
+                sums[f"loss_{name}"] += value.item() * n
+        scheduler.step()
+        train_s = time.perf_counter() - started
+        metrics = {k: v / max(seen, 1) for k, v in sums.items()}
+        metrics.update(epoch=epoch + 1, epochs=epochs, resumed_from=start_epoch, lr=optimizer.param_groups[0]["lr"],
+                       epoch_s=train_s, train_images=seen * world,
+                       val_top1=evaluate(student, splits.val, unit.data.eval_batch_size, device,
+                                         rank, world))
+        if epoch == epochs - 1:
+            # reported for the final model only; nothing is ever selected on it
+            metrics["test_top1"] = evaluate(student, splits.test, unit.data.eval_batch_size,
+                                            device, rank, world)
+        if rank == 0:
+            parts = "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
+            print(f"[{unit.key}] epoch {epoch + 1}/{epochs}  loss {metrics['loss']:.4f} ({parts})"
+                  f"  val_top1 {metrics['val_top1']:.4f}  {train_s:.1f}s", flush=True)
+        _report(metrics, state_dict(epoch, metrics), rank)
+        last_metrics = metrics
+        if unit.fail_at_epoch is not None and epoch + 1 == unit.fail_at_epoch:
+            raise RuntimeError(f"injected failure after epoch {epoch + 1} of {unit.key}")
+
+    if start_epoch >= epochs:
+        # the run had already finished: report its final state again so the result carries it
+        _report(last_metrics, state_dict(epochs - 1, last_metrics), rank)
+    if rank == 0:
+        save_export(student, unit.export_path, splits.num_classes, splits.in_channels,
+                    splits.image_size)
+

@@ -1,0 +1,64 @@
+"""Launch one `Unit` as a Ray Train run (a `TorchTrainer`), from a lightweight Ray task.
+
+Each run gets its own name under the job's storage folder, so re-running the job resumes it from
+its last checkpoint. Several units run concurrently: the driver task itself takes no CPU, the
+Train workers take what the spec asks for, and Ray queues the rest.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raykd.models import build_model, count_macs, count_params
+from raykd.train.loop import quiet_ray_logs, train_unit
+from raykd.train.unit import Unit
+
+
+def scaling_config(workers: int, cpus_per_worker: float, use_gpu: bool) -> ScalingConfig:
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+@ray.remote(num_cpus=0)
+def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures: int,
+             num_classes: int, input_shape: tuple[int, int, int]) -> dict:
+    """Train one unit to completion (resuming if it ran before) and return its results row."""
+    quiet_ray_logs()
+    started = time.perf_counter()
+    trainer = TorchTrainer(
+        train_unit,
+        train_loop_config={"unit": unit},
+        scaling_config=scaling_config(workers, unit.cpus_per_worker, use_gpu),
+        run_config=RunConfig(
+            name=unit.key, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    wall_s = time.perf_counter() - started
+    metrics = result.metrics or {}
+    history = result.metrics_dataframe
+    if history is not None:
+        history_dir = Path(storage).parent / "metrics"
+        history_dir.mkdir(parents=True, exist_ok=True)
+        history.to_parquet(history_dir / f"{unit.key}.parquet")
+    model = build_model(unit.model, num_classes, input_shape[0], input_shape[1])
+    return {
+        "unit": unit.key, "method": unit.label, "role": unit.role, "model": unit.model,
+        "dataset": unit.data.dataset, "seed": unit.seed,
+        "val_top1": metrics.get("val_top1"), "test_top1": metrics.get("test_top1"),
+        "params": count_params(model), "macs": count_macs(model, input_shape),
+        "wall_s": wall_s,
+        "train_s": float(history["epoch_s"].sum()) if history is not None else None,
+        "epochs": metrics.get("epoch"), "workers": workers,
+        "resumed_from": metrics.get("resumed_from", 0),
+        "export": unit.export_path,
+    }

@@ -1,0 +1,24 @@
+"""What one Ray Train run trains: a `Unit` (a teacher, or one student under one method)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from raykd.config import DataSpec, OptimSpec
+
+
+@dataclass
+class Unit:
+    key: str                      # unique in the job, e.g. "seed0-kd"; also the Ray Train run name
+    role: str                     # teacher | student
+    label: str                    # the job's name for the method ("kd", "kd_top5", ...)
+    method: dict[str, Any]        # the job's entry for that method
+    model: str
+    optim: OptimSpec
+    data: DataSpec
+    seed: int
+    export_path: str              # where the trained model is written
+    teacher_export: str | None = None
+    cpus_per_worker: float = 1.0
+    depends_on: list[str] = field(default_factory=list)
+    fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint

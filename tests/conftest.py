@@ -1,0 +1,36 @@
+"""One real local Ray instance for the whole test session (starting one costs seconds)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from raykd.ray_env import set_ray_env
+
+set_ray_env()
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def small_job(tmp_path, **sections) -> dict:
+    """A digits job small enough for a unit test (seconds of training per run)."""
+    job = {
+        "name": "t", "output_dir": str(tmp_path), "seeds": [0],
+        "data": {"dataset": "digits", "batch_size": 64},
+        "teacher": {"model": "cnn", "train": {"epochs": 3, "lr": 0.1}},
+        "student": {"model": "cnn_small", "train": {"epochs": 3, "lr": 0.1}},
+        "methods": {"ce": {}, "kd": {"temperature": 4, "alpha": 0.9}},
+        "ray": {"workers": 1, "max_failures": 0},
+    }
+    for key, value in sections.items():
+        job[key] = value
+    return job

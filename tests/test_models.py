@@ -1,0 +1,81 @@
+"""Every staged model: taps have the right shapes and chaining the blocks equals the forward."""
+import pytest
+import torch
+
+from raykd.errors import RaykdError
+from raykd.models import build_model, count_macs, count_params
+
+# name, in_channels, image size, stage count
+ZOO = [
+    ("resnet8", 3, 32, 3), ("resnet14", 3, 32, 3), ("resnet20", 3, 32, 3), ("resnet32", 3, 32, 3),
+    ("resnet56", 3, 32, 3), ("resnet110", 3, 32, 3), ("resnet8x4", 3, 32, 3),
+    ("resnet32x4", 3, 32, 3), ("wrn_16_2", 3, 32, 3), ("wrn_40_2", 3, 32, 3),
+    ("cnn_small", 1, 28, 3), ("cnn", 1, 28, 3), ("cnn_wide", 1, 28, 3), ("cnn", 1, 8, 3),
+    ("resnet18", 3, 64, 4), ("resnet34", 3, 64, 4), ("resnet50_cifar", 3, 32, 4),
+    ("resnet152_cifar", 3, 32, 4),
+]
+
+
+@pytest.mark.parametrize("name,channels,size,stages", ZOO, ids=[f"{z[0]}-{z[2]}" for z in ZOO])
+def test_staged_model_protocol(name, channels, size, stages):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=7, in_channels=channels, image_size=size).eval()
+    x = torch.randn(2, channels, size, size)
+    with torch.no_grad():
+        logits = model(x)
+        assert logits.shape == (2, 7)
+        # chaining the blocks one by one equals the plain forward
+        h = x
+        for i in range(len(model.block_names)):
+            h = model.run_blocks(h, i, i + 1)
+        assert torch.allclose(h, logits, atol=1e-5)
+        # exactly the requested taps come back, with the right shapes
+        assert model.stage_names == [f"stage{i}" for i in range(1, stages + 1)]
+        taps = model.features(x, ["stage1", f"stage{stages}", "logits"])
+        assert set(taps) == {"stage1", f"stage{stages}", "logits"}
+        assert torch.allclose(taps["logits"], logits, atol=1e-5)
+        for stage in model.stage_names:
+            out = model.features(x, [stage])[stage]
+            assert out.dim() == 4 and out.shape[0] == 2
+        # spatial size falls (or stays) from stage to stage
+        sizes = [model.features(x, [s])[s].shape[-1] for s in model.stage_names]
+        assert sizes == sorted(sizes, reverse=True)
+    assert count_params(model) > 0 and count_macs(model, (channels, size, size)) > 0
+
+
+def test_known_parameter_counts():
+    # RepDistiller's CIFAR-100 models: resnet8 0.08M, resnet110 1.73M, resnet32x4 7.43M,
+    # wrn_40_2 2.25M (published counts, rounded)
+    counts = {n: count_params(build_model(n, 100)) for n in ("resnet8", "resnet110", "resnet32x4", "wrn_40_2")}
+    assert round(counts["resnet8"] / 1e6, 2) == 0.08
+    assert round(counts["resnet110"] / 1e6, 2) == 1.74
+    assert round(counts["resnet32x4"] / 1e6, 2) == 7.43
+    assert round(counts["wrn_40_2"] / 1e6, 2) == 2.26
+
+
+def test_macs_of_a_linear_layer_model_by_hand():
+    # cnn on 1x8x8: stem conv 1->16 (3x3) at 8x8 = 64*16*9 MACs, ...; check the stem alone
+    model = build_model("cnn", 10, in_channels=1, image_size=8)
+    stem_macs = 8 * 8 * 16 * 1 * 9
+    assert count_macs(model, (1, 8, 8)) > stem_macs
+
+
+def test_features_from_a_shard_range_only_returns_its_taps():
+    model = build_model("resnet8", 10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    mid = model.block_index("stage2")
+    with torch.no_grad():
+        entering = model.run_blocks(x, 0, mid)
+        part = model.features_from(entering, ["stage1", "stage2", "logits"], start=mid,
+                                   stop=mid + 1)
+    assert set(part) == {"stage2"}
+
+
+def test_unknown_tap_and_model_errors_name_the_allowed_values():
+    model = build_model("resnet8", 10)
+    with pytest.raises(RaykdError, match="stage1, stage2, stage3, logits"):
+        model.features(torch.zeros(1, 3, 32, 32), ["stage9"])
+    with pytest.raises(RaykdError, match="unknown model 'resnet9'.*resnet8"):
+        build_model("resnet9", 10)
+    with pytest.raises(RaykdError, match="unknown model"):
+        build_model("wrn_15_2", 10)
