@@ -61,6 +61,15 @@ class TeacherSpec:
     model: str = "cnn_wide"
     checkpoint: str | None = None     # a raykd model export to use instead of training one
     train: OptimSpec = field(default_factory=OptimSpec)
+    # how students get the frozen teacher's outputs (raykd.teacher)
+    placement: str = "auto"           # local (in each worker) | actors (shard actors) | auto
+    shards: int = 1                   # contiguous block ranges, one Ray actor each
+    replicas: int = 1                 # copies of the shard chain, load-balanced
+    cpus_per_shard: float = 1.0
+    gpus_per_shard: float = 0.0       # a GPU fraction per shard actor (GPU clusters)
+    timeout_s: float = 120.0          # a request with no answer by then fails with an error
+    cache: bool = True                # store teacher outputs for deterministic inputs
+    cache_dir: str | None = None      # default: OUTPUT_DIR/feature_cache (shared across jobs)
 
 
 @dataclass
@@ -224,6 +233,15 @@ def validate(spec: JobSpec) -> None:
     from raykd.methods import method_params
     from raykd.models import check_model_name
 
+    # Ray workers run in other folders: relative paths are resolved here, against the caller's
+    spec.output_dir = str(Path(spec.output_dir).expanduser().resolve())
+    if spec.data.root is not None:
+        spec.data.root = str(Path(spec.data.root).expanduser().resolve())
+    if spec.teacher.checkpoint is not None:
+        ckpt = Path(spec.teacher.checkpoint).expanduser().resolve()
+        if not ckpt.is_file():
+            raise RaykdError(f"teacher.checkpoint: no such file {ckpt}")
+        spec.teacher.checkpoint = str(ckpt)
     check_dataset_name(spec.data.dataset)
     check_model_name(spec.teacher.model)
     check_model_name(spec.student.model)
@@ -241,6 +259,15 @@ def validate(spec: JobSpec) -> None:
         bad = [m for m in optim.lr_milestones if not 0 < m < 1]
         if bad:
             raise RaykdError(f"{where}.lr_milestones are fractions of the run in (0, 1), got {bad}")
+    t = spec.teacher
+    if t.placement not in ("auto", "local", "actors"):
+        raise RaykdError(f"teacher.placement: unknown {t.placement!r}; allowed: auto, local, actors")
+    if t.shards < 1 or t.replicas < 1:
+        raise RaykdError("teacher.shards and teacher.replicas must be at least 1")
+    if t.timeout_s <= 0:
+        raise RaykdError(f"teacher.timeout_s must be positive, got {t.timeout_s}")
+    if t.cache_dir is not None:
+        t.cache_dir = str(Path(t.cache_dir).expanduser().resolve())
     if spec.ray.workers < 1:
         raise RaykdError(f"ray.workers must be at least 1, got {spec.ray.workers}")
     if spec.data.batch_size < 1:

@@ -47,6 +47,79 @@ def plan_units(spec: JobSpec) -> list[Unit]:
     return units
 
 
+def resolve_placement(spec: JobSpec) -> str:
+    """`auto` serves the teacher from shard actors only when the job asks for several shards or
+    replicas: for one copy of a small teacher the in-process forward is faster (bench/RESULTS.md)."""
+    t = spec.teacher
+    if t.placement != "auto":
+        return t.placement
+    return "actors" if (t.shards > 1 or t.replicas > 1) else "local"
+
+
+class TeacherServices:
+    """Starts a teacher's shard actors when its first student launches and stops them when its
+    last student ends, never holding more CPUs than leave room for one training run."""
+
+    def __init__(self, spec: JobSpec, input_shape, units: list[Unit]):
+        import ray
+
+        self.spec = spec
+        self.input_shape = input_shape
+        self.placement = resolve_placement(spec)
+        self.cache_dir = (spec.teacher.cache_dir or str(Path(spec.output_dir) / "feature_cache")
+                          ) if spec.teacher.cache else None
+        self.live: dict[str, object] = {}
+        self.users = {}
+        for u in units:
+            if u.teacher_export:
+                self.users[u.teacher_export] = self.users.get(u.teacher_export, 0) + 1
+        t = spec.teacher
+        self.service_cpus = t.cpus_per_shard * t.shards * t.replicas
+        self.run_cpus = spec.ray.workers * spec.ray.cpus_per_worker
+        self.total_cpus = ray.cluster_resources().get("CPU", 0)
+        if self.placement == "actors" and self.service_cpus + self.run_cpus > self.total_cpus:
+            raise RaykdError(
+                f"teacher service needs {self.service_cpus:g} CPUs (teacher.shards x replicas x "
+                f"cpus_per_shard) plus {self.run_cpus:g} for a training run, but the cluster has "
+                f"{self.total_cpus:g}; lower teacher.cpus_per_shard or use teacher.placement=local")
+
+    def handle_for(self, unit: Unit):
+        """The unit's TeacherHandle, starting the service if needed; None if it must wait."""
+        from raykd.teacher import TeacherHandle
+        from raykd.teacher.service import TeacherService
+
+        if not unit.teacher_export:
+            return None
+        if self.placement == "local":
+            return TeacherHandle(unit.teacher_export, "local", cache_dir=self.cache_dir)
+        if unit.teacher_export not in self.live:
+            used = self.service_cpus * len(self.live)
+            if used + self.service_cpus + self.run_cpus > self.total_cpus:
+                return None   # wait for another teacher's students to finish
+            t = self.spec.teacher
+            name = f"{self.spec.name}/{Path(unit.teacher_export).stem}"
+            log(f"starting teacher service {name}: {t.shards} shard(s) x {t.replicas} replica(s)")
+            service = TeacherService(
+                name, unit.teacher_export, self.input_shape, shards=t.shards,
+                replicas=t.replicas, cpus_per_shard=t.cpus_per_shard,
+                gpus_per_shard=t.gpus_per_shard, timeout_s=t.timeout_s, cache_dir=self.cache_dir)
+            service.wait_ready()
+            self.live[unit.teacher_export] = service
+        return self.live[unit.teacher_export].handle
+
+    def release(self, unit: Unit) -> None:
+        if not unit.teacher_export:
+            return
+        self.users[unit.teacher_export] -= 1
+        if self.users[unit.teacher_export] == 0 and unit.teacher_export in self.live:
+            self.live.pop(unit.teacher_export).stop()
+
+    def stop_all(self) -> None:
+        for service in self.live.values():
+            service.stop()
+        self.live.clear()
+
+
 def default_parallelism(spec: JobSpec) -> int:
     import ray
 
@@ -72,10 +145,6 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None):
 
     `fail_at` (unit key -> epoch) injects a failure after that epoch's checkpoint, for tests.
     """
-    import ray
-
-    from raykd.train.runner import fit_unit
-
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
@@ -90,7 +159,24 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None):
     if done:
         log(f"{len(done)} of {len(units)} runs already finished in {run_dir}; running the rest")
     limit = spec.ray.max_parallel or default_parallelism(spec)
+    services = TeacherServices(spec, splits.input_shape, [u for u in units if u.key in pending])
+    try:
+        return _run_units(spec, units, pending, done, table, services, limit, splits)
+    finally:
+        services.stop_all()
+
+
+def _run_units(spec, units, pending, done, table, services, limit, splits):
+    import ray
+
+    from raykd.train.runner import fit_unit
+
+    run_dir = spec.run_dir
     storage = str(run_dir / "ray")
+    dependents: dict[str, int] = {}
+    for unit in units:
+        for dep in unit.depends_on:
+            dependents[dep] = dependents.get(dep, 0) + 1
     in_flight: dict = {}
     failed: dict[str, str] = {}
     started = time.perf_counter()
@@ -102,13 +188,23 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None):
                 failed[key] = f"not run: {bad[0]} failed"
                 del pending[key]
         ready = [u for u in pending.values() if all(d in done for d in u.depends_on)]
-        for unit in ready[: max(0, limit - len(in_flight))]:
+        # runs that others wait for (teachers) go first: they are the critical path
+        ready.sort(key=lambda u: -dependents.get(u.key, 0))
+        for unit in ready:
+            if len(in_flight) >= limit:
+                break
+            if unit.teacher_export:
+                unit.teacher = services.handle_for(unit)
+                if unit.teacher is None:
+                    continue
             ref = fit_unit.remote(unit, storage, spec.ray.workers, spec.ray.use_gpu,
                                   spec.ray.max_failures, splits.num_classes, splits.input_shape)
             in_flight[ref] = unit
             del pending[unit.key]
             log(f"started {unit.key} ({unit.role}, {unit.model}, {unit.optim.epochs} epochs)")
         if not in_flight:
+            for key in pending:   # cannot happen while resources suffice; never drop silently
+                failed[key] = "not run: no resources for it and its teacher service"
             break
         [ref], _ = ray.wait(list(in_flight), num_returns=1)
         unit = in_flight.pop(ref)
@@ -118,6 +214,8 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None):
             failed[unit.key] = _one_line(exc)
             log(f"FAILED {unit.key}: {failed[unit.key]}")
             continue
+        finally:
+            services.release(unit)
         table.add(row)
         done.add(unit.key)
         log(f"[{len(done)}/{total}] {unit.key}: val_top1 {row['val_top1']:.4f} "

@@ -14,8 +14,10 @@ _DEFAULTS = {
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
     # Train V2's result.metrics / logs stay quiet about the deprecated V1 paths
     "RAY_TRAIN_V2_ENABLED": "1",
-    # one line per epoch is the progress output; Ray's de-duplication would fold it away
+    # one line per epoch is the progress output; Ray's de-duplication would fold it away, and
+    # Train's print patch would print it twice (once itself, once through its logger)
     "RAY_DEDUP_LOGS": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 

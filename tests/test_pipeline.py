@@ -57,3 +57,29 @@ def test_data_parallel_run_with_two_workers(ray_session, tmp_path):
     assert (history.train_images >= 1097).all()
     assert (df.workers == 2).all()
     assert df[df.role == "teacher"].iloc[0].test_top1 > 0.8
+
+
+def test_actor_served_and_cached_teachers_train_the_same_student_as_local(ray_session, tmp_path):
+    import torch
+
+    from raykd.models import build_model
+    from raykd.models.export import save_export
+
+    torch.manual_seed(3)
+    teacher_path = tmp_path / "teacher.pt"
+    save_export(build_model("cnn", 10, 1, 8), teacher_path, 10, 1, 8)
+
+    def kd_losses(name, **teacher):
+        job = small_job(tmp_path, name=name, methods={"kd": {}},
+                        teacher={"model": "cnn", "checkpoint": str(teacher_path), **teacher})
+        spec = job_from_dict(job)
+        df = run_job(spec)
+        assert list(df.role) == ["student"]
+        return pd.read_parquet(spec.run_dir / "metrics" / "seed0-kd.parquet").loss_kd.to_numpy()
+
+    local = kd_losses("local", placement="local", cache=False)
+    served = kd_losses("served", placement="actors", shards=2, cpus_per_shard=0.5, cache=False)
+    cached = kd_losses("cached", placement="actors", shards=2, cpus_per_shard=0.5, cache=True)
+    assert (tmp_path / "feature_cache").is_dir()
+    assert abs(served - local).max() < 1e-5 * abs(local).max()
+    assert abs(cached - local).max() < 1e-3 * abs(local).max()

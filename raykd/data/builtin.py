@@ -116,7 +116,8 @@ def _holdout_splits(train_aug, train_plain, test, n, val_size, spec, name, num_c
     if spec.test_size is not None:
         test = subset(test, list(range(min(spec.test_size, len(test)))))
     return DatasetSplits(train=subset(train_aug, train_idx), val=subset(train_plain, val_idx),
-                         test=test, num_classes=num_classes, input_shape=shape)
+                         test=test, num_classes=num_classes, input_shape=shape,
+                         deterministic=not spec.augment)
 
 
 @register_dataset("cifar10")

@@ -18,6 +18,7 @@ class DatasetSplits:
     test: Dataset
     num_classes: int
     input_shape: tuple[int, int, int]  # C, H, W
+    deterministic: bool = True         # the same index always gives the same input (no augmentation)
 
     @property
     def in_channels(self) -> int:

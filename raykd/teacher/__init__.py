@@ -1,6 +1,11 @@
-"""Frozen teachers. Every distillation loop gets teacher outputs only through a `Teacher`:
-`teacher.features(x, taps) -> {tap: tensor}`.
+"""Frozen teachers and how training runs reach them.
+
+- `LocalTeacher`: the model in the training worker's own process.
+- `TeacherService` / `TeacherClient`: shard actors chained into a pipeline, with replicas.
+- `CachedTeacher`: stored outputs for deterministic inputs (raykd.teacher.cache).
+All share one interface: `submit(x, taps, index).result()` and `features(x, taps, index)`.
 """
+from raykd.teacher.handle import TeacherHandle, open_teacher
 from raykd.teacher.local import LocalTeacher, Teacher, freeze
 
-__all__ = ["LocalTeacher", "Teacher", "freeze"]
+__all__ = ["LocalTeacher", "Teacher", "TeacherHandle", "freeze", "open_teacher"]

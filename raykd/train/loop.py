@@ -22,7 +22,8 @@ from raykd.data import load_dataset
 from raykd.methods import MethodContext, Step, build_method
 from raykd.models import build_model
 from raykd.models.export import save_export
-from raykd.teacher import LocalTeacher
+from raykd.teacher import open_teacher
+from raykd.teacher.cache import cached_teacher
 from raykd.train.optim import make_optimizer, make_scheduler
 from raykd.train.unit import Unit
 
@@ -45,6 +46,34 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int, device, rank: int
         dist.all_reduce(correct)
     model.train(was_training)
     return float(correct[0] / correct[1].clamp_min(1))
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """Yields (x, y, index) so a cached teacher can look its outputs up."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x, y, i
+
+
+def with_teacher(loader, teacher, taps, device):
+    """Yield (x, y, pending teacher outputs), asking for batch i+1 before batch i is trained on,
+    so a teacher served by actors works while the student steps."""
+    previous = None
+    for x, y, index in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        pending = teacher.submit(x, taps, index) if taps else None
+        if previous is not None:
+            yield previous
+        previous = (x, y, pending)
+    if previous is not None:
+        yield previous
 
 
 def quiet_ray_logs() -> None:
@@ -94,7 +123,7 @@ def train_unit(config: dict) -> None:
 
     splits = load_dataset(unit.data)
     model = build_model(unit.model, splits.num_classes, splits.in_channels, splits.image_size)
-    teacher = LocalTeacher(unit.teacher_export, device) if unit.teacher_export else None
+    teacher = open_teacher(unit.teacher, device) if unit.teacher else None
     method = build_method(unit.label, unit.method, MethodContext(
         student=model, num_classes=splits.num_classes, input_shape=splits.input_shape,
         teacher=teacher.model if teacher else None))
@@ -124,6 +153,12 @@ def train_unit(config: dict) -> None:
                                  seed=unit.seed) if world > 1 else None
     student_taps = sorted(set(method.student_taps()) | {"logits"})
     teacher_taps = method.teacher_taps() if teacher else []
+    if teacher_taps and unit.teacher.cache_dir and splits.deterministic:
+        # the same image always gets the same teacher output: compute it once, then look it up
+        teacher = cached_teacher(
+            teacher, unit.teacher.cache_dir, unit.teacher.export_path, unit.data, "train",
+            splits.train, teacher_taps, unit.data.eval_batch_size,
+            log=lambda m: rank == 0 and print(f"[{unit.key}] {m}", flush=True))
 
     def state_dict(epoch: int, metrics: dict) -> dict:
         return {"trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
@@ -134,15 +169,14 @@ def train_unit(config: dict) -> None:
         if sampler is not None:
             sampler.set_epoch(epoch)
         loader = DataLoader(
-            splits.train, batch_size=unit.data.batch_size, sampler=sampler,
+            WithIndex(splits.train), batch_size=unit.data.batch_size, sampler=sampler,
             shuffle=sampler is None, drop_last=False, num_workers=unit.data.loader_workers,
             generator=torch.Generator().manual_seed(unit.seed * 10_007 + epoch))
         trainable.train()
         sums: dict[str, float] = defaultdict(float)
         seen = 0
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            teacher_out = teacher.features(x, teacher_taps) if teacher_taps else {}
+        for x, y, pending in with_teacher(loader, teacher, teacher_taps, device):
+            teacher_out = pending.result() if pending is not None else {}
             student_out = wrapped(x, student_taps)
             terms = method.losses(Step(x=x, y=y, student=student_out, teacher=teacher_out,
                                        epoch=epoch, epochs=epochs))

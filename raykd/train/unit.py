@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raykd.config import DataSpec, OptimSpec
+from raykd.teacher.handle import TeacherHandle
 
 
 @dataclass
@@ -18,7 +19,8 @@ class Unit:
     data: DataSpec
     seed: int
     export_path: str              # where the trained model is written
-    teacher_export: str | None = None
+    teacher_export: str | None = None       # the frozen teacher this unit distils from
+    teacher: TeacherHandle | None = None     # how to reach it (set when the unit is launched)
     cpus_per_worker: float = 1.0
     depends_on: list[str] = field(default_factory=list)
     fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint

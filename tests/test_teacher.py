@@ -1,0 +1,184 @@
+"""The teacher service: shard actors chained, replicas, faults, timeouts; and the feature cache."""
+import time
+
+import pytest
+import ray
+import torch
+
+from raykd.config import DataSpec
+from raykd.data import load_dataset
+from raykd.errors import RaykdError
+from raykd.models import build_model
+from raykd.models.export import save_export
+from raykd.teacher import LocalTeacher
+from raykd.teacher.cache import FeatureCache, cache_key, cached_teacher
+from raykd.teacher.service import NAMESPACE, TeacherClient, TeacherService, shard_name
+from raykd.teacher.shard import partition_blocks
+from test_models import ZOO
+
+
+def _export(tmp_path, name="resnet8", channels=3, size=32, seed=0, classes=10):
+    torch.manual_seed(seed)
+    model = build_model(name, classes, channels, size).eval()
+    path = tmp_path / f"{name}-{seed}.pt"
+    save_export(model, path, classes, channels, size)
+    return model, path
+
+
+@pytest.mark.parametrize("name,channels,size,stages", ZOO, ids=[z[0] + f"-{z[2]}" for z in ZOO])
+def test_every_model_chained_in_shard_ranges_equals_its_forward(name, channels, size, stages):
+    # what each shard actor runs: a contiguous block range, fed the previous range's output
+    torch.manual_seed(0)
+    model = build_model(name, 10, channels, size).eval()
+    x = torch.randn(2, channels, size, size)
+    taps = model.stage_names + ["logits"]
+    with torch.no_grad():
+        whole = model.features(x, taps)
+        for shards in (1, 2, 3):
+            ranges = partition_blocks(model, shards, (channels, size, size))
+            assert ranges[0][0] == 0 and ranges[-1][1] == len(model.block_names)
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])) and len(ranges) == shards
+            h, got = x, {}
+            for start, stop in ranges:
+                got.update(model.features_from(h, taps, start, stop))
+                h = model.run_blocks(h, start, stop)
+            for tap in taps:
+                assert torch.allclose(got[tap], whole[tap], atol=1e-6), (shards, tap)
+
+
+FAMILIES = [("resnet8", 3, 32), ("wrn_16_2", 3, 32), ("cnn", 1, 28), ("resnet18", 3, 32)]
+
+
+@pytest.mark.parametrize("name,channels,size", FAMILIES)
+def test_actor_shard_chain_equals_the_whole_teacher(ray_session, tmp_path, name, channels, size):
+    model, path = _export(tmp_path, name, channels, size)
+    x = torch.randn(3, channels, size, size)
+    taps = model.stage_names + ["logits"]
+    with torch.no_grad():
+        whole = model.features(x, taps)
+    for shards in (1, 2, 3):
+        service = TeacherService(f"chain-{name}-{shards}", str(path), (channels, size, size),
+                                 shards=shards, cpus_per_shard=0.01)
+        try:
+            service.wait_ready()
+            client = TeacherClient(service.handle)
+            got = client.features(x, taps)
+            assert set(got) == set(taps)
+            for tap in taps:
+                assert torch.allclose(got[tap], whole[tap], atol=1e-6), (shards, tap)
+            # only what was asked for comes back
+            assert set(client.features(x, ["stage2"])) == {"stage2"}
+        finally:
+            service.stop()
+
+
+def test_replicas_share_the_load_and_agree(ray_session, tmp_path):
+    model, path = _export(tmp_path)
+    service = TeacherService("replicas", str(path), (3, 32, 32), shards=2, replicas=2,
+                             cpus_per_shard=0.01)
+    try:
+        service.wait_ready()
+        client = TeacherClient(service.handle)
+        x = torch.randn(2, 3, 32, 32)
+        outs = [client.features(x, ["logits"])["logits"] for _ in range(4)]
+        assert all(torch.equal(o, outs[0]) for o in outs)
+        assert len({r for (r, _s) in client._actors}) == 2, "requests went to both replicas"
+        with pytest.raises(RaykdError, match="unknown tap 'stage7'"):
+            client.features(x, ["stage7"])
+    finally:
+        service.stop()
+
+
+def test_killed_shard_is_restarted_and_the_request_retried(ray_session, tmp_path):
+    model, path = _export(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    service = TeacherService("faulty", str(path), (3, 32, 32), shards=2, cpus_per_shard=0.01)
+    try:
+        service.wait_ready()
+        client = TeacherClient(service.handle)
+        assert torch.allclose(client.features(x, ["logits"])["logits"], expected, atol=1e-6)
+        victim = ray.get_actor(shard_name("faulty", 0, 1), namespace=NAMESPACE)
+        pending = client.submit(x, ["logits"])
+        ray.kill(victim, no_restart=False)            # dies; Ray restarts it
+        assert torch.allclose(pending.result()["logits"], expected, atol=1e-6)
+        assert torch.allclose(client.features(x, ["logits"])["logits"], expected, atol=1e-6)
+    finally:
+        service.stop()
+
+
+def test_no_answer_ends_in_a_clear_error(ray_session, tmp_path):
+    model, path = _export(tmp_path, "resnet32")
+    service = TeacherService("slow", str(path), (3, 32, 32), cpus_per_shard=0.01, timeout_s=0.01)
+    try:
+        service.wait_ready()
+        client = TeacherClient(service.handle)
+        started = time.monotonic()
+        with pytest.raises(RaykdError, match="teacher service slow: no answer within"):
+            client.features(torch.randn(256, 3, 32, 32), ["logits"])
+        assert time.monotonic() - started < 5
+    finally:
+        service.stop()
+
+
+# ---- cache --------------------------------------------------------------------------------
+
+class CountingTeacher(LocalTeacher):
+    calls = 0
+
+    def features(self, x, taps, index=None):
+        CountingTeacher.calls += 1
+        return super().features(x, taps)
+
+
+def test_cache_miss_then_hit_then_invalidation(tmp_path):
+    _, path = _export(tmp_path, "cnn", 1, 8)
+    spec = DataSpec(dataset="digits", train_size=300)
+    train = load_dataset(spec).train
+    teacher = CountingTeacher(path)
+    cache_dir = tmp_path / "cache"
+
+    CountingTeacher.calls = 0
+    first = cached_teacher(teacher, cache_dir, str(path), spec, "train", train,
+                           ["stage2", "logits"], 128, log=lambda m: None)
+    assert CountingTeacher.calls == 3          # 300 images / 128 per batch: computed once
+    idx = torch.tensor([5, 0, 299])
+    x = torch.stack([train[i][0] for i in idx])
+    direct = teacher.features(x, ["stage2", "logits"])
+    got = first.features(None, ["stage2", "logits"], idx)
+    for tap in ("stage2", "logits"):
+        assert torch.allclose(got[tap], direct[tap], atol=1e-5)
+
+    CountingTeacher.calls = 0
+    second = cached_teacher(teacher, cache_dir, str(path), spec, "train", train,
+                            ["logits", "stage2"], 128, log=lambda m: None)
+    assert CountingTeacher.calls == 0          # a hit: nothing recomputed
+    assert torch.equal(second.stored["logits"], first.stored["logits"])
+
+    # a changed teacher, split or tap set is another key: never stale data
+    _, other = _export(tmp_path, "cnn", 1, 8, seed=1)
+    keys = {cache_key(str(path), spec, "train", ["logits", "stage2"]),
+            cache_key(str(other), spec, "train", ["logits", "stage2"]),
+            cache_key(str(path), DataSpec(dataset="digits", train_size=200), "train", ["logits", "stage2"]),
+            cache_key(str(path), spec, "val", ["logits", "stage2"]),
+            cache_key(str(path), spec, "train", ["logits"])}
+    assert len(keys) == 5
+    # batch size does not change the data, so it does not change the key
+    assert cache_key(str(path), spec, "train", ["logits"]) == cache_key(
+        str(path), DataSpec(dataset="digits", train_size=300, batch_size=7), "train", ["logits"])
+
+
+def test_concurrent_writers_cannot_corrupt_an_entry(tmp_path):
+    cache = FeatureCache(tmp_path)
+    a = {"logits": torch.arange(12.0).reshape(6, 2)}
+    b = {"logits": torch.zeros(6, 2)}
+    assert cache.store("k", a) is True
+    assert cache.store("k", b) is False        # the first writer won; its entry is intact
+    assert torch.equal(cache.load("k")["logits"], a["logits"])
+    # a writer that died half-way leaves only a private temporary folder, never an entry
+    (tmp_path / ".tmp-j-dead").mkdir()
+    assert cache.load("j") is None
+    big = {"feat": torch.randn(20000, 3, 2, 2)}   # spans several Parquet files
+    cache.store("big", big)
+    assert torch.equal(cache.load("big")["feat"], big["feat"])
