@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/kd_overhead.py
+	$(BIN)/python bench/teacher_service.py
 
 clean:
 	rm -rf runs bench/runs

@@ -27,7 +27,7 @@ from raykd.data import load_dataset  # noqa: E402
 from raykd.losses import kd_loss  # noqa: E402
 from raykd.models import build_model  # noqa: E402
 from raykd.models.export import save_export  # noqa: E402
-from raykd.teacher import LocalTeacher  # noqa: E402
+from raykd.teacher import LocalTeacher, TeacherHandle  # noqa: E402
 from raykd.train.loop import evaluate  # noqa: E402
 from raykd.train.optim import make_optimizer  # noqa: E402
 from raykd.train.unit import Unit  # noqa: E402
@@ -81,7 +81,10 @@ def main() -> None:
     init_ray(num_cpus=2, log_to_driver=False)
     unit = Unit(key="kd", role="student", label="kd", method={"temperature": 4.0, "alpha": 0.9},
                 model="cnn_small", optim=optim, data=data, seed=0,
-                export_path=str(work / "student.pt"), teacher_export=str(teacher_path))
+                export_path=str(work / "student.pt"), history_path=str(work / "metrics" / "kd.jsonl"),
+                teacher_export=str(teacher_path),
+                # same work as the plain loop: the teacher runs every step (no output cache)
+                teacher=TeacherHandle(str(teacher_path), "local", cache_dir=None))
     row = ray.get(fit_unit.remote(unit, str(work / "ray"), 1, False, 0, 10, (1, 28, 28)))
     import pandas as pd
     history = pd.read_parquet(work / "metrics" / "kd.parquet")

@@ -16,26 +16,36 @@ from raykd.errors import RaykdError
 
 def _cmd_run(args) -> int:
     from raykd.config import load_job
-    from raykd.pipeline import run_job
-    from raykd.ray_env import init_ray
-    from raykd.results import format_summary
-
     from raykd.data import load_dataset
+    from raykd.pipeline import preflight, run_job
+    from raykd.ray_env import init_ray
 
     spec = load_job(args.job, args.overrides)
     splits = load_dataset(spec.data)  # absent data fails here, before Ray starts
+    preflight(spec, splits)
     init_ray(spec.ray.address, spec.ray.num_cpus)
     df = run_job(spec, splits=splits)
     print(f"\nresults: {spec.run_dir / 'results.parquet'}")
-    print(format_summary(df))
+    print_report(spec.run_dir, df)
     return 0
 
 
+def print_report(run_dir, df) -> None:
+    """The results table (mean ± std over seeds), then any per-sample diagnostics."""
+    from raykd.results import format_summary, summarize_diagnostics
+
+    print(format_summary(df))
+    diagnostics = summarize_diagnostics(run_dir)
+    if diagnostics is not None:
+        print("\nper-sample diagnostics at the final epoch (training split, all seeds):")
+        print(diagnostics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
 def _cmd_results(args) -> int:
-    from raykd.results import format_summary, plot_summary, read_results
+    from raykd.results import plot_summary, read_results
 
     df = read_results(args.run_dir)
-    print(format_summary(df))
+    print_report(args.run_dir, df)
     if args.plot:
         plot_summary(df, args.plot)
         print(f"plot written to {args.plot}")

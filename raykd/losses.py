@@ -22,3 +22,84 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
     return t * t * kl.mean()
+
+
+def soft_target_kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                        temperature: float) -> torch.Tensor:
+    """KD against a given teacher distribution (e.g. a transformed one):
+    T^2 * KL(teacher_probs || p^T(z_s)), batch mean. Zero-probability classes add nothing."""
+    t = float(temperature)
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    q = teacher_probs.detach()
+    kl = (q * (torch.log(q.clamp_min(1e-12)) - log_p_student)).sum(dim=1)
+    return t * t * kl.mean()
+
+
+def guided_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Zhou et al.'s GKD: KD restricted to M = {n : argmax z_t,n = y_n},
+    T^2 / |M| * sum_{n in M} KL(p^T(z_t,n) || p^T(z_s,n)); zero (not NaN) when M is empty."""
+    right = teacher_logits.argmax(dim=1) == targets
+    if not bool(right.any()):
+        return student_logits.sum() * 0.0   # keeps the graph, contributes nothing
+    return kd_loss(student_logits[right], teacher_logits[right], temperature)
+
+
+def channel_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]
+                 ) -> torch.Tensor:
+    """Zhou et al.'s CD: per stage, global-average-pool both maps to channel vectors w (N x C) and
+    take the mean over (n, c) of (w_s - w_t)^2; sum over stages. Student maps must already be
+    connected (mapped to the teacher's channel counts)."""
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError(f"channel_loss needs equally many maps, got {len(student_feats)} "
+                         f"and {len(teacher_feats)}")
+    total = student_feats[0].new_zeros(())
+    for i, (s, t) in enumerate(zip(student_feats, teacher_feats)):
+        if s.shape[:2] != t.shape[:2]:
+            raise ValueError(f"channel_loss stage {i}: student {tuple(s.shape)} vs teacher "
+                             f"{tuple(t.shape)} (batch and channels must match)")
+        w_s, w_t = s.mean(dim=(2, 3)), t.detach().mean(dim=(2, 3))
+        total = total + ((w_s - w_t) ** 2).mean()
+    return total
+
+
+def topk_teacher(teacher_probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Tang et al.'s KD-topk: keep the teacher's k largest probabilities and give each of the
+    other C - k classes an equal share of the remaining mass. Rows sum to 1."""
+    c = teacher_probs.shape[1]
+    if not 1 <= k <= c:
+        raise ValueError(f"k must be in [1, {c}], got {k}")
+    if k == c:
+        return teacher_probs.clone()
+    top, idx = teacher_probs.topk(k, dim=1)
+    rest = (1.0 - top.sum(dim=1, keepdim=True)).clamp_min(0.0) / (c - k)
+    out = rest.expand(-1, c).clone()
+    out.scatter_(1, idx, top)
+    return out
+
+
+def partial_teacher(teacher_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Tang et al.'s KD-pt: keep p_t,y; spread 1 - p_t,y evenly over the other classes."""
+    c = teacher_probs.shape[1]
+    p_true = teacher_probs.gather(1, targets[:, None])
+    out = ((1.0 - p_true) / (c - 1)).expand(-1, c).clone()
+    out.scatter_(1, targets[:, None], p_true)
+    return out
+
+
+def smoothed_labels(targets: torch.Tensor, num_classes: int, epsilon: float) -> torch.Tensor:
+    """Uniform label smoothing: (1 - eps) one-hot(y) + eps / C."""
+    out = torch.full((len(targets), num_classes), epsilon / num_classes,
+                     device=targets.device)
+    out.scatter_add_(1, targets[:, None], torch.full((len(targets), 1), 1.0 - epsilon,
+                                                     device=targets.device))
+    return out
+
+
+def reweighting_factor(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                       targets: torch.Tensor, teacher_weight: float) -> torch.Tensor:
+    """Tang et al.'s per-example factor on the true-class gradient at T=1, relative to plain CE:
+    w = 1 - l (1 - p_t,y) / (1 - q_y), q the student's probabilities."""
+    q_y = F.softmax(student_logits.detach(), dim=1).gather(1, targets[:, None]).squeeze(1)
+    p_y = teacher_probs.detach().gather(1, targets[:, None]).squeeze(1)
+    return 1.0 - teacher_weight * (1.0 - p_y) / (1.0 - q_y).clamp_min(1e-6)

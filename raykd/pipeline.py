@@ -23,7 +23,7 @@ from raykd.train.unit import Unit
 
 
 def plan_units(spec: JobSpec) -> list[Unit]:
-    models = spec.run_dir / "models"
+    models, metrics = spec.run_dir / "models", spec.run_dir / "metrics"
     units: list[Unit] = []
     for seed in spec.seeds:
         teacher_key = f"seed{seed}-teacher"
@@ -32,7 +32,8 @@ def plan_units(spec: JobSpec) -> list[Unit]:
             units.append(Unit(
                 key=teacher_key, role="teacher", label="ce", method={"method": "ce"},
                 model=spec.teacher.model, optim=spec.teacher.train, data=spec.data, seed=seed,
-                export_path=teacher_export, cpus_per_worker=spec.ray.cpus_per_worker))
+                export_path=teacher_export, history_path=str(metrics / f"{teacher_key}.jsonl"),
+                cpus_per_worker=spec.ray.cpus_per_worker))
         for label, entry in spec.methods.items():
             cls, _ = method_params(label, entry)
             key = f"seed{seed}-{label}"
@@ -40,11 +41,29 @@ def plan_units(spec: JobSpec) -> list[Unit]:
                 key=key, role="student", label=label, method=entry, model=spec.student.model,
                 optim=spec.student.train, data=spec.data, seed=seed,
                 export_path=str(models / f"{key}.pt"),
+                history_path=str(metrics / f"{key}.jsonl"),
+                diagnostics_dir=str(spec.run_dir / "diagnostics" / key),
                 teacher_export=teacher_export if cls.uses_teacher else None,
                 cpus_per_worker=spec.ray.cpus_per_worker,
                 depends_on=[teacher_key] if cls.uses_teacher and spec.teacher.checkpoint is None
                 else []))
     return units
+
+
+def preflight(spec: JobSpec, splits) -> None:
+    """Build every method against the job's student and teacher architectures on the driver,
+    so a mismatch (stage counts, feature shapes, k > classes) fails before any run starts."""
+    from raykd.methods import MethodContext, build_method
+    from raykd.models import build_model
+    from raykd.models.export import load_export
+
+    shape = splits.input_shape
+    student = build_model(spec.student.model, splits.num_classes, shape[0], shape[1])
+    teacher = (load_export(spec.teacher.checkpoint) if spec.teacher.checkpoint
+               else build_model(spec.teacher.model, splits.num_classes, shape[0], shape[1]))
+    for label, entry in spec.methods.items():
+        build_method(label, entry, MethodContext(student=student, num_classes=splits.num_classes,
+                                                 input_shape=shape, teacher=teacher))
 
 
 def resolve_placement(spec: JobSpec) -> str:
@@ -149,6 +168,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
     splits = splits or load_dataset(spec.data)   # absent data fails here, before any run
+    preflight(spec, splits)
     table = ResultsTable(run_dir)
     units = plan_units(spec)
     for unit in units:

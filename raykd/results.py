@@ -103,3 +103,26 @@ def plot_summary(df: pd.DataFrame, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def summarize_diagnostics(run_dir: str | Path) -> pd.DataFrame | None:
+    """Per method, the distribution (at the final epoch, pooled over seeds) of each per-sample
+    diagnostic a method stored: mean and 10/50/90th percentiles."""
+    root = Path(run_dir) / "diagnostics"
+    if not root.is_dir():
+        return None
+    rows = []
+    frames: dict[str, list[pd.DataFrame]] = {}
+    for unit_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(unit_dir.glob("epoch-*.parquet"))
+        if not files:
+            continue
+        method = unit_dir.name.split("-", 1)[1] if "-" in unit_dir.name else unit_dir.name
+        frames.setdefault(method, []).append(pd.read_parquet(files[-1]))
+    for method, parts in frames.items():
+        df = pd.concat(parts)
+        for col in [c for c in df.columns if c != "epoch"]:
+            q = df[col].quantile([0.1, 0.5, 0.9])
+            rows.append({"method": method, "diagnostic": col, "samples": len(df),
+                         "mean": df[col].mean(), "p10": q[0.1], "p50": q[0.5], "p90": q[0.9]})
+    return pd.DataFrame(rows) if rows else None

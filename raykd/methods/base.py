@@ -70,6 +70,14 @@ class DistillMethod:
     def losses(self, step: Step) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def loss_weights(self, epoch: int, epochs: int) -> dict[str, float]:
+        """The weights in force this epoch (logged per epoch as w_NAME); constant by default."""
+        return {}
+
+    def diagnostics(self, step: Step) -> dict[str, torch.Tensor] | None:
+        """Optional per-sample values to store for analysis (raykd results summarises them)."""
+        return None
+
 
 _METHODS: dict[str, type[DistillMethod]] = {}
 

@@ -1,4 +1,5 @@
-"""The student alone (cross-entropy) and vanilla KD (Hinton et al. 2015; METHODS.md section 0)."""
+"""The student alone (cross-entropy) and vanilla KD (Hinton et al. 2015; METHODS.md section 0),
+with Tang et al.'s teacher transforms (METHODS.md section 5) as an option of KD."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,8 +7,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from raykd.errors import RaykdError
-from raykd.losses import kd_loss
+from raykd.losses import kd_loss, reweighting_factor, soft_target_kd_loss
 from raykd.methods.base import DistillMethod, Step, register_method
+from raykd.teacher_transforms import (TRANSFORMS, classifier_weights, similarity_targets,
+                                      transform_teacher)
 
 
 @register_method("ce")
@@ -23,22 +26,62 @@ class CrossEntropy(DistillMethod):
 class KDParams:
     temperature: float = 4.0
     alpha: float = 0.9           # weight of the soft term; CE gets 1 - alpha
+    transform: str = "none"      # none | ls | pt | sim | topk (Tang et al.)
+    k: int = 3                   # topk: how many of the teacher's probabilities to keep
+    epsilon: float = 0.1         # ls: smoothing mass
+    sim_temperature: float = 0.1  # sim: softmax temperature over cosine class similarities
 
     def check(self, where: str) -> None:
         if self.temperature <= 0:
             raise RaykdError(f"{where}.temperature must be positive, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise RaykdError(f"{where}.alpha must be in [0, 1], got {self.alpha}")
+        if self.transform not in TRANSFORMS:
+            raise RaykdError(f"{where}.transform: unknown {self.transform!r}; allowed: "
+                             f"{', '.join(TRANSFORMS)}")
+        if self.k < 1:
+            raise RaykdError(f"{where}.k must be at least 1, got {self.k}")
+        if not 0 <= self.epsilon <= 1:
+            raise RaykdError(f"{where}.epsilon must be in [0, 1], got {self.epsilon}")
 
 
 @register_method("kd")
 class VanillaKD(DistillMethod):
-    """L = (1 - a) CE(z_s, y) + a T^2 KL(p^T(z_t) || p^T(z_s))."""
+    """L = (1 - a) CE(z_s, y) + a T^2 KL(q || p^T(z_s)), q = transform(p^T(z_t))."""
     Params = KDParams
+
+    def __init__(self, params: KDParams, ctx):
+        super().__init__(params, ctx)
+        if params.transform == "topk" and params.k > ctx.num_classes:
+            raise RaykdError(f"kd: k={params.k} exceeds the {ctx.num_classes} classes")
+        self.similarity = None
+        if params.transform == "sim":
+            if ctx.teacher is None:
+                raise RaykdError("kd transform 'sim' needs the teacher's classifier")
+            self.similarity = similarity_targets(classifier_weights(ctx.teacher),
+                                                 params.sim_temperature)
+
+    def target(self, step: Step):
+        p = self.params
+        probs = F.softmax(step.teacher["logits"].detach() / p.temperature, dim=1)
+        return transform_teacher(p.transform, probs, step.y, k=p.k, epsilon=p.epsilon,
+                                 similarity=self.similarity)
 
     def losses(self, step: Step):
         p = self.params
+        z_s = step.student["logits"]
+        if p.transform == "none":
+            soft = kd_loss(z_s, step.teacher["logits"], p.temperature)
+        else:
+            soft = soft_target_kd_loss(z_s, self.target(step), p.temperature)
+        return {"ce": (1 - p.alpha) * F.cross_entropy(z_s, step.y), "kd": p.alpha * soft}
+
+    def diagnostics(self, step: Step):
+        """Tang et al.'s per-example gradient re-weighting w (at T=1, teacher weight alpha) and
+        the teacher's true-class confidence."""
+        teacher_probs = F.softmax(step.teacher["logits"].detach(), dim=1)
         return {
-            "ce": (1 - p.alpha) * F.cross_entropy(step.student["logits"], step.y),
-            "kd": p.alpha * kd_loss(step.student["logits"], step.teacher["logits"], p.temperature),
+            "reweight": reweighting_factor(step.student["logits"], teacher_probs, step.y,
+                                           self.params.alpha),
+            "teacher_true_conf": teacher_probs.gather(1, step.y[:, None]).squeeze(1),
         }

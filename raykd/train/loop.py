@@ -76,6 +76,15 @@ def with_teacher(loader, teacher, taps, device):
         yield previous
 
 
+def write_diagnostics(folder: str, epoch: int, values: dict[str, list[torch.Tensor]]) -> None:
+    import pandas as pd
+
+    os.makedirs(folder, exist_ok=True)
+    frame = pd.DataFrame({k: torch.cat(v).numpy() for k, v in values.items()})
+    frame.insert(0, "epoch", epoch)
+    frame.to_parquet(os.path.join(folder, f"epoch-{epoch:04d}.parquet"), index=False)
+
+
 def quiet_ray_logs() -> None:
     """Ray Train logs every checkpoint and report at INFO; our own epoch line says enough."""
     for name in ("ray.train", "ray.tune", "ray.data"):
@@ -174,12 +183,17 @@ def train_unit(config: dict) -> None:
             generator=torch.Generator().manual_seed(unit.seed * 10_007 + epoch))
         trainable.train()
         sums: dict[str, float] = defaultdict(float)
+        diagnostics: dict[str, list[torch.Tensor]] = defaultdict(list)
         seen = 0
         for x, y, pending in with_teacher(loader, teacher, teacher_taps, device):
             teacher_out = pending.result() if pending is not None else {}
             student_out = wrapped(x, student_taps)
-            terms = method.losses(Step(x=x, y=y, student=student_out, teacher=teacher_out,
-                                       epoch=epoch, epochs=epochs))
+            step = Step(x=x, y=y, student=student_out, teacher=teacher_out, epoch=epoch,
+                        epochs=epochs)
+            terms = method.losses(step)
+            found = method.diagnostics(step) if unit.diagnostics_dir else None
+            for name, values in (found or {}).items():
+                diagnostics[name].append(values.detach().float().cpu())
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -194,6 +208,7 @@ def train_unit(config: dict) -> None:
         metrics = {k: v / max(seen, 1) for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, epochs=epochs, resumed_from=start_epoch, lr=optimizer.param_groups[0]["lr"],
                        epoch_s=train_s, train_images=seen * world,
+                       **{f"w_{k}": v for k, v in method.loss_weights(epoch, epochs).items()},
                        val_top1=evaluate(student, splits.val, unit.data.eval_batch_size, device,
                                          rank, world))
         if epoch == epochs - 1:
@@ -204,6 +219,12 @@ def train_unit(config: dict) -> None:
             parts = "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
             print(f"[{unit.key}] epoch {epoch + 1}/{epochs}  loss {metrics['loss']:.4f} ({parts})"
                   f"  val_top1 {metrics['val_top1']:.4f}  {train_s:.1f}s", flush=True)
+        if rank == 0 and diagnostics:
+            write_diagnostics(unit.diagnostics_dir, epoch + 1, diagnostics)
+        if rank == 0 and unit.history_path:
+            os.makedirs(os.path.dirname(unit.history_path), exist_ok=True)
+            with open(unit.history_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
         _report(metrics, state_dict(epoch, metrics), rank)
         last_metrics = metrics
         if unit.fail_at_epoch is not None and epoch + 1 == unit.fail_at_epoch:

@@ -25,6 +25,19 @@ def scaling_config(workers: int, cpus_per_worker: float, use_gpu: bool) -> Scali
     return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources)
 
 
+def read_history(path: str):
+    """The run's per-epoch metrics; an epoch repeated after a failure keeps its last record.
+    Also written next to it as Parquet."""
+    import pandas as pd
+
+    if not path or not Path(path).is_file():
+        return None
+    history = pd.read_json(path, lines=True)
+    history = history.drop_duplicates("epoch", keep="last").sort_values("epoch")
+    history.to_parquet(Path(path).with_suffix(".parquet"), index=False)
+    return history
+
+
 @ray.remote(num_cpus=0)
 def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures: int,
              num_classes: int, input_shape: tuple[int, int, int]) -> dict:
@@ -45,11 +58,7 @@ def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures
         raise result.error
     wall_s = time.perf_counter() - started
     metrics = result.metrics or {}
-    history = result.metrics_dataframe
-    if history is not None:
-        history_dir = Path(storage).parent / "metrics"
-        history_dir.mkdir(parents=True, exist_ok=True)
-        history.to_parquet(history_dir / f"{unit.key}.parquet")
+    history = read_history(unit.history_path)
     model = build_model(unit.model, num_classes, input_shape[0], input_shape[1])
     return {
         "unit": unit.key, "method": unit.label, "role": unit.role, "model": unit.model,

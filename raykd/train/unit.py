@@ -19,6 +19,8 @@ class Unit:
     data: DataSpec
     seed: int
     export_path: str              # where the trained model is written
+    history_path: str = ""        # per-epoch metrics, one JSON object a line (appended)
+    diagnostics_dir: str = ""     # per-sample diagnostics a method emits, one Parquet per epoch
     teacher_export: str | None = None       # the frozen teacher this unit distils from
     teacher: TeacherHandle | None = None     # how to reach it (set when the unit is launched)
     cpus_per_worker: float = 1.0

@@ -1,0 +1,100 @@
+"""Methods against real models: the dict of named losses, extra modules, start-up checks."""
+import pandas as pd
+import pytest
+import torch
+
+from conftest import small_job
+from raykd.config import job_from_dict
+from raykd.errors import RaykdError
+from raykd.methods import MethodContext, Step, build_method
+from raykd.models import build_model, count_params
+from raykd.pipeline import preflight, run_job
+
+
+def _step(student, teacher, method, epoch=0, epochs=10, n=4):
+    x = torch.randn(n, 1, 28, 28)
+    y = torch.randint(0, 10, (n,))
+    with torch.no_grad():
+        t_out = teacher.eval().features(x, method.teacher_taps())
+    return Step(x=x, y=y, student=student.features(x, method.student_taps()), teacher=t_out,
+                epoch=epoch, epochs=epochs)
+
+
+def _ctx(student, teacher):
+    return MethodContext(student=student, num_classes=10, input_shape=(1, 28, 28), teacher=teacher)
+
+
+def test_channel_distillation_losses_connectors_and_edt_weights():
+    student, teacher = build_model("cnn_small", 10, 1, 28), build_model("cnn_wide", 10, 1, 28)
+    cd = build_method("cd_gkd_edt", {"method": "cd", "edt": True}, _ctx(student, teacher))
+    # one connector per stage, mapping student widths (8, 16, 32) to the teacher's (64, 128, 256)
+    assert [c[0].out_channels for c in cd.modules()] == [64, 128, 256]
+    warm = cd.losses(_step(student, teacher, cd, epoch=0))
+    assert set(warm) == {"ce", "gkd", "cd"}
+    assert warm["ce"].item() == 0 and warm["gkd"].item() == 0 and warm["cd"].item() > 0
+    later = cd.losses(_step(student, teacher, cd, epoch=9))
+    assert later["ce"].item() > 0
+    assert cd.loss_weights(9, 10) == pytest.approx({"ce": 1.0, "gkd": 0.1, "cd": 6 * 0.9 ** 3})
+    # gradients reach the connectors and the student
+    sum(later.values()).backward()
+    assert cd.modules()[0][0].weight.grad is not None
+
+
+def test_stage_count_mismatch_fails_at_start_up(tmp_path):
+    from raykd.data import load_dataset
+
+    job = small_job(tmp_path, methods={"cd": {}})
+    job["teacher"] = {"model": "resnet18"}          # 4 stages against the student's 3
+    spec = job_from_dict(job)
+    with pytest.raises(RaykdError, match="the student has 3 stages and the teacher 4"):
+        preflight(spec, load_dataset(spec.data))
+    job = small_job(tmp_path, methods={"kd": {"transform": "topk", "k": 11}})
+    spec = job_from_dict(job)
+    with pytest.raises(RaykdError, match="k=11 exceeds the 10 classes"):
+        preflight(spec, load_dataset(spec.data))
+
+
+@pytest.mark.parametrize("transform", ["none", "ls", "pt", "sim", "topk"])
+def test_tang_variants_give_finite_losses_and_diagnostics(transform):
+    student, teacher = build_model("cnn_small", 10, 1, 28), build_model("cnn_wide", 10, 1, 28)
+    kd = build_method("v", {"method": "kd", "transform": transform, "k": 3}, _ctx(student, teacher))
+    step = _step(student, teacher, kd, n=6)
+    terms = kd.losses(step)
+    assert set(terms) == {"ce", "kd"} and all(torch.isfinite(v) for v in terms.values())
+    diag = kd.diagnostics(step)
+    assert diag["reweight"].shape == (6,) and diag["teacher_true_conf"].shape == (6,)
+    assert bool((diag["teacher_true_conf"] <= 1).all()) and bool((diag["reweight"] <= 1).all())
+
+
+def test_cd_and_topk_train_in_a_real_run(ray_session, tmp_path, capsys):
+    from raykd.cli import main
+
+    teacher_path = tmp_path / "teacher.pt"
+    from raykd.models.export import save_export
+    torch.manual_seed(0)
+    save_export(build_model("cnn", 10, 1, 8), teacher_path, 10, 1, 8)
+    job = small_job(tmp_path, name="cd_tang", methods={
+        "cd_gkd_edt": {"method": "cd", "edt": True},
+        "kd_top3": {"method": "kd", "transform": "topk", "k": 3}})
+    job["teacher"] = {"model": "cnn", "checkpoint": str(teacher_path)}
+    job["student"]["train"]["epochs"] = 4
+    spec = job_from_dict(job)
+    df = run_job(spec)
+    assert sorted(df.method) == ["cd_gkd_edt", "kd_top3"]
+    # the exported CD student has exactly the plain student's parameters (no connectors)
+    plain = count_params(build_model("cnn_small", 10, 1, 8))
+    assert (df.params == plain).all()
+    from raykd.models.export import load_export
+    assert count_params(load_export(df[df.method == "cd_gkd_edt"].export.iloc[0])) == plain
+    # EDT's weights are logged per epoch: CD-only warm-up, then CE on, CD decayed
+    hist = pd.read_parquet(spec.run_dir / "metrics" / "seed0-cd_gkd_edt.parquet")
+    assert list(hist.w_ce) == [0.0, 1.0, 1.0, 1.0]
+    assert list(hist.w_cd.round(4)) == [6.0, 5.4, 4.86, 4.374]
+    assert (hist.loss_ce.iloc[0] == 0.0) and hist.loss_ce.iloc[1] > 0
+    # KD-topk stored Tang's diagnostics per epoch and `raykd results` summarises them
+    diag = pd.read_parquet(spec.run_dir / "diagnostics" / "seed0-kd_top3" / "epoch-0004.parquet")
+    assert len(diag) == 1097 and diag.teacher_true_conf.between(0, 1).all()
+    capsys.readouterr()
+    main(["results", str(spec.run_dir)])
+    out = capsys.readouterr().out
+    assert "reweight" in out and "teacher_true_conf" in out
