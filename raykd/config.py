@@ -79,6 +79,15 @@ class StudentSpec:
 
 
 @dataclass
+class HeadSpec:
+    """Classifier heads on the teacher's stages, for methods that use them (DIH)."""
+    pooled: bool = False              # average-pool before the linear layer (large maps)
+    layout: str = "together"          # together: one run trains all heads on one teacher pass;
+                                      # separate: one run per head, concurrently
+    train: OptimSpec = field(default_factory=lambda: OptimSpec(epochs=10))
+
+
+@dataclass
 class RaySpec:
     address: str | None = None        # None: the cluster in RAY_ADDRESS, else a local instance
     num_cpus: int | None = None       # for a local instance
@@ -97,6 +106,7 @@ class JobSpec:
     data: DataSpec = field(default_factory=DataSpec)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)
+    heads: HeadSpec = field(default_factory=HeadSpec)
     # label -> {method: NAME (defaults to the label), other keys: that method's parameters}
     methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"kd": {}})
     ray: RaySpec = field(default_factory=RaySpec)
@@ -251,7 +261,10 @@ def validate(spec: JobSpec) -> None:
         raise RaykdError("methods: give at least one method")
     for label, entry in spec.methods.items():
         method_params(label, entry)
-    for where, optim in (("teacher.train", spec.teacher.train), ("student.train", spec.student.train)):
+    if spec.heads.layout not in ("together", "separate"):
+        raise RaykdError(f"heads.layout: unknown {spec.heads.layout!r}; allowed: together, separate")
+    for where, optim in (("teacher.train", spec.teacher.train), ("student.train", spec.student.train),
+                         ("heads.train", spec.heads.train)):
         if optim.optimizer not in ("sgd", "adam"):
             raise RaykdError(f"{where}.optimizer: unknown {optim.optimizer!r}; allowed: sgd, adam")
         if optim.epochs < 1:

@@ -103,3 +103,26 @@ def reweighting_factor(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     q_y = F.softmax(student_logits.detach(), dim=1).gather(1, targets[:, None]).squeeze(1)
     p_y = teacher_probs.detach().gather(1, targets[:, None]).squeeze(1)
     return 1.0 - teacher_weight * (1.0 - p_y) / (1.0 - q_y).clamp_min(1e-6)
+
+
+def dih_loss(student_logits: torch.Tensor, cohort_logits: list[torch.Tensor],
+             targets: torch.Tensor, alpha, temperature: float, ce_once: bool = False
+             ) -> torch.Tensor:
+    """Asadian & Salehi-Abari's cohort loss over k heads plus the teacher's classifier:
+    sum_j [a_j T^2 KL(p^T(z_j) || p^T(z_s)) + (1 - a_j) CE(z_s, y)].
+
+    CE sits inside the sum (counted k+1 times) as in the official code; `ce_once` counts it
+    once with weight (1 - mean a_j). `alpha` is one weight or one per cohort member.
+    """
+    alphas = list(alpha) if isinstance(alpha, (list, tuple)) else [float(alpha)] * len(cohort_logits)
+    if len(alphas) != len(cohort_logits):
+        raise ValueError(f"dih_loss: {len(alphas)} weights for {len(cohort_logits)} cohort members")
+    ce = F.cross_entropy(student_logits, targets)
+    total = student_logits.new_zeros(())
+    for a, z in zip(alphas, cohort_logits):
+        total = total + a * kd_loss(student_logits, z, temperature)
+        if not ce_once:
+            total = total + (1 - a) * ce
+    if ce_once:
+        total = total + (1 - sum(alphas) / len(alphas)) * ce
+    return total

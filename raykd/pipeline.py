@@ -22,8 +22,19 @@ from raykd.results import ResultsTable
 from raykd.train.unit import Unit
 
 
-def plan_units(spec: JobSpec) -> list[Unit]:
+def head_stages(spec: JobSpec, teacher_arch) -> list[str]:
+    """Teacher stages that some method needs heads on, in the teacher's stage order."""
+    wanted: set[str] = set()
+    for label, entry in spec.methods.items():
+        cls, params = method_params(label, entry)
+        if cls.uses_heads:
+            wanted |= set(cls.head_stages(params, teacher_arch, f"methods.{label}"))
+    return [s for s in teacher_arch.stage_names if s in wanted]
+
+
+def plan_units(spec: JobSpec, teacher_arch=None) -> list[Unit]:
     models, metrics = spec.run_dir / "models", spec.run_dir / "metrics"
+    stages = head_stages(spec, teacher_arch) if teacher_arch is not None else []
     units: list[Unit] = []
     for seed in spec.seeds:
         teacher_key = f"seed{seed}-teacher"
@@ -34,6 +45,18 @@ def plan_units(spec: JobSpec) -> list[Unit]:
                 model=spec.teacher.model, optim=spec.teacher.train, data=spec.data, seed=seed,
                 export_path=teacher_export, history_path=str(metrics / f"{teacher_key}.jsonl"),
                 cpus_per_worker=spec.ray.cpus_per_worker))
+        teacher_deps = [teacher_key] if spec.teacher.checkpoint is None else []
+        head_units = []
+        groups = [stages] if spec.heads.layout == "together" else [[s] for s in stages]
+        for group in (groups if stages else []):
+            key = f"seed{seed}-heads" if spec.heads.layout == "together" else f"seed{seed}-head-{group[0]}"
+            head_units.append(Unit(
+                key=key, role="head", label="heads", method={}, model=spec.teacher.model,
+                optim=spec.heads.train, data=spec.data, seed=seed,
+                export_path=str(models / f"{key}.pt"), history_path=str(metrics / f"{key}.jsonl"),
+                teacher_export=teacher_export, cpus_per_worker=spec.ray.cpus_per_worker,
+                depends_on=list(teacher_deps), head_stages=group, head_pooled=spec.heads.pooled))
+        units.extend(head_units)
         for label, entry in spec.methods.items():
             cls, _ = method_params(label, entry)
             key = f"seed{seed}-{label}"
@@ -45,9 +68,19 @@ def plan_units(spec: JobSpec) -> list[Unit]:
                 diagnostics_dir=str(spec.run_dir / "diagnostics" / key),
                 teacher_export=teacher_export if cls.uses_teacher else None,
                 cpus_per_worker=spec.ray.cpus_per_worker,
-                depends_on=[teacher_key] if cls.uses_teacher and spec.teacher.checkpoint is None
-                else []))
+                depends_on=(teacher_deps if cls.uses_teacher else [])
+                + ([u.key for u in head_units] if cls.uses_heads else []),
+                head_exports=[u.export_path for u in head_units] if cls.uses_heads else []))
     return units
+
+
+def teacher_architecture(spec: JobSpec, splits):
+    from raykd.models import build_model
+    from raykd.models.export import load_export
+
+    shape = splits.input_shape
+    return (load_export(spec.teacher.checkpoint) if spec.teacher.checkpoint
+            else build_model(spec.teacher.model, splits.num_classes, shape[0], shape[1]))
 
 
 def preflight(spec: JobSpec, splits) -> None:
@@ -55,12 +88,10 @@ def preflight(spec: JobSpec, splits) -> None:
     so a mismatch (stage counts, feature shapes, k > classes) fails before any run starts."""
     from raykd.methods import MethodContext, build_method
     from raykd.models import build_model
-    from raykd.models.export import load_export
 
     shape = splits.input_shape
     student = build_model(spec.student.model, splits.num_classes, shape[0], shape[1])
-    teacher = (load_export(spec.teacher.checkpoint) if spec.teacher.checkpoint
-               else build_model(spec.teacher.model, splits.num_classes, shape[0], shape[1]))
+    teacher = teacher_architecture(spec, splits)
     for label, entry in spec.methods.items():
         build_method(label, entry, MethodContext(student=student, num_classes=splits.num_classes,
                                                  input_shape=shape, teacher=teacher))
@@ -170,7 +201,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None):
     splits = splits or load_dataset(spec.data)   # absent data fails here, before any run
     preflight(spec, splits)
     table = ResultsTable(run_dir)
-    units = plan_units(spec)
+    units = plan_units(spec, teacher_architecture(spec, splits))
     for unit in units:
         if fail_at and unit.key in fail_at:
             unit.fail_at_epoch = fail_at[unit.key]
@@ -238,8 +269,10 @@ def _run_units(spec, units, pending, done, table, services, limit, splits):
             services.release(unit)
         table.add(row)
         done.add(unit.key)
-        log(f"[{len(done)}/{total}] {unit.key}: val_top1 {row['val_top1']:.4f} "
-            f"test_top1 {row['test_top1']:.4f} ({row['wall_s']:.0f}s; "
+        accs = ", ".join(f"{r['method']} val {r['val_top1']:.4f} test {r['test_top1']:.4f}"
+                         for r in row) if unit.role == "head" else \
+            f"val_top1 {row[0]['val_top1']:.4f} test_top1 {row[0]['test_top1']:.4f}"
+        log(f"[{len(done)}/{total}] {unit.key}: {accs} ({row[0]['wall_s']:.0f}s; "
             f"{time.perf_counter() - started:.0f}s elapsed)")
     if failed:
         names = ", ".join(f"{k} ({v})" for k, v in failed.items())

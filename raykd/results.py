@@ -32,11 +32,15 @@ class ResultsTable:
                 return row
         return None
 
-    def add(self, row: dict) -> None:
-        missing = [c for c in REQUIRED_COLUMNS if c not in row]
-        if missing:
-            raise ValueError(f"results row lacks columns {missing}")
-        self.rows = [r for r in self.rows if r.get("unit") != row.get("unit")] + [row]
+    def add(self, rows: list[dict]) -> None:
+        """Add one run's rows (a run may train several models, e.g. heads), replacing any
+        earlier rows of that run."""
+        for row in rows:
+            missing = [c for c in REQUIRED_COLUMNS if c not in row]
+            if missing:
+                raise ValueError(f"results row lacks columns {missing}")
+        units = {row.get("unit") for row in rows}
+        self.rows = [r for r in self.rows if r.get("unit") not in units] + list(rows)
         self.write()
 
     def frame(self) -> pd.DataFrame:

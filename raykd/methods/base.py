@@ -25,6 +25,7 @@ class MethodContext:
     num_classes: int
     input_shape: tuple[int, int, int]
     teacher: StagedModel | None = None   # architecture only (shapes); its outputs come as tensors
+    heads: dict | None = None            # trained heads on the teacher's stages (DIH), by stage
 
 
 @dataclass
@@ -52,6 +53,12 @@ class DistillMethod:
     name: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     uses_teacher: ClassVar[bool] = True
+    uses_heads: ClassVar[bool] = False   # needs heads trained on the teacher's stages first
+
+    @staticmethod
+    def head_stages(params, teacher: StagedModel, where: str) -> list[str]:
+        """The teacher stages this method needs heads on (when uses_heads)."""
+        return []
 
     def __init__(self, params: Any, ctx: MethodContext):
         self.params = params

@@ -22,6 +22,7 @@ from raykd.data import load_dataset
 from raykd.methods import MethodContext, Step, build_method
 from raykd.models import build_model
 from raykd.models.export import save_export
+from raykd.models.heads import load_heads
 from raykd.teacher import open_teacher
 from raykd.teacher.cache import cached_teacher
 from raykd.train.optim import make_optimizer, make_scheduler
@@ -135,7 +136,8 @@ def train_unit(config: dict) -> None:
     teacher = open_teacher(unit.teacher, device) if unit.teacher else None
     method = build_method(unit.label, unit.method, MethodContext(
         student=model, num_classes=splits.num_classes, input_shape=splits.input_shape,
-        teacher=teacher.model if teacher else None))
+        teacher=teacher.model if teacher else None,
+        heads=load_heads(unit.head_exports) if unit.head_exports else None))
     trainable = TrainableParts(model, method.modules()).to(device)
     optimizer = make_optimizer(trainable.parameters(), unit.optim)
     scheduler = make_scheduler(optimizer, unit.optim)

@@ -14,6 +14,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raykd.models import build_model, count_macs, count_params
+from raykd.train.heads import train_heads
 from raykd.train.loop import quiet_ray_logs, train_unit
 from raykd.train.unit import Unit
 
@@ -40,12 +41,14 @@ def read_history(path: str):
 
 @ray.remote(num_cpus=0)
 def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures: int,
-             num_classes: int, input_shape: tuple[int, int, int]) -> dict:
-    """Train one unit to completion (resuming if it ran before) and return its results row."""
+             num_classes: int, input_shape: tuple[int, int, int]) -> list[dict]:
+    """Train one unit to completion (resuming if it ran before); return its results rows."""
     quiet_ray_logs()
+    is_heads = unit.role == "head"
+    workers = 1 if is_heads else workers   # heads are tiny: one worker trains them
     started = time.perf_counter()
     trainer = TorchTrainer(
-        train_unit,
+        train_heads if is_heads else train_unit,
         train_loop_config={"unit": unit},
         scaling_config=scaling_config(workers, unit.cpus_per_worker, use_gpu),
         run_config=RunConfig(
@@ -56,18 +59,26 @@ def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    wall_s = time.perf_counter() - started
     metrics = result.metrics or {}
     history = read_history(unit.history_path)
-    model = build_model(unit.model, num_classes, input_shape[0], input_shape[1])
-    return {
-        "unit": unit.key, "method": unit.label, "role": unit.role, "model": unit.model,
-        "dataset": unit.data.dataset, "seed": unit.seed,
-        "val_top1": metrics.get("val_top1"), "test_top1": metrics.get("test_top1"),
-        "params": count_params(model), "macs": count_macs(model, input_shape),
-        "wall_s": wall_s,
+    common = {
+        "unit": unit.key, "role": unit.role, "dataset": unit.data.dataset, "seed": unit.seed,
+        "wall_s": time.perf_counter() - started,
         "train_s": float(history["epoch_s"].sum()) if history is not None else None,
         "epochs": metrics.get("epoch"), "workers": workers,
-        "resumed_from": metrics.get("resumed_from", 0),
-        "export": unit.export_path,
+        "resumed_from": metrics.get("resumed_from", 0), "export": unit.export_path,
     }
+    if is_heads:
+        from raykd.models.heads import load_heads
+        heads = load_heads([unit.export_path])
+        if metrics["teacher_checksum_before"] != metrics["teacher_checksum_after"]:
+            raise RuntimeError(f"{unit.key}: the teacher's weights changed during head training")
+        return [{**common, "method": stage, "model": f"{unit.model}:{stage}",
+                 "val_top1": metrics[f"val_top1/{stage}"], "test_top1": metrics[f"test_top1/{stage}"],
+                 "params": count_params(heads[stage]), "macs": heads[stage].fc.in_features
+                 * heads[stage].fc.out_features, "teacher_checksum": metrics["teacher_checksum_after"]}
+                for stage in unit.head_stages]
+    model = build_model(unit.model, num_classes, input_shape[0], input_shape[1])
+    return [{**common, "method": unit.label, "model": unit.model,
+             "val_top1": metrics.get("val_top1"), "test_top1": metrics.get("test_top1"),
+             "params": count_params(model), "macs": count_macs(model, input_shape)}]

@@ -25,4 +25,7 @@ class Unit:
     teacher: TeacherHandle | None = None     # how to reach it (set when the unit is launched)
     cpus_per_worker: float = 1.0
     depends_on: list[str] = field(default_factory=list)
+    head_stages: list[str] = field(default_factory=list)   # role head: the stages to train on
+    head_pooled: bool = False
+    head_exports: list[str] = field(default_factory=list)  # trained heads a student's method uses
     fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint

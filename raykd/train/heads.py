@@ -1,0 +1,128 @@
+"""The head-training loop (DIH step 3): linear heads on a frozen teacher's stages, trained with
+cross-entropy. Runs in a Ray Train worker; the teacher's stage maps come through the `Teacher`
+interface (in-process, shard actors or the output cache), and its weights are never updated: the
+loop checksums them before and after.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import defaultdict
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from raykd.data import load_dataset
+from raykd.models.heads import build_heads, save_heads
+from raykd.teacher import open_teacher
+from raykd.teacher.cache import cached_teacher
+from raykd.train.loop import STATE_FILE, WithIndex, _report, evaluate, quiet_ray_logs, with_teacher
+from raykd.train.optim import make_optimizer, make_scheduler
+from raykd.train.unit import Unit
+
+
+def weights_checksum(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class HeadOnTeacher(nn.Module):
+    """teacher stage map -> head, as one model, for evaluation."""
+
+    def __init__(self, teacher, stage: str, head: nn.Module):
+        super().__init__()
+        self.teacher, self.stage, self.head = teacher, stage, head
+
+    def forward(self, x):
+        return self.head(self.teacher.features(x, [self.stage])[self.stage])
+
+
+def train_heads(config: dict) -> None:
+    unit: Unit = config["unit"]
+    quiet_ray_logs()
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(max(1, int(unit.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+
+    splits = load_dataset(unit.data)
+    teacher = open_teacher(unit.teacher, device)
+    checksum_before = weights_checksum(teacher.model)
+    heads = build_heads(teacher.model, unit.head_stages, splits.input_shape, splits.num_classes,
+                        unit.head_pooled, unit.seed).to(device)
+    source = teacher
+    if unit.teacher.cache_dir and splits.deterministic:
+        source = cached_teacher(teacher, unit.teacher.cache_dir, unit.teacher.export_path,
+                                unit.data, "train", splits.train, unit.head_stages,
+                                unit.data.eval_batch_size,
+                                log=lambda m: rank == 0 and print(f"[{unit.key}] {m}", flush=True))
+    optimizer = make_optimizer(heads.parameters(), unit.optim)
+    scheduler = make_scheduler(optimizer, unit.optim)
+    epochs, start_epoch, last = unit.optim.epochs, 0, {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
+        heads.load_state_dict(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, last = state["epoch"] + 1, state["metrics"]
+
+    def state(epoch, metrics):
+        return {"trainable": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics}
+
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        loader = DataLoader(WithIndex(splits.train), batch_size=unit.data.batch_size,
+                            shuffle=True,
+                            generator=torch.Generator().manual_seed(unit.seed * 10_007 + epoch))
+        heads.train()
+        sums, seen = defaultdict(float), 0
+        for x, y, pending in with_teacher(loader, source, unit.head_stages, device):
+            feats = pending.result()
+            # heads share nothing: the summed loss gives each head exactly its own gradient
+            terms = {s: F.cross_entropy(heads[s](feats[s]), y) for s in unit.head_stages}
+            optimizer.zero_grad(set_to_none=True)
+            sum(terms.values()).backward()
+            optimizer.step()
+            seen += len(y)
+            for s, v in terms.items():
+                sums[f"loss_{s}"] += v.item() * len(y)
+        scheduler.step()
+        metrics = {k: v / max(seen, 1) for k, v in sums.items()}
+        metrics.update(epoch=epoch + 1, epochs=epochs, resumed_from=start_epoch,
+                       epoch_s=time.perf_counter() - started, lr=optimizer.param_groups[0]["lr"])
+        final = epoch == epochs - 1
+        for s in unit.head_stages:
+            model = HeadOnTeacher(teacher, s, heads[s])
+            metrics[f"val_top1/{s}"] = evaluate(model, splits.val, unit.data.eval_batch_size, device)
+            if final:
+                metrics[f"test_top1/{s}"] = evaluate(model, splits.test,
+                                                     unit.data.eval_batch_size, device)
+        if final:
+            metrics["teacher_checksum_before"] = checksum_before
+            metrics["teacher_checksum_after"] = weights_checksum(teacher.model)
+        if rank == 0:
+            accs = "  ".join(f"{s} {metrics[f'val_top1/{s}']:.4f}" for s in unit.head_stages)
+            print(f"[{unit.key}] epoch {epoch + 1}/{epochs}  val_top1 {accs}", flush=True)
+            if unit.history_path:
+                os.makedirs(os.path.dirname(unit.history_path), exist_ok=True)
+                with open(unit.history_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+        _report(metrics, state(epoch, metrics), rank)
+        last = metrics
+        if unit.fail_at_epoch is not None and epoch + 1 == unit.fail_at_epoch:
+            raise RuntimeError(f"injected failure after epoch {epoch + 1} of {unit.key}")
+    if start_epoch >= epochs:
+        _report(last, state(epochs - 1, last), rank)
+    if rank == 0:
+        save_heads(heads, unit.export_path, splits.num_classes)
