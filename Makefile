@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/kd_overhead.py
 	$(BIN)/python bench/teacher_service.py
+	$(BIN)/python bench/heads_layout.py
 
 clean:
 	rm -rf runs bench/runs

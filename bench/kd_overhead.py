@@ -82,9 +82,9 @@ def main() -> None:
     unit = Unit(key="kd", role="student", label="kd", method={"temperature": 4.0, "alpha": 0.9},
                 model="cnn_small", optim=optim, data=data, seed=0,
                 export_path=str(work / "student.pt"), history_path=str(work / "metrics" / "kd.jsonl"),
-                teacher_export=str(teacher_path),
+                teacher_candidates=[str(teacher_path)],
                 # same work as the plain loop: the teacher runs every step (no output cache)
-                teacher=TeacherHandle(str(teacher_path), "local", cache_dir=None))
+                teachers=[TeacherHandle(str(teacher_path), "local", cache_dir=None)])
     row = ray.get(fit_unit.remote(unit, str(work / "ray"), 1, False, 0, 10, (1, 28, 28)))
     import pandas as pd
     history = pd.read_parquet(work / "metrics" / "kd.parquet")

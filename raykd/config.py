@@ -61,6 +61,8 @@ class TeacherSpec:
     model: str = "cnn_wide"
     checkpoint: str | None = None     # a raykd model export to use instead of training one
     train: OptimSpec = field(default_factory=OptimSpec)
+    count: int = 1                    # teachers per seed (independent runs, different seeds)
+    models: list[str] = field(default_factory=list)   # or one teacher per listed architecture
     # how students get the frozen teacher's outputs (raykd.teacher)
     placement: str = "auto"           # local (in each worker) | actors (shard actors) | auto
     shards: int = 1                   # contiguous block ranges, one Ray actor each
@@ -254,6 +256,12 @@ def validate(spec: JobSpec) -> None:
         spec.teacher.checkpoint = str(ckpt)
     check_dataset_name(spec.data.dataset)
     check_model_name(spec.teacher.model)
+    for name in spec.teacher.models:
+        check_model_name(name)
+    if spec.teacher.count < 1:
+        raise RaykdError(f"teacher.count must be at least 1, got {spec.teacher.count}")
+    if spec.teacher.checkpoint and (spec.teacher.count > 1 or spec.teacher.models):
+        raise RaykdError("teacher.checkpoint gives one teacher; drop teacher.count/teacher.models")
     check_model_name(spec.student.model)
     if not spec.seeds:
         raise RaykdError("seeds: give at least one seed")

@@ -126,3 +126,25 @@ def dih_loss(student_logits: torch.Tensor, cohort_logits: list[torch.Tensor],
     if ce_once:
         total = total + (1 - sum(alphas) / len(alphas)) * ce
     return total
+
+
+def _unit_norm(x: torch.Tensor) -> torch.Tensor:
+    """N(x) = x / ||x||_2, per sample over C*H*W."""
+    flat = x.flatten(1)
+    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def feed_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]
+              ) -> torch.Tensor:
+    """Park & Kwak's FEED term: sum_k mean | N(T_k(F_s)) - N(F_t^k) |, with the student's map
+    already transformed by T_k for teacher k; the weight beta is applied by the method."""
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError(f"feed_loss needs one transformed map per teacher, got "
+                         f"{len(student_feats)} and {len(teacher_feats)}")
+    total = student_feats[0].new_zeros(())
+    for k, (s, t) in enumerate(zip(student_feats, teacher_feats)):
+        if s.shape != t.shape:
+            raise ValueError(f"feed_loss teacher {k}: transformed student map {tuple(s.shape)} "
+                             f"vs teacher map {tuple(t.shape)}")
+        total = total + (_unit_norm(s) - _unit_norm(t.detach())).abs().mean()
+    return total

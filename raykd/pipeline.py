@@ -32,55 +32,82 @@ def head_stages(spec: JobSpec, teacher_arch) -> list[str]:
     return [s for s in teacher_arch.stage_names if s in wanted]
 
 
+def teacher_models(spec: JobSpec) -> list[str]:
+    """One architecture per teacher of a seed."""
+    return list(spec.teacher.models) or [spec.teacher.model] * spec.teacher.count
+
+
 def plan_units(spec: JobSpec, teacher_arch=None) -> list[Unit]:
+    """Per seed: the teachers, the heads (if a method uses them), one student per method (or a
+    chain of students, each the next one's teacher)."""
     models, metrics = spec.run_dir / "models", spec.run_dir / "metrics"
     stages = head_stages(spec, teacher_arch) if teacher_arch is not None else []
     units: list[Unit] = []
+
+    def unit(key, **kw) -> Unit:
+        return Unit(key=key, data=spec.data, export_path=str(models / f"{key}.pt"),
+                    history_path=str(metrics / f"{key}.jsonl"),
+                    cpus_per_worker=spec.ray.cpus_per_worker, **kw)
+
     for seed in spec.seeds:
-        teacher_key = f"seed{seed}-teacher"
-        teacher_export = spec.teacher.checkpoint or str(models / f"{teacher_key}.pt")
-        if spec.teacher.checkpoint is None:
-            units.append(Unit(
-                key=teacher_key, role="teacher", label="ce", method={"method": "ce"},
-                model=spec.teacher.model, optim=spec.teacher.train, data=spec.data, seed=seed,
-                export_path=teacher_export, history_path=str(metrics / f"{teacher_key}.jsonl"),
-                cpus_per_worker=spec.ray.cpus_per_worker))
-        teacher_deps = [teacher_key] if spec.teacher.checkpoint is None else []
+        teachers: list[Unit] = []
+        if spec.teacher.checkpoint:
+            exports = [spec.teacher.checkpoint]
+        else:
+            for k, arch in enumerate(teacher_models(spec)):
+                key = f"seed{seed}-teacher" + (str(k) if k else "")
+                teachers.append(unit(key, role="teacher", label="ce" + (f".t{k}" if k else ""),
+                                     method={"method": "ce"}, model=arch,
+                                     optim=spec.teacher.train, seed=seed,
+                                     train_seed=seed + 1000 * k))
+            exports = [t.export_path for t in teachers]
+        units.extend(teachers)
+        first = [teachers[0].key] if teachers else []
         head_units = []
         groups = [stages] if spec.heads.layout == "together" else [[s] for s in stages]
         for group in (groups if stages else []):
             key = f"seed{seed}-heads" if spec.heads.layout == "together" else f"seed{seed}-head-{group[0]}"
-            head_units.append(Unit(
-                key=key, role="head", label="heads", method={}, model=spec.teacher.model,
-                optim=spec.heads.train, data=spec.data, seed=seed,
-                export_path=str(models / f"{key}.pt"), history_path=str(metrics / f"{key}.jsonl"),
-                teacher_export=teacher_export, cpus_per_worker=spec.ray.cpus_per_worker,
-                depends_on=list(teacher_deps), head_stages=group, head_pooled=spec.heads.pooled))
+            head_units.append(unit(
+                key, role="head", label="heads", method={}, model=spec.teacher.model,
+                optim=spec.heads.train, seed=seed, teacher_candidates=exports[:1],
+                depends_on=list(first), head_stages=group, head_pooled=spec.heads.pooled))
         units.extend(head_units)
         for label, entry in spec.methods.items():
-            cls, _ = method_params(label, entry)
-            key = f"seed{seed}-{label}"
-            units.append(Unit(
-                key=key, role="student", label=label, method=entry, model=spec.student.model,
-                optim=spec.student.train, data=spec.data, seed=seed,
-                export_path=str(models / f"{key}.pt"),
-                history_path=str(metrics / f"{key}.jsonl"),
-                diagnostics_dir=str(spec.run_dir / "diagnostics" / key),
-                teacher_export=teacher_export if cls.uses_teacher else None,
-                cpus_per_worker=spec.ray.cpus_per_worker,
-                depends_on=(teacher_deps if cls.uses_teacher else [])
-                + ([u.key for u in head_units] if cls.uses_heads else []),
-                head_exports=[u.export_path for u in head_units] if cls.uses_heads else []))
+            cls, params = method_params(label, entry)
+            mode = cls.teacher_mode(params)
+            chain = int((entry or {}).get("chain", 1))
+            deps = ([t.key for t in teachers] if mode != "first" else first) if cls.uses_teacher else []
+            previous = None
+            for link in range(1, chain + 1):
+                name = label if chain == 1 else f"{label}.{link}"
+                student = unit(
+                    f"seed{seed}-{name}", role="student", label=name, method=entry,
+                    model=spec.student.model, optim=spec.student.train, seed=seed,
+                    diagnostics_dir=str(spec.run_dir / "diagnostics" / f"seed{seed}-{name}"),
+                    teacher_candidates=(exports if previous is None else [previous.export_path])
+                    if cls.uses_teacher else [],
+                    teacher_mode=mode if previous is None else "first",
+                    depends_on=(deps if previous is None else [previous.key])
+                    + ([u.key for u in head_units] if cls.uses_heads else []),
+                    head_exports=[u.export_path for u in head_units] if cls.uses_heads else [])
+                units.append(student)
+                previous = student
     return units
 
 
-def teacher_architecture(spec: JobSpec, splits):
+def teacher_architectures(spec: JobSpec, splits) -> list:
+    """Every teacher's architecture for one seed (weights are not needed for planning)."""
     from raykd.models import build_model
     from raykd.models.export import load_export
 
     shape = splits.input_shape
-    return (load_export(spec.teacher.checkpoint) if spec.teacher.checkpoint
-            else build_model(spec.teacher.model, splits.num_classes, shape[0], shape[1]))
+    if spec.teacher.checkpoint:
+        return [load_export(spec.teacher.checkpoint)]
+    return [build_model(m, splits.num_classes, shape[0], shape[1]) for m in teacher_models(spec)]
+
+
+def teacher_architecture(spec: JobSpec, splits):
+    return teacher_architectures(spec, splits)[0]
 
 
 def preflight(spec: JobSpec, splits) -> None:
@@ -91,10 +118,17 @@ def preflight(spec: JobSpec, splits) -> None:
 
     shape = splits.input_shape
     student = build_model(spec.student.model, splits.num_classes, shape[0], shape[1])
-    teacher = teacher_architecture(spec, splits)
+    teachers = teacher_architectures(spec, splits)
     for label, entry in spec.methods.items():
-        build_method(label, entry, MethodContext(student=student, num_classes=splits.num_classes,
-                                                 input_shape=shape, teacher=teacher))
+        cls, params = method_params(label, entry)
+        chosen = teachers if cls.teacher_mode(params) == "all" else teachers[:1]
+        contexts = [chosen]
+        if int((entry or {}).get("chain", 1)) > 1:
+            contexts.append([student])     # later links distil from the previous student
+        for group in contexts:
+            build_method(label, entry, MethodContext(
+                student=student, num_classes=splits.num_classes, input_shape=shape,
+                teacher=group[0], teachers=group))
 
 
 def resolve_placement(spec: JobSpec) -> str:
@@ -106,9 +140,31 @@ def resolve_placement(spec: JobSpec) -> str:
     return "actors" if (t.shards > 1 or t.replicas > 1) else "local"
 
 
+def resolve_teachers(unit: Unit, table: ResultsTable) -> list[str]:
+    """The exports a unit distils from; `best` is the candidate with the highest val_top1."""
+    if unit.teacher_mode == "all":
+        return list(unit.teacher_candidates)
+    if unit.teacher_mode == "best" and len(unit.teacher_candidates) > 1:
+        scores = {r["export"]: r["val_top1"] for r in table.rows if r.get("role") == "teacher"}
+        return [max(unit.teacher_candidates, key=lambda e: scores.get(e, -1.0))]
+    return list(unit.teacher_candidates[:1])
+
+
+def attach_teachers(unit: Unit, services: "TeacherServices", table: ResultsTable) -> bool:
+    """Resolve which teachers the unit uses and how to reach them; False if it must wait."""
+    if not unit.teacher_candidates:
+        return True
+    unit.teacher_exports = resolve_teachers(unit, table)
+    handles = services.handles_for(unit)
+    if handles is None:
+        return False
+    unit.teachers = handles
+    return True
+
+
 class TeacherServices:
-    """Starts a teacher's shard actors when its first student launches and stops them when its
-    last student ends, never holding more CPUs than leave room for one training run."""
+    """Starts a teacher's shard actors when its first user launches and stops them when its
+    last user ends, never holding more CPUs than leave room for one training run."""
 
     def __init__(self, spec: JobSpec, input_shape, units: list[Unit]):
         import ray
@@ -119,50 +175,51 @@ class TeacherServices:
         self.cache_dir = (spec.teacher.cache_dir or str(Path(spec.output_dir) / "feature_cache")
                           ) if spec.teacher.cache else None
         self.live: dict[str, object] = {}
-        self.users = {}
+        self.users: dict[str, int] = {}
         for u in units:
-            if u.teacher_export:
-                self.users[u.teacher_export] = self.users.get(u.teacher_export, 0) + 1
+            for export in u.teacher_candidates:
+                self.users[export] = self.users.get(export, 0) + 1
         t = spec.teacher
         self.service_cpus = t.cpus_per_shard * t.shards * t.replicas
         self.run_cpus = spec.ray.workers * spec.ray.cpus_per_worker
         self.total_cpus = ray.cluster_resources().get("CPU", 0)
-        if self.placement == "actors" and self.service_cpus + self.run_cpus > self.total_cpus:
+        most = max([len(u.teacher_candidates) if u.teacher_mode == "all" else 1 for u in units] or [1])
+        if self.placement == "actors" and most * self.service_cpus + self.run_cpus > self.total_cpus:
             raise RaykdError(
-                f"teacher service needs {self.service_cpus:g} CPUs (teacher.shards x replicas x "
-                f"cpus_per_shard) plus {self.run_cpus:g} for a training run, but the cluster has "
-                f"{self.total_cpus:g}; lower teacher.cpus_per_shard or use teacher.placement=local")
+                f"teacher services need {most * self.service_cpus:g} CPUs ({most} teacher(s) x "
+                f"shards x replicas x cpus_per_shard) plus {self.run_cpus:g} for a training run, "
+                f"but the cluster has {self.total_cpus:g}; lower teacher.cpus_per_shard or use "
+                "teacher.placement=local")
 
-    def handle_for(self, unit: Unit):
-        """The unit's TeacherHandle, starting the service if needed; None if it must wait."""
+    def handles_for(self, unit: Unit):
+        """Handles for the unit's resolved teachers, starting services as needed; None if the
+        unit must wait for resources."""
         from raykd.teacher import TeacherHandle
         from raykd.teacher.service import TeacherService
 
-        if not unit.teacher_export:
-            return None
         if self.placement == "local":
-            return TeacherHandle(unit.teacher_export, "local", cache_dir=self.cache_dir)
-        if unit.teacher_export not in self.live:
-            used = self.service_cpus * len(self.live)
-            if used + self.service_cpus + self.run_cpus > self.total_cpus:
-                return None   # wait for another teacher's students to finish
-            t = self.spec.teacher
-            name = f"{self.spec.name}/{Path(unit.teacher_export).stem}"
+            return [TeacherHandle(e, "local", cache_dir=self.cache_dir) for e in unit.teacher_exports]
+        missing = [e for e in unit.teacher_exports if e not in self.live]
+        used = self.service_cpus * len(self.live)
+        if used + self.service_cpus * len(missing) + self.run_cpus > self.total_cpus:
+            return None   # wait for another teacher's users to finish
+        t = self.spec.teacher
+        for export in missing:
+            name = f"{self.spec.name}/{Path(export).stem}"
             log(f"starting teacher service {name}: {t.shards} shard(s) x {t.replicas} replica(s)")
             service = TeacherService(
-                name, unit.teacher_export, self.input_shape, shards=t.shards,
-                replicas=t.replicas, cpus_per_shard=t.cpus_per_shard,
-                gpus_per_shard=t.gpus_per_shard, timeout_s=t.timeout_s, cache_dir=self.cache_dir)
+                name, export, self.input_shape, shards=t.shards, replicas=t.replicas,
+                cpus_per_shard=t.cpus_per_shard, gpus_per_shard=t.gpus_per_shard,
+                timeout_s=t.timeout_s, cache_dir=self.cache_dir)
             service.wait_ready()
-            self.live[unit.teacher_export] = service
-        return self.live[unit.teacher_export].handle
+            self.live[export] = service
+        return [self.live[e].handle for e in unit.teacher_exports]
 
     def release(self, unit: Unit) -> None:
-        if not unit.teacher_export:
-            return
-        self.users[unit.teacher_export] -= 1
-        if self.users[unit.teacher_export] == 0 and unit.teacher_export in self.live:
-            self.live.pop(unit.teacher_export).stop()
+        for export in unit.teacher_candidates:
+            self.users[export] -= 1
+            if self.users[export] == 0 and export in self.live:
+                self.live.pop(export).stop()
 
     def stop_all(self) -> None:
         for service in self.live.values():
@@ -244,10 +301,8 @@ def _run_units(spec, units, pending, done, table, services, limit, splits):
         for unit in ready:
             if len(in_flight) >= limit:
                 break
-            if unit.teacher_export:
-                unit.teacher = services.handle_for(unit)
-                if unit.teacher is None:
-                    continue
+            if not attach_teachers(unit, services, table):
+                continue
             ref = fit_unit.remote(unit, storage, spec.ray.workers, spec.ray.use_gpu,
                                   spec.ray.max_failures, splits.num_classes, splits.input_shape)
             in_flight[ref] = unit

@@ -44,7 +44,7 @@ def test_defaults_and_dotted_overrides(tmp_path):
     ("data.augment=3", "data.augment: expected true or false"),
     ("data.dataset=cifar7", "unknown dataset 'cifar7'; allowed: cifar10, cifar100, digits"),
     ("student.model=resnet9", "unknown model 'resnet9'; allowed:"),
-    ("methods.x.method=nope", "methods.x: unknown method 'nope'; allowed: cd, ce, kd"),
+    ("methods.x.method=nope", "methods.x: unknown method 'nope'; allowed: cd, ce, dih, feed, kd"),
     ("methods.kd.alpha=1.5", "methods.kd.alpha must be in [0, 1]"),
     ("methods.kd.temp=4", "unknown key methods.kd.temp; allowed under methods.kd: temperature, alpha, transform"),
     ("student.train.optimizer=lbfgs", "student.train.optimizer: unknown 'lbfgs'; allowed: sgd, adam"),

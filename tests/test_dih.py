@@ -67,7 +67,8 @@ def test_heads_then_cohort_distillation_with_the_teacher_untouched(ray_session, 
 
 
 def test_heads_as_separate_runs_equal_heads_trained_together(ray_session, tmp_path, teacher_export):
-    from raykd.pipeline import TeacherServices
+    from raykd.pipeline import TeacherServices, attach_teachers
+    from raykd.results import ResultsTable
     from raykd.train.runner import fit_unit
 
     together = _dih_job(tmp_path, teacher_export, "together", "together")
@@ -79,7 +80,7 @@ def test_heads_as_separate_runs_equal_heads_trained_together(ray_session, tmp_pa
         assert len(units) == (1 if spec is together else 2)
         services = TeacherServices(spec, splits.input_shape, units)
         for u in units:
-            u.teacher = services.handle_for(u)
+            assert attach_teachers(u, services, ResultsTable(spec.run_dir))
         ray.get([fit_unit.remote(u, str(spec.run_dir / "ray"), 1, False, 0, 10, splits.input_shape)
                  for u in units])
         weights[spec.name] = load_heads([u.export_path for u in units])

@@ -25,6 +25,7 @@ class MethodContext:
     num_classes: int
     input_shape: tuple[int, int, int]
     teacher: StagedModel | None = None   # architecture only (shapes); its outputs come as tensors
+    teachers: list | None = None         # every teacher's architecture, when the method uses all
     heads: dict | None = None            # trained heads on the teacher's stages (DIH), by stage
 
 
@@ -37,6 +38,7 @@ class Step:
     teacher: dict[str, torch.Tensor]      # requested teacher taps (empty without a teacher)
     epoch: int                            # 0-based
     epochs: int
+    teachers: list = None                 # every teacher's taps (teacher_mode "all"); [0] is teacher
 
     @property
     def progress(self) -> float:
@@ -54,6 +56,11 @@ class DistillMethod:
     Params: ClassVar[type] = NoParams
     uses_teacher: ClassVar[bool] = True
     uses_heads: ClassVar[bool] = False   # needs heads trained on the teacher's stages first
+
+    @staticmethod
+    def teacher_mode(params) -> str:
+        """Which of the job's teachers the method distils from: first | best | all."""
+        return "first"
 
     @staticmethod
     def head_stages(params, teacher: StagedModel, where: str) -> list[str]:
@@ -107,6 +114,9 @@ def method_params(label: str, entry: dict) -> tuple[type[DistillMethod], Any]:
 
     entry = dict(entry or {})
     name = entry.pop("method", label)
+    chain = entry.pop("chain", 1)
+    if not isinstance(chain, int) or isinstance(chain, bool) or chain < 1:
+        raise RaykdError(f"methods.{label}.chain must be a positive integer, got {chain!r}")
     if name not in _METHODS:
         raise RaykdError(f"methods.{label}: unknown method {name!r}; allowed: {', '.join(method_names())}")
     cls = _METHODS[name]

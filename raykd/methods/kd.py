@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 
 from raykd.errors import RaykdError
@@ -30,6 +31,7 @@ class KDParams:
     k: int = 3                   # topk: how many of the teacher's probabilities to keep
     epsilon: float = 0.1         # ls: smoothing mass
     sim_temperature: float = 0.1  # sim: softmax temperature over cosine class similarities
+    teachers: str = "first"      # with several teachers: first | best (by val) | ensemble (mean logits)
 
     def check(self, where: str) -> None:
         if self.temperature <= 0:
@@ -41,6 +43,9 @@ class KDParams:
                              f"{', '.join(TRANSFORMS)}")
         if self.k < 1:
             raise RaykdError(f"{where}.k must be at least 1, got {self.k}")
+        if self.teachers not in ("first", "best", "ensemble"):
+            raise RaykdError(f"{where}.teachers: unknown {self.teachers!r}; allowed: first, best, "
+                             "ensemble")
         if not 0 <= self.epsilon <= 1:
             raise RaykdError(f"{where}.epsilon must be in [0, 1], got {self.epsilon}")
 
@@ -49,6 +54,10 @@ class KDParams:
 class VanillaKD(DistillMethod):
     """L = (1 - a) CE(z_s, y) + a T^2 KL(q || p^T(z_s)), q = transform(p^T(z_t))."""
     Params = KDParams
+
+    @staticmethod
+    def teacher_mode(params: KDParams) -> str:
+        return {"first": "first", "best": "best", "ensemble": "all"}[params.teachers]
 
     def __init__(self, params: KDParams, ctx):
         super().__init__(params, ctx)
@@ -61,9 +70,16 @@ class VanillaKD(DistillMethod):
             self.similarity = similarity_targets(classifier_weights(ctx.teacher),
                                                  params.sim_temperature)
 
+    @staticmethod
+    def teacher_logits(step: Step):
+        """The teacher's logits; with an ensemble, the mean of its members' logits."""
+        if step.teachers and len(step.teachers) > 1:
+            return torch.stack([t["logits"] for t in step.teachers]).mean(0)
+        return step.teacher["logits"]
+
     def target(self, step: Step):
         p = self.params
-        probs = F.softmax(step.teacher["logits"].detach() / p.temperature, dim=1)
+        probs = F.softmax(self.teacher_logits(step).detach() / p.temperature, dim=1)
         return transform_teacher(p.transform, probs, step.y, k=p.k, epsilon=p.epsilon,
                                  similarity=self.similarity)
 
@@ -71,7 +87,7 @@ class VanillaKD(DistillMethod):
         p = self.params
         z_s = step.student["logits"]
         if p.transform == "none":
-            soft = kd_loss(z_s, step.teacher["logits"], p.temperature)
+            soft = kd_loss(z_s, self.teacher_logits(step), p.temperature)
         else:
             soft = soft_target_kd_loss(z_s, self.target(step), p.temperature)
         return {"ce": (1 - p.alpha) * F.cross_entropy(z_s, step.y), "kd": p.alpha * soft}
@@ -79,7 +95,7 @@ class VanillaKD(DistillMethod):
     def diagnostics(self, step: Step):
         """Tang et al.'s per-example gradient re-weighting w (at T=1, teacher weight alpha) and
         the teacher's true-class confidence."""
-        teacher_probs = F.softmax(step.teacher["logits"].detach(), dim=1)
+        teacher_probs = F.softmax(self.teacher_logits(step).detach(), dim=1)
         return {
             "reweight": reweighting_factor(step.student["logits"], teacher_probs, step.y,
                                            self.params.alpha),

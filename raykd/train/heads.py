@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from raykd.data import load_dataset
 from raykd.models.heads import build_heads, save_heads
 from raykd.teacher import open_teacher
-from raykd.teacher.cache import cached_teacher
-from raykd.train.loop import STATE_FILE, WithIndex, _report, evaluate, quiet_ray_logs, with_teacher
+from raykd.train.loop import (STATE_FILE, WithIndex, _report, evaluate, open_teachers,
+                              quiet_ray_logs, with_teacher)
 from raykd.train.optim import make_optimizer, make_scheduler
 from raykd.train.unit import Unit
 
@@ -54,16 +54,11 @@ def train_heads(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     splits = load_dataset(unit.data)
-    teacher = open_teacher(unit.teacher, device)
+    teacher = open_teacher(unit.teachers[0], device)   # evaluation runs the real teacher
     checksum_before = weights_checksum(teacher.model)
     heads = build_heads(teacher.model, unit.head_stages, splits.input_shape, splits.num_classes,
                         unit.head_pooled, unit.seed).to(device)
-    source = teacher
-    if unit.teacher.cache_dir and splits.deterministic:
-        source = cached_teacher(teacher, unit.teacher.cache_dir, unit.teacher.export_path,
-                                unit.data, "train", splits.train, unit.head_stages,
-                                unit.data.eval_batch_size,
-                                log=lambda m: rank == 0 and print(f"[{unit.key}] {m}", flush=True))
+    [source] = open_teachers(unit, unit.head_stages, splits, device, rank)
     optimizer = make_optimizer(heads.parameters(), unit.optim)
     scheduler = make_scheduler(optimizer, unit.optim)
     epochs, start_epoch, last = unit.optim.epochs, 0, {}
@@ -87,8 +82,8 @@ def train_heads(config: dict) -> None:
                             generator=torch.Generator().manual_seed(unit.seed * 10_007 + epoch))
         heads.train()
         sums, seen = defaultdict(float), 0
-        for x, y, pending in with_teacher(loader, source, unit.head_stages, device):
-            feats = pending.result()
+        for x, y, pending in with_teacher(loader, [source], unit.head_stages, device):
+            feats = pending[0].result()
             # heads share nothing: the summed loss gives each head exactly its own gradient
             terms = {s: F.cross_entropy(heads[s](feats[s]), y) for s in unit.head_stages}
             optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from raykd.data import load_dataset
 from raykd.methods import MethodContext, Step, build_method
 from raykd.models import build_model
-from raykd.models.export import save_export
+from raykd.models.export import load_export, save_export
 from raykd.models.heads import load_heads
 from raykd.teacher import open_teacher
 from raykd.teacher.cache import cached_teacher
@@ -63,18 +63,29 @@ class WithIndex(torch.utils.data.Dataset):
         return x, y, i
 
 
-def with_teacher(loader, teacher, taps, device):
-    """Yield (x, y, pending teacher outputs), asking for batch i+1 before batch i is trained on,
-    so a teacher served by actors works while the student steps."""
+def with_teacher(loader, teachers, taps, device):
+    """Yield (x, y, pending outputs of each teacher), asking for batch i+1 before batch i is
+    trained on, so teachers served by actors work while the student steps."""
     previous = None
     for x, y, index in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        pending = teacher.submit(x, taps, index) if taps else None
+        pending = [t.submit(x, taps, index) for t in teachers] if taps else []
         if previous is not None:
             yield previous
         previous = (x, y, pending)
     if previous is not None:
         yield previous
+
+
+def open_teachers(unit: Unit, taps: list[str], splits, device, rank: int) -> list:
+    """The unit's teachers; for deterministic inputs, their stored outputs (computed once)."""
+    teachers = [open_teacher(h, device) for h in unit.teachers]
+    if not (taps and splits.deterministic):
+        return teachers
+    return [cached_teacher(t, h.cache_dir, h.export_path, unit.data, "train", splits.train, taps,
+                           unit.data.eval_batch_size,
+                           log=lambda m: rank == 0 and print(f"[{unit.key}] {m}", flush=True))
+            if h.cache_dir else t for t, h in zip(teachers, unit.teachers)]
 
 
 def write_diagnostics(folder: str, epoch: int, values: dict[str, list[torch.Tensor]]) -> None:
@@ -129,14 +140,15 @@ def train_unit(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(unit.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    torch.manual_seed(unit.seed)
+    seed = unit.seed if unit.train_seed is None else unit.train_seed
+    torch.manual_seed(seed)
 
     splits = load_dataset(unit.data)
     model = build_model(unit.model, splits.num_classes, splits.in_channels, splits.image_size)
-    teacher = open_teacher(unit.teacher, device) if unit.teacher else None
+    architectures = [load_export(h.export_path) for h in unit.teachers]
     method = build_method(unit.label, unit.method, MethodContext(
         student=model, num_classes=splits.num_classes, input_shape=splits.input_shape,
-        teacher=teacher.model if teacher else None,
+        teacher=architectures[0] if architectures else None, teachers=architectures,
         heads=load_heads(unit.head_exports) if unit.head_exports else None))
     trainable = TrainableParts(model, method.modules()).to(device)
     optimizer = make_optimizer(trainable.parameters(), unit.optim)
@@ -161,15 +173,10 @@ def train_unit(config: dict) -> None:
     student = trainable.model
 
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=unit.seed) if world > 1 else None
+                                 seed=seed) if world > 1 else None
     student_taps = sorted(set(method.student_taps()) | {"logits"})
-    teacher_taps = method.teacher_taps() if teacher else []
-    if teacher_taps and unit.teacher.cache_dir and splits.deterministic:
-        # the same image always gets the same teacher output: compute it once, then look it up
-        teacher = cached_teacher(
-            teacher, unit.teacher.cache_dir, unit.teacher.export_path, unit.data, "train",
-            splits.train, teacher_taps, unit.data.eval_batch_size,
-            log=lambda m: rank == 0 and print(f"[{unit.key}] {m}", flush=True))
+    teacher_taps = method.teacher_taps() if unit.teachers else []
+    teachers = open_teachers(unit, teacher_taps, splits, device, rank)
 
     def state_dict(epoch: int, metrics: dict) -> dict:
         return {"trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
@@ -182,16 +189,17 @@ def train_unit(config: dict) -> None:
         loader = DataLoader(
             WithIndex(splits.train), batch_size=unit.data.batch_size, sampler=sampler,
             shuffle=sampler is None, drop_last=False, num_workers=unit.data.loader_workers,
-            generator=torch.Generator().manual_seed(unit.seed * 10_007 + epoch))
+            generator=torch.Generator().manual_seed(seed * 10_007 + epoch))
         trainable.train()
         sums: dict[str, float] = defaultdict(float)
         diagnostics: dict[str, list[torch.Tensor]] = defaultdict(list)
         seen = 0
-        for x, y, pending in with_teacher(loader, teacher, teacher_taps, device):
-            teacher_out = pending.result() if pending is not None else {}
+        for x, y, pending in with_teacher(loader, teachers, teacher_taps, device):
+            teacher_outs = [p.result() for p in pending]
             student_out = wrapped(x, student_taps)
-            step = Step(x=x, y=y, student=student_out, teacher=teacher_out, epoch=epoch,
-                        epochs=epochs)
+            step = Step(x=x, y=y, student=student_out,
+                        teacher=teacher_outs[0] if teacher_outs else {}, epoch=epoch,
+                        epochs=epochs, teachers=teacher_outs)
             terms = method.losses(step)
             found = method.diagnostics(step) if unit.diagnostics_dir else None
             for name, values in (found or {}).items():

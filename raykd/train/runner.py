@@ -67,6 +67,7 @@ def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures
         "train_s": float(history["epoch_s"].sum()) if history is not None else None,
         "epochs": metrics.get("epoch"), "workers": workers,
         "resumed_from": metrics.get("resumed_from", 0), "export": unit.export_path,
+        "teachers": ",".join(Path(e).stem for e in unit.teacher_exports),
     }
     if is_heads:
         from raykd.models.heads import load_heads

@@ -21,8 +21,13 @@ class Unit:
     export_path: str              # where the trained model is written
     history_path: str = ""        # per-epoch metrics, one JSON object a line (appended)
     diagnostics_dir: str = ""     # per-sample diagnostics a method emits, one Parquet per epoch
-    teacher_export: str | None = None       # the frozen teacher this unit distils from
-    teacher: TeacherHandle | None = None     # how to reach it (set when the unit is launched)
+    train_seed: int | None = None            # initialisation/order seed if not `seed` (teacher k)
+    # the frozen teachers this unit may distil from, and which of them it uses:
+    # first | best (highest val_top1, chosen at launch) | all
+    teacher_candidates: list[str] = field(default_factory=list)
+    teacher_mode: str = "first"
+    teacher_exports: list[str] = field(default_factory=list)      # resolved at launch
+    teachers: list[TeacherHandle] = field(default_factory=list)   # how to reach them
     cpus_per_worker: float = 1.0
     depends_on: list[str] = field(default_factory=list)
     head_stages: list[str] = field(default_factory=list)   # role head: the stages to train on

@@ -1,0 +1,96 @@
+"""FEED: feature-level ensemble distillation (Park & Kwak 2019; METHODS.md section 3).
+
+Parallel FEED: K teachers; on the student's feature map one non-linear transformation per
+teacher (three 3x3 convs with LeakyReLU(0.1), ending at that teacher's channel count);
+L = CE + beta * sum_k mean |N(T_k(F_s)) - N(F_t^k)|. The transformations train with the student
+and are dropped at export. Sequential FEED is the same method in a chain (`chain: N` in the
+job): each link distils from the previous link's student.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raykd.errors import RaykdError
+from raykd.losses import feed_loss
+from raykd.methods.base import DistillMethod, Step, register_method
+
+
+@dataclass
+class FEEDParams:
+    beta: float = 500.0           # Factor Transfer's default with a mean absolute difference
+    student_tap: str = ""         # default: the student's last stage
+    teacher_tap: str = ""         # default: each teacher's last stage
+
+    def check(self, where: str) -> None:
+        if self.beta < 0:
+            raise RaykdError(f"{where}.beta must be non-negative, got {self.beta}")
+
+
+def transformation(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.1),
+        nn.Conv2d(cout, cout, 3, padding=1), nn.LeakyReLU(0.1),
+        nn.Conv2d(cout, cout, 3, padding=1))
+
+
+def tap_shape(model, tap: str, input_shape) -> tuple[int, ...]:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.features(torch.zeros(1, *input_shape), [tap])[tap]
+    model.train(was)
+    return tuple(out.shape[1:])
+
+
+@register_method("feed")
+class FEED(DistillMethod):
+    Params = FEEDParams
+
+    @staticmethod
+    def teacher_mode(params) -> str:
+        return "all"
+
+    def __init__(self, params: FEEDParams, ctx):
+        super().__init__(params, ctx)
+        teachers = ctx.teachers or ([ctx.teacher] if ctx.teacher is not None else [])
+        if not teachers:
+            raise RaykdError("feed needs at least one teacher")
+        self.s_tap = params.student_tap or ctx.student.stage_names[-1]
+        self.t_taps = [params.teacher_tap or t.stage_names[-1] for t in teachers]
+        ctx.student.resolve_tap(self.s_tap)
+        s_shape = tap_shape(ctx.student, self.s_tap, ctx.input_shape)
+        if len(s_shape) != 3:
+            raise RaykdError(f"feed: student tap {self.s_tap!r} is not a feature map")
+        self.transforms = nn.ModuleList()
+        for k, (teacher, tap) in enumerate(zip(teachers, self.t_taps)):
+            t_shape = tap_shape(teacher, tap, ctx.input_shape)
+            if len(t_shape) != 3 or t_shape[1:] != s_shape[1:]:
+                raise RaykdError(
+                    f"feed: teacher {k}'s {tap} is {'x'.join(map(str, t_shape))} but the "
+                    f"student's {self.s_tap} is {'x'.join(map(str, s_shape))}; the "
+                    "transformation keeps the spatial size, so pick taps whose H x W match "
+                    "(methods.<label>.student_tap / teacher_tap)")
+            self.transforms.append(transformation(s_shape[0], t_shape[0]))
+        self.tap = self.t_taps[0] if len(set(self.t_taps)) == 1 else None
+        if self.tap is None:
+            raise RaykdError("feed: give every teacher the same teacher_tap name")
+
+    def student_taps(self):
+        return [self.s_tap, "logits"]
+
+    def teacher_taps(self):
+        return [self.tap]
+
+    def modules(self):
+        return self.transforms
+
+    def losses(self, step: Step):
+        teachers = step.teachers or [step.teacher]
+        f_s = step.student[self.s_tap]
+        transformed = [t(f_s) for t in self.transforms]
+        return {"ce": F.cross_entropy(step.student["logits"], step.y),
+                "feed": self.params.beta * feed_loss(transformed, [t[self.tap] for t in teachers])}
