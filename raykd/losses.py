@@ -148,3 +148,8 @@ def feed_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tenso
                              f"vs teacher map {tuple(t.shape)}")
         total = total + (_unit_norm(s) - _unit_norm(t.detach())).abs().mean()
     return total
+
+
+def neighbourhood_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """Shao et al.: mean squared error between a candidate's and the neighbourhood's outputs."""
+    return F.mse_loss(student_out, teacher_out.detach())

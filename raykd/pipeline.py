@@ -37,7 +37,7 @@ def teacher_models(spec: JobSpec) -> list[str]:
     return list(spec.teacher.models) or [spec.teacher.model] * spec.teacher.count
 
 
-def plan_units(spec: JobSpec, teacher_arch=None) -> list[Unit]:
+def plan_units(spec: JobSpec, teacher_arch=None, input_shape=None) -> list[Unit]:
     """Per seed: the teachers, the heads (if a method uses them), one student per method (or a
     chain of students, each the next one's teacher)."""
     models, metrics = spec.run_dir / "models", spec.run_dir / "metrics"
@@ -77,6 +77,19 @@ def plan_units(spec: JobSpec, teacher_arch=None) -> list[Unit]:
             mode = cls.teacher_mode(params)
             chain = int((entry or {}).get("chain", 1))
             deps = ([t.key for t in teachers] if mode != "first" else first) if cls.uses_teacher else []
+            parts = []
+            if cls.uses_neighbourhoods:
+                for name, start, stop in cls.neighbourhood_plan(params, teacher_arch):
+                    for cand in params.candidates:
+                        parts.append(unit(
+                            f"seed{seed}-{label}-{name}-{cand}", role="neighbourhood",
+                            label=f"{label}:{name}:{cand}", method={}, model=cand,
+                            optim=params.train, seed=seed, teacher_candidates=exports[:1],
+                            depends_on=list(first), neighbourhood={
+                                "name": name, "start": start, "stop": stop, "candidate": cand,
+                                "inputs": params.inputs, "input_shape": list(input_shape),
+                                "gaussian_samples": params.gaussian_samples}))
+                units.extend(parts)
             previous = None
             for link in range(1, chain + 1):
                 name = label if chain == 1 else f"{label}.{link}"
@@ -90,6 +103,11 @@ def plan_units(spec: JobSpec, teacher_arch=None) -> list[Unit]:
                     depends_on=(deps if previous is None else [previous.key])
                     + ([u.key for u in head_units] if cls.uses_heads else []),
                     head_exports=[u.export_path for u in head_units] if cls.uses_heads else [])
+                if parts:   # stitched from the distilled parts, then fine-tuned (or not)
+                    student.model = "stitched"
+                    student.optim = dataclasses.replace(student.optim, epochs=params.finetune_epochs)
+                    student.neighbourhood_units = [p.key for p in parts]
+                    student.depends_on += [p.key for p in parts]
                 units.append(student)
                 previous = student
     return units
@@ -148,6 +166,21 @@ def resolve_teachers(unit: Unit, table: ResultsTable) -> list[str]:
         scores = {r["export"]: r["val_top1"] for r in table.rows if r.get("role") == "teacher"}
         return [max(unit.teacher_candidates, key=lambda e: scores.get(e, -1.0))]
     return list(unit.teacher_candidates[:1])
+
+
+def choose_stitch(unit: Unit, table: ResultsTable) -> dict:
+    """The stitched student's parts: per neighbourhood the candidate with the lowest relative
+    reconstruction error, jointly under the method's parameter budget."""
+    from raykd.methods.neighbourhood import choose_candidates
+    from raykd.models import count_params
+    from raykd.models.export import load_export
+
+    _, params = method_params(unit.label, unit.method)
+    rows = [r for r in table.rows if r.get("unit") in set(unit.neighbourhood_units)]
+    teacher = unit.teacher_candidates[0]
+    chosen, _ = choose_candidates(rows, count_params(load_export(teacher)), params.max_params)
+    parts = sorted([int(r["nb_start"]), int(r["nb_stop"]), r["export"]] for r in chosen.values())
+    return {"teacher": teacher, "parts": parts}
 
 
 def attach_teachers(unit: Unit, services: "TeacherServices", table: ResultsTable) -> bool:
@@ -258,7 +291,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None):
     splits = splits or load_dataset(spec.data)   # absent data fails here, before any run
     preflight(spec, splits)
     table = ResultsTable(run_dir)
-    units = plan_units(spec, teacher_architecture(spec, splits))
+    units = plan_units(spec, teacher_architecture(spec, splits), splits.input_shape)
     for unit in units:
         if fail_at and unit.key in fail_at:
             unit.fail_at_epoch = fail_at[unit.key]
@@ -301,6 +334,8 @@ def _run_units(spec, units, pending, done, table, services, limit, splits):
         for unit in ready:
             if len(in_flight) >= limit:
                 break
+            if unit.neighbourhood_units and unit.stitch is None:
+                unit.stitch = choose_stitch(unit, table)
             if not attach_teachers(unit, services, table):
                 continue
             ref = fit_unit.remote(unit, storage, spec.ray.workers, spec.ray.use_gpu,

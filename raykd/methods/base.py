@@ -56,6 +56,7 @@ class DistillMethod:
     Params: ClassVar[type] = NoParams
     uses_teacher: ClassVar[bool] = True
     uses_heads: ClassVar[bool] = False   # needs heads trained on the teacher's stages first
+    uses_neighbourhoods: ClassVar[bool] = False   # its student is stitched from distilled parts
 
     @staticmethod
     def teacher_mode(params) -> str:

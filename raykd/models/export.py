@@ -24,6 +24,8 @@ def save_export(model: StagedModel, path: str | Path, num_classes: int, in_chann
         "arch": model.arch, "num_classes": num_classes, "in_channels": in_channels,
         "image_size": image_size,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        # a stitched student: the teacher export it came from and its candidates
+        "stitch": getattr(model, "stitch_info", None),
     }
     # write aside, then rename: a reader never sees a half-written file
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -37,8 +39,12 @@ def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> S
     if not path.is_file():
         raise RaykdError(f"model export not found: {path}")
     payload = torch.load(path, map_location=map_location, weights_only=True)
-    model = build_model(payload["arch"], payload["num_classes"], payload["in_channels"],
-                        payload["image_size"])
+    if payload.get("stitch"):
+        from raykd.models.stitch import build_stitched
+        model = build_stitched(payload["stitch"])
+    else:
+        model = build_model(payload["arch"], payload["num_classes"], payload["in_channels"],
+                            payload["image_size"])
     model.load_state_dict(payload["state_dict"])
     return model
 

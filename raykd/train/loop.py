@@ -23,6 +23,7 @@ from raykd.methods import MethodContext, Step, build_method
 from raykd.models import build_model
 from raykd.models.export import load_export, save_export
 from raykd.models.heads import load_heads
+from raykd.models.stitch import build_stitched
 from raykd.teacher import open_teacher
 from raykd.teacher.cache import cached_teacher
 from raykd.train.optim import make_optimizer, make_scheduler
@@ -144,7 +145,14 @@ def train_unit(config: dict) -> None:
     torch.manual_seed(seed)
 
     splits = load_dataset(unit.data)
-    model = build_model(unit.model, splits.num_classes, splits.in_channels, splits.image_size)
+    if unit.stitch:
+        model = build_stitched(unit.stitch)   # the teacher's stem and head, candidates between
+    else:
+        model = build_model(unit.model, splits.num_classes, splits.in_channels, splits.image_size)
+    # a model that starts from trained weights (a stitched student) is scored before training
+    initial = {f"initial_{name}": evaluate(model.to(device), part, unit.data.eval_batch_size, device)
+               for name, part in (("val_top1", splits.val), ("test_top1", splits.test))} \
+        if unit.stitch else {}
     architectures = [load_export(h.export_path) for h in unit.teachers]
     method = build_method(unit.label, unit.method, MethodContext(
         student=model, num_classes=splits.num_classes, input_shape=splits.input_shape,
@@ -216,7 +224,7 @@ def train_unit(config: dict) -> None:
         scheduler.step()
         train_s = time.perf_counter() - started
         metrics = {k: v / max(seen, 1) for k, v in sums.items()}
-        metrics.update(epoch=epoch + 1, epochs=epochs, resumed_from=start_epoch, lr=optimizer.param_groups[0]["lr"],
+        metrics.update(**initial, epoch=epoch + 1, epochs=epochs, resumed_from=start_epoch, lr=optimizer.param_groups[0]["lr"],
                        epoch_s=train_s, train_images=seen * world,
                        **{f"w_{k}": v for k, v in method.loss_weights(epoch, epochs).items()},
                        val_top1=evaluate(student, splits.val, unit.data.eval_batch_size, device,
@@ -240,7 +248,12 @@ def train_unit(config: dict) -> None:
         if unit.fail_at_epoch is not None and epoch + 1 == unit.fail_at_epoch:
             raise RuntimeError(f"injected failure after epoch {epoch + 1} of {unit.key}")
 
-    if start_epoch >= epochs:
+    if epochs == 0:   # evaluation only (e.g. a stitched student without fine-tuning)
+        last_metrics = {**initial, "epoch": 0, "epochs": 0, "resumed_from": 0,
+                        "val_top1": initial.get("initial_val_top1"),
+                        "test_top1": initial.get("initial_test_top1")}
+        _report(last_metrics, state_dict(-1, last_metrics), rank)
+    elif start_epoch >= epochs:
         # the run had already finished: report its final state again so the result carries it
         _report(last_metrics, state_dict(epochs - 1, last_metrics), rank)
     if rank == 0:

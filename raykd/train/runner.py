@@ -16,6 +16,7 @@ from ray.train.torch import TorchTrainer
 from raykd.models import build_model, count_macs, count_params
 from raykd.train.heads import train_heads
 from raykd.train.loop import quiet_ray_logs, train_unit
+from raykd.train.neighbourhood import train_neighbourhood
 from raykd.train.unit import Unit
 
 
@@ -44,11 +45,12 @@ def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures
              num_classes: int, input_shape: tuple[int, int, int]) -> list[dict]:
     """Train one unit to completion (resuming if it ran before); return its results rows."""
     quiet_ray_logs()
-    is_heads = unit.role == "head"
-    workers = 1 if is_heads else workers   # heads are tiny: one worker trains them
-    started = time.perf_counter()
+    is_heads, is_part = unit.role == "head", unit.role == "neighbourhood"
+    workers = 1 if (is_heads or is_part) else workers   # small units: one worker each
+    loop = train_heads if is_heads else train_neighbourhood if is_part else train_unit
+    started, started_at = time.perf_counter(), time.time()
     trainer = TorchTrainer(
-        train_heads if is_heads else train_unit,
+        loop,
         train_loop_config={"unit": unit},
         scaling_config=scaling_config(workers, unit.cpus_per_worker, use_gpu),
         run_config=RunConfig(
@@ -63,7 +65,8 @@ def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures
     history = read_history(unit.history_path)
     common = {
         "unit": unit.key, "role": unit.role, "dataset": unit.data.dataset, "seed": unit.seed,
-        "wall_s": time.perf_counter() - started,
+        "wall_s": time.perf_counter() - started, "started_at": started_at,
+        "finished_at": time.time(),
         "train_s": float(history["epoch_s"].sum()) if history is not None else None,
         "epochs": metrics.get("epoch"), "workers": workers,
         "resumed_from": metrics.get("resumed_from", 0), "export": unit.export_path,
@@ -79,7 +82,32 @@ def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures
                  "params": count_params(heads[stage]), "macs": heads[stage].fc.in_features
                  * heads[stage].fc.out_features, "teacher_checksum": metrics["teacher_checksum_after"]}
                 for stage in unit.head_stages]
+    if is_part:
+        nb = unit.neighbourhood
+        return [{**common, "method": unit.label, "model": nb["candidate"],
+                 "neighbourhood": nb["name"], "nb_start": nb["start"], "nb_stop": nb["stop"],
+                 "val_top1": metrics.get("val_top1", float("nan")),
+                 "test_top1": metrics.get("test_top1", float("nan")),
+                 "recon_val": metrics["recon_val"], "params": metrics["candidate_params"],
+                 "replaced_params": metrics["replaced_params"]}]
+    if unit.stitch:
+        from raykd.models.export import load_export
+        model = load_export(unit.export_path)
+        name = "stitched:" + "+".join(load_candidate_spec(p) for _a, _b, p in unit.stitch["parts"])
+        row = {**common, "model": name, "params": count_params(model),
+               "macs": count_macs(model, input_shape)}
+        before = {**row, "method": f"{unit.label}.stitched", "epochs": 0,
+                  "val_top1": metrics["initial_val_top1"], "test_top1": metrics["initial_test_top1"]}
+        if unit.optim.epochs == 0:
+            return [before]
+        return [before, {**row, "method": unit.label, "val_top1": metrics.get("val_top1"),
+                         "test_top1": metrics.get("test_top1")}]
     model = build_model(unit.model, num_classes, input_shape[0], input_shape[1])
     return [{**common, "method": unit.label, "model": unit.model,
              "val_top1": metrics.get("val_top1"), "test_top1": metrics.get("test_top1"),
              "params": count_params(model), "macs": count_macs(model, input_shape)}]
+
+
+def load_candidate_spec(path: str) -> str:
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)["spec"]

@@ -33,4 +33,8 @@ class Unit:
     head_stages: list[str] = field(default_factory=list)   # role head: the stages to train on
     head_pooled: bool = False
     head_exports: list[str] = field(default_factory=list)  # trained heads a student's method uses
+    # role neighbourhood: {name, start, stop, candidate, inputs, gaussian_samples, input_shape}
+    neighbourhood: dict | None = None
+    neighbourhood_units: list[str] = field(default_factory=list)  # a stitched student's parts
+    stitch: dict | None = None    # {teacher, parts: [[start, stop, candidate export]]}, at launch
     fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint

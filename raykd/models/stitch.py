@@ -1,0 +1,158 @@
+"""Neighbourhoods of a staged teacher, student candidates for them, and stitching.
+
+A neighbourhood is a contiguous range of the teacher's blocks. A candidate replaces it with the
+same input and output shapes: `w0.5d1` is a residual unit of depth 1 whose inner width is half the
+neighbourhood's output channels. A stitched student is the teacher's own blocks (stem, classifier,
+anything between) with chosen candidates in place of their neighbourhoods.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raykd.errors import RaykdError
+from raykd.models.staged import StagedModel
+
+_CANDIDATE = re.compile(r"^w(\d+(?:\.\d+)?)d(\d+)$")
+
+
+def parse_candidate(spec: str) -> tuple[float, int]:
+    m = _CANDIDATE.match(spec)
+    if not m or float(m.group(1)) <= 0 or int(m.group(2)) < 1:
+        raise RaykdError(f"unknown candidate {spec!r}; write w<width>d<depth>, e.g. w0.5d1 "
+                         "(inner width = 0.5 x output channels, 1 unit deep)")
+    return float(m.group(1)), int(m.group(2))
+
+
+class Candidate(nn.Module):
+    """conv3x3-BN-ReLU x depth, then 1x1 conv-BN to the output channels, plus a projected
+    shortcut; the output is resized to the neighbourhood's output size when strides can't
+    match it exactly (e.g. 7x7 -> 3x3 after a floor max-pool)."""
+
+    def __init__(self, spec: str, in_shape: tuple[int, int, int], out_shape: tuple[int, int, int]):
+        super().__init__()
+        width, depth = parse_candidate(spec)
+        (cin, hin, _), (cout, hout, wout) = in_shape, out_shape
+        self.spec, self.in_shape, self.out_shape = spec, tuple(in_shape), tuple(out_shape)
+        stride = max(1, round(hin / max(hout, 1)))
+        inner = max(1, round(width * cout))
+        layers: list[nn.Module] = [nn.Conv2d(cin, inner, 3, stride, 1, bias=False),
+                                   nn.BatchNorm2d(inner), nn.ReLU(inplace=True)]
+        for _ in range(depth - 1):
+            layers += [nn.Conv2d(inner, inner, 3, 1, 1, bias=False), nn.BatchNorm2d(inner),
+                       nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(inner, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.body = nn.Sequential(*layers)
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.body(x) + self.shortcut(x)
+        if tuple(out.shape[-2:]) != self.out_shape[1:]:
+            out = F.adaptive_avg_pool2d(out, self.out_shape[1:])
+        return F.relu(out)
+
+
+def block_shapes(model: StagedModel, input_shape) -> list[tuple[tuple, tuple]]:
+    """(input shape, output shape) of every block."""
+    was = model.training
+    model.eval()
+    shapes = []
+    x = torch.zeros(1, *input_shape)
+    with torch.no_grad():
+        for name in model.block_names:
+            y = model.blocks[name](x)
+            shapes.append((tuple(x.shape[1:]), tuple(y.shape[1:])))
+            x = y
+    model.train(was)
+    return shapes
+
+
+def neighbourhoods(model: StagedModel, groups: list[str]) -> list[tuple[str, int, int]]:
+    """(name, start, stop) block ranges. A group is a stage name (its blocks since the previous
+    stage ended) or a block name; [] means one neighbourhood per stage. The stem and the
+    classifier always stay the teacher's."""
+    names = model.block_names
+    ends = {s: names.index(b) for s, b in model.stages.items()}
+    stage_order = list(model.stages)
+    if not groups:
+        groups = stage_order
+    out = []
+    for g in groups:
+        if g in ends:
+            i = stage_order.index(g)
+            start = ends[stage_order[i - 1]] + 1 if i > 0 else 1
+            out.append((g, start, ends[g] + 1))
+        elif g in names and 0 < names.index(g) < len(names) - 1:
+            out.append((g, names.index(g), names.index(g) + 1))
+        else:
+            raise RaykdError(f"unknown neighbourhood {g!r}; give stages ({', '.join(stage_order)}) "
+                             f"or inner block names ({', '.join(names[1:-1])})")
+    ranges = sorted((s, e) for _, s, e in out)
+    if any(a[1] > b[0] for a, b in zip(ranges, ranges[1:])):
+        raise RaykdError("neighbourhoods overlap; give disjoint stages or blocks")
+    return out
+
+
+def stitch(teacher: StagedModel, parts: list[tuple[int, int, nn.Module]]) -> StagedModel:
+    """The teacher's blocks with each (start, stop) range replaced by its module."""
+    replaced = {start: (stop, module) for start, stop, module in parts}
+    blocks: "OrderedDict[str, nn.Module]" = OrderedDict()
+    names = teacher.block_names
+    i, stages = 0, {}
+    while i < len(names):
+        if i in replaced:
+            stop, module = replaced[i]
+            key = f"nb_{names[i]}"
+            blocks[key] = module
+            for s, b in teacher.stages.items():
+                if i <= names.index(b) < stop:
+                    stages[s] = key
+            i = stop
+        else:
+            blocks[names[i]] = teacher.blocks[names[i]]
+            for s, b in teacher.stages.items():
+                if b == names[i]:
+                    stages[s] = names[i]
+            i += 1
+    model = StagedModel(blocks, stages)
+    model.arch = "stitched"
+    return model
+
+
+def save_candidate(module: Candidate, path, extra: dict | None = None) -> None:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"spec": module.spec, "in_shape": list(module.in_shape),
+               "out_shape": list(module.out_shape),
+               "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+               **(extra or {})}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_candidate(path) -> Candidate:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    module = Candidate(payload["spec"], tuple(payload["in_shape"]), tuple(payload["out_shape"]))
+    module.load_state_dict(payload["state_dict"])
+    return module
+
+
+def build_stitched(info: dict) -> StagedModel:
+    """info = {"teacher": export path, "parts": [[start, stop, candidate export path], ...]}."""
+    from raykd.models.export import load_export
+
+    teacher = load_export(info["teacher"])
+    model = stitch(teacher, [(int(a), int(b), load_candidate(p)) for a, b, p in info["parts"]])
+    model.stitch_info = info
+    return model
