@@ -49,6 +49,10 @@ class Candidate(nn.Module):
         self.body = nn.Sequential(*layers)
         self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
                                       nn.BatchNorm2d(cout))
+        # start from a small output and grow into the neighbourhood's scale, which can be far from
+        # BatchNorm's unit variance (a damped last BN, after the zero-init of residual networks)
+        for bn in (self.body[-1], self.shortcut[-1]):
+            nn.init.constant_(bn.weight, 0.1)
 
     def forward(self, x):
         out = self.body(x) + self.shortcut(x)

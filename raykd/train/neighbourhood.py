@@ -92,8 +92,9 @@ def train_neighbourhood(config: dict) -> None:
         if synthetic:
             for _ in range(max(1, nb["gaussian_samples"] // unit.data.batch_size)):
                 a = boundary.sample(unit.data.batch_size, gen)
-                with torch.no_grad():
-                    yield a.to(device), teacher.model.run_blocks(a, start, stop).to(device)
+                with torch.no_grad():   # (never yield inside it: the caller would inherit it)
+                    target = teacher.model.run_blocks(a, start, stop)
+                yield a.to(device), target.to(device)
         else:
             loader = DataLoader(WithIndex(splits.train), batch_size=unit.data.batch_size,
                                 shuffle=True, generator=gen)

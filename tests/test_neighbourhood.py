@@ -1,0 +1,118 @@
+"""Neighbourhood Distillation: stitching, per-unit runs (parallel, retried, data-free), selection."""
+import pandas as pd
+import pytest
+import ray
+import torch
+from torch import nn
+
+from conftest import small_job
+from raykd.config import DataSpec, OptimSpec, job_from_dict
+from raykd.errors import RaykdError
+from raykd.methods.neighbourhood import choose_candidates
+from raykd.models import build_model, count_params
+from raykd.models.export import load_export, save_export
+from raykd.models.stitch import Candidate, block_shapes, neighbourhoods, stitch
+from raykd.pipeline import run_job
+from raykd.teacher import TeacherHandle
+from raykd.train.unit import Unit
+
+
+def test_stitching_the_teachers_own_blocks_reproduces_it_exactly(tmp_path):
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", 10).eval()
+    plan = neighbourhoods(teacher, [])
+    assert [n for n, _, _ in plan] == ["stage1", "stage2", "stage3"]
+    assert plan[0][1] == 1 and plan[-1][2] == len(teacher.block_names) - 1   # stem, head kept
+    own = [(a, b, nn.Sequential(*[teacher.blocks[n] for n in teacher.block_names[a:b]]))
+           for _, a, b in plan]
+    stitched = stitch(teacher, own).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(stitched(x), teacher(x))
+        assert stitched.stage_names == teacher.stage_names
+
+
+def test_candidates_keep_the_neighbourhoods_shapes_and_bad_groups_are_errors():
+    teacher = build_model("cnn_wide", 10, 1, 28)
+    shapes = block_shapes(teacher, (1, 28, 28))
+    for name, a, b in neighbourhoods(teacher, []):
+        for spec in ("w0.25d1", "w1d2"):
+            cand = Candidate(spec, shapes[a][0], shapes[b - 1][1])
+            assert tuple(cand(torch.randn(2, *shapes[a][0])).shape[1:]) == shapes[b - 1][1]
+    with pytest.raises(RaykdError, match="unknown neighbourhood 'stage7'"):
+        neighbourhoods(teacher, ["stage7"])
+    with pytest.raises(RaykdError, match="unknown candidate 'half'"):
+        Candidate("half", (1, 8, 8), (1, 8, 8))
+
+
+def test_selection_under_a_parameter_budget():
+    rows = [{"neighbourhood": "s1", "recon_val": 0.1, "params": 50, "replaced_params": 100},
+            {"neighbourhood": "s1", "recon_val": 0.3, "params": 10, "replaced_params": 100},
+            {"neighbourhood": "s2", "recon_val": 0.2, "params": 80, "replaced_params": 200},
+            {"neighbourhood": "s2", "recon_val": 0.5, "params": 20, "replaced_params": 200}]
+    chosen, params = choose_candidates(rows, 1000, None)   # no budget: the best of each
+    assert (chosen["s1"]["params"], chosen["s2"]["params"], params) == (50, 80, 830)
+    # stitched params = 1000 + (candidate - replaced) per neighbourhood
+    chosen, params = choose_candidates(rows, 1000, 780)    # (50, 80) = 830 no longer fits
+    assert (chosen["s1"]["recon_val"], chosen["s2"]["recon_val"]) == (0.1, 0.5) and params == 770
+    chosen, params = choose_candidates(rows, 1000, 760)    # only (10, 20) = 730 fits
+    assert (chosen["s1"]["recon_val"], chosen["s2"]["recon_val"]) == (0.3, 0.5) and params == 730
+    with pytest.raises(RaykdError, match="no stitched student fits max_params=500"):
+        choose_candidates(rows, 1000, 500)
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nd") / "teacher.pt"
+    torch.manual_seed(0)
+    save_export(build_model("cnn", 10, 1, 8), path, 10, 1, 8)
+    return path
+
+
+def test_units_run_in_parallel_fail_once_resume_and_stitch(ray_session, tmp_path, teacher_path):
+    job = small_job(tmp_path, name="nd", methods={"nd": {
+        "method": "neighbourhood", "groups": ["stage2", "stage3"], "candidates": ["w0.5d1"],
+        "finetune_epochs": 1, "train": {"epochs": 3, "optimizer": "adam", "lr": 0.01}}})
+    job["teacher"] = {"model": "cnn", "checkpoint": str(teacher_path)}
+    job["ray"] = {"max_parallel": 2, "max_failures": 1}
+    spec = job_from_dict(job)
+    df = run_job(spec, fail_at={"seed0-nd-stage3-w0.5d1": 1}).set_index("method")
+    parts = df[df.role == "neighbourhood"]
+    assert sorted(parts.index) == ["nd:stage2:w0.5d1", "nd:stage3:w0.5d1"]
+    # both units ran at once
+    a, b = parts.iloc[0], parts.iloc[1]
+    assert a.started_at < b.finished_at and b.started_at < a.finished_at
+    # the unit that failed after epoch 1 was retried from its checkpoint and finished
+    assert parts.loc["nd:stage3:w0.5d1", "resumed_from"] == 1
+    assert (parts.epochs == 3).all()
+    # its loss fell
+    hist = pd.read_parquet(spec.run_dir / "metrics" / "seed0-nd-stage2-w0.5d1.parquet")
+    assert hist.loss_mse.iloc[-1] < hist.loss_mse.iloc[0]
+    assert hist.recon_val.iloc[-1] < hist.recon_val.iloc[0]
+    # the stitched student: evaluated as stitched, then fine-tuned with KD
+    assert {"nd.stitched", "nd"} <= set(df.index)
+    assert df.loc["nd.stitched", "epochs"] == 0 and df.loc["nd", "epochs"] == 1
+    stitched = load_export(df.loc["nd", "export"])
+    assert count_params(stitched) == df.loc["nd", "params"]
+    assert [n for n in stitched.block_names if n.startswith("nb_")] == ["nb_stage2_block", "nb_stage3_block"]
+
+
+def test_gaussian_inputs_train_without_touching_the_dataset(ray_session, tmp_path, teacher_path):
+    from raykd.train.runner import fit_unit
+
+    unit = Unit(
+        key="gauss", role="neighbourhood", label="nd:stage2:w0.5d1", method={}, model="w0.5d1",
+        optim=OptimSpec(epochs=3, optimizer="adam", lr=0.01, weight_decay=0.0),
+        # a dataset that is not there: reading it would fail
+        data=DataSpec(dataset="cifar10", root=str(tmp_path / "absent"), batch_size=64), seed=0,
+        export_path=str(tmp_path / "gauss.pt"), history_path=str(tmp_path / "gauss.jsonl"),
+        teacher_candidates=[str(teacher_path)],
+        teachers=[TeacherHandle(str(teacher_path), "local", cache_dir=None)],
+        neighbourhood={"name": "stage2", "start": 2, "stop": 3, "candidate": "w0.5d1",
+                       "inputs": "gaussian", "gaussian_samples": 512, "input_shape": [1, 8, 8]})
+    [row] = ray.get(fit_unit.remote(unit, str(tmp_path / "ray"), 1, False, 0, 10, (1, 8, 8)))
+    assert row["epochs"] == 3
+    hist = pd.read_parquet(tmp_path / "gauss.parquet")
+    assert hist.loss_mse.iloc[-1] < hist.loss_mse.iloc[0]
+    assert hist.recon_val.iloc[-1] < hist.recon_val.iloc[0]
+    assert pd.isna(row["val_top1"])           # no images, so no swapped-teacher accuracy
