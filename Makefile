@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/kd_overhead.py
 	$(BIN)/python bench/teacher_service.py
 	$(BIN)/python bench/heads_layout.py
+	$(BIN)/python bench/neighbourhood.py
 
 clean:
 	rm -rf runs bench/runs

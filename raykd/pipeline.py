@@ -108,6 +108,13 @@ def plan_units(spec: JobSpec, teacher_arch=None, input_shape=None) -> list[Unit]
                     student.optim = dataclasses.replace(student.optim, epochs=params.finetune_epochs)
                     student.neighbourhood_units = [p.key for p in parts]
                     student.depends_on += [p.key for p in parts]
+                    if params.scratch_epochs:
+                        units.append(dataclasses.replace(
+                            student, key=f"{student.key}.scratch", label=f"{name}.scratch",
+                            export_path=student.export_path.replace(".pt", ".scratch.pt"),
+                            history_path=student.history_path.replace(".jsonl", ".scratch.jsonl"),
+                            diagnostics_dir="", reinit=True, depends_on=list(student.depends_on),
+                            optim=dataclasses.replace(student.optim, epochs=params.scratch_epochs)))
                 units.append(student)
                 previous = student
     return units
@@ -350,19 +357,18 @@ def _run_units(spec, units, pending, done, table, services, limit, splits):
         [ref], _ = ray.wait(list(in_flight), num_returns=1)
         unit = in_flight.pop(ref)
         try:
-            row = ray.get(ref)
+            rows = ray.get(ref)
         except Exception as exc:  # a run that failed after its retries
             failed[unit.key] = _one_line(exc)
             log(f"FAILED {unit.key}: {failed[unit.key]}")
             continue
         finally:
             services.release(unit)
-        table.add(row)
+        table.add(rows)
         done.add(unit.key)
-        accs = ", ".join(f"{r['method']} val {r['val_top1']:.4f} test {r['test_top1']:.4f}"
-                         for r in row) if unit.role == "head" else \
-            f"val_top1 {row[0]['val_top1']:.4f} test_top1 {row[0]['test_top1']:.4f}"
-        log(f"[{len(done)}/{total}] {unit.key}: {accs} ({row[0]['wall_s']:.0f}s; "
+        accs = ", ".join(f"{r['method']} val_top1 {r['val_top1']:.4f} test_top1 {r['test_top1']:.4f}"
+                         for r in rows)
+        log(f"[{len(done)}/{total}] {unit.key}: {accs} ({rows[0]['wall_s']:.0f}s; "
             f"{time.perf_counter() - started:.0f}s elapsed)")
     if failed:
         names = ", ".join(f"{k} ({v})" for k, v in failed.items())

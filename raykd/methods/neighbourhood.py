@@ -31,6 +31,8 @@ class NeighbourhoodParams:
         epochs=10, optimizer="adam", lr=0.005, weight_decay=0.0))
     max_params: int | None = None       # budget for the stitched student
     finetune_epochs: int = 0            # end-to-end KD after stitching
+    scratch_epochs: int = 0             # also train the stitched architecture from scratch with
+                                        # end-to-end KD for this many epochs (the baseline)
     temperature: float = 4.0
     alpha: float = 0.9
 
@@ -41,8 +43,8 @@ class NeighbourhoodParams:
             raise RaykdError(f"{where}.candidates: give at least one, e.g. [w0.5d1]")
         for c in self.candidates:
             parse_candidate(c)
-        if self.finetune_epochs < 0:
-            raise RaykdError(f"{where}.finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        if self.finetune_epochs < 0 or self.scratch_epochs < 0:
+            raise RaykdError(f"{where}: finetune_epochs and scratch_epochs must be >= 0")
 
 
 @register_method("neighbourhood")

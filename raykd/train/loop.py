@@ -147,12 +147,16 @@ def train_unit(config: dict) -> None:
     splits = load_dataset(unit.data)
     if unit.stitch:
         model = build_stitched(unit.stitch)   # the teacher's stem and head, candidates between
+        if unit.reinit:                       # same architecture, fresh weights (the baseline)
+            for m in model.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
     else:
         model = build_model(unit.model, splits.num_classes, splits.in_channels, splits.image_size)
     # a model that starts from trained weights (a stitched student) is scored before training
     initial = {f"initial_{name}": evaluate(model.to(device), part, unit.data.eval_batch_size, device)
                for name, part in (("val_top1", splits.val), ("test_top1", splits.test))} \
-        if unit.stitch else {}
+        if unit.stitch and not unit.reinit else {}
     architectures = [load_export(h.export_path) for h in unit.teachers]
     method = build_method(unit.label, unit.method, MethodContext(
         student=model, num_classes=splits.num_classes, input_shape=splits.input_shape,

@@ -73,39 +73,55 @@ def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures
         "teachers": ",".join(Path(e).stem for e in unit.teacher_exports),
     }
     if is_heads:
-        from raykd.models.heads import load_heads
-        heads = load_heads([unit.export_path])
-        if metrics["teacher_checksum_before"] != metrics["teacher_checksum_after"]:
-            raise RuntimeError(f"{unit.key}: the teacher's weights changed during head training")
-        return [{**common, "method": stage, "model": f"{unit.model}:{stage}",
-                 "val_top1": metrics[f"val_top1/{stage}"], "test_top1": metrics[f"test_top1/{stage}"],
-                 "params": count_params(heads[stage]), "macs": heads[stage].fc.in_features
-                 * heads[stage].fc.out_features, "teacher_checksum": metrics["teacher_checksum_after"]}
-                for stage in unit.head_stages]
+        return head_rows(unit, metrics, common)
     if is_part:
-        nb = unit.neighbourhood
-        return [{**common, "method": unit.label, "model": nb["candidate"],
-                 "neighbourhood": nb["name"], "nb_start": nb["start"], "nb_stop": nb["stop"],
-                 "val_top1": metrics.get("val_top1", float("nan")),
-                 "test_top1": metrics.get("test_top1", float("nan")),
-                 "recon_val": metrics["recon_val"], "params": metrics["candidate_params"],
-                 "replaced_params": metrics["replaced_params"]}]
+        return neighbourhood_rows(unit, metrics, common)
+    return student_rows(unit, metrics, common, num_classes, input_shape)
+
+
+def head_rows(unit: Unit, metrics: dict, common: dict) -> list[dict]:
+    from raykd.models.heads import load_heads
+
+    if metrics["teacher_checksum_before"] != metrics["teacher_checksum_after"]:
+        raise RuntimeError(f"{unit.key}: the teacher's weights changed during head training")
+    heads = load_heads([unit.export_path])
+    return [{**common, "method": stage, "model": f"{unit.model}:{stage}",
+             "val_top1": metrics[f"val_top1/{stage}"], "test_top1": metrics[f"test_top1/{stage}"],
+             "params": count_params(heads[stage]),
+             "macs": heads[stage].fc.in_features * heads[stage].fc.out_features,
+             "teacher_checksum": metrics["teacher_checksum_after"]}
+            for stage in unit.head_stages]
+
+
+def neighbourhood_rows(unit: Unit, metrics: dict, common: dict) -> list[dict]:
+    nb = unit.neighbourhood
+    return [{**common, "method": unit.label, "model": nb["candidate"],
+             "neighbourhood": nb["name"], "nb_start": nb["start"], "nb_stop": nb["stop"],
+             # the teacher's accuracy with just this neighbourhood swapped (data inputs only)
+             "val_top1": metrics.get("val_top1", float("nan")),
+             "test_top1": metrics.get("test_top1", float("nan")),
+             "recon_val": metrics["recon_val"], "params": metrics["candidate_params"],
+             "replaced_params": metrics["replaced_params"]}]
+
+
+def student_rows(unit: Unit, metrics: dict, common: dict, num_classes: int, input_shape
+                 ) -> list[dict]:
+    """A zoo model's row; a stitched student also gets a row for before its fine-tuning."""
     if unit.stitch:
         from raykd.models.export import load_export
         model = load_export(unit.export_path)
         name = "stitched:" + "+".join(load_candidate_spec(p) for _a, _b, p in unit.stitch["parts"])
-        row = {**common, "model": name, "params": count_params(model),
-               "macs": count_macs(model, input_shape)}
-        before = {**row, "method": f"{unit.label}.stitched", "epochs": 0,
-                  "val_top1": metrics["initial_val_top1"], "test_top1": metrics["initial_test_top1"]}
-        if unit.optim.epochs == 0:
-            return [before]
-        return [before, {**row, "method": unit.label, "val_top1": metrics.get("val_top1"),
-                         "test_top1": metrics.get("test_top1")}]
-    model = build_model(unit.model, num_classes, input_shape[0], input_shape[1])
-    return [{**common, "method": unit.label, "model": unit.model,
-             "val_top1": metrics.get("val_top1"), "test_top1": metrics.get("test_top1"),
-             "params": count_params(model), "macs": count_macs(model, input_shape)}]
+    else:
+        model = build_model(unit.model, num_classes, input_shape[0], input_shape[1])
+        name = unit.model
+    row = {**common, "method": unit.label, "model": name, "val_top1": metrics.get("val_top1"),
+           "test_top1": metrics.get("test_top1"), "params": count_params(model),
+           "macs": count_macs(model, input_shape)}
+    if not unit.stitch or unit.reinit:
+        return [row]
+    before = {**row, "method": f"{unit.label}.stitched", "epochs": 0,
+              "val_top1": metrics["initial_val_top1"], "test_top1": metrics["initial_test_top1"]}
+    return [before] if unit.optim.epochs == 0 else [before, row]
 
 
 def load_candidate_spec(path: str) -> str:

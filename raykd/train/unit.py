@@ -37,4 +37,5 @@ class Unit:
     neighbourhood: dict | None = None
     neighbourhood_units: list[str] = field(default_factory=list)  # a stitched student's parts
     stitch: dict | None = None    # {teacher, parts: [[start, stop, candidate export]]}, at launch
+    reinit: bool = False          # train the stitched architecture from a fresh initialisation
     fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint
