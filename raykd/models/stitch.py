@@ -36,7 +36,7 @@ class Candidate(nn.Module):
     def __init__(self, spec: str, in_shape: tuple[int, int, int], out_shape: tuple[int, int, int]):
         super().__init__()
         width, depth = parse_candidate(spec)
-        (cin, hin, _), (cout, hout, wout) = in_shape, out_shape
+        (cin, hin, _), (cout, hout, _) = in_shape, out_shape
         self.spec, self.in_shape, self.out_shape = spec, tuple(in_shape), tuple(out_shape)
         stride = max(1, round(hin / max(hout, 1)))
         inner = max(1, round(width * cout))

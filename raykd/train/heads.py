@@ -6,8 +6,6 @@ loop checksums them before and after.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
 from collections import defaultdict
 
@@ -21,9 +19,9 @@ from torch.utils.data import DataLoader
 from raykd.data import load_dataset
 from raykd.models.heads import build_heads, save_heads
 from raykd.teacher import open_teacher
-from raykd.train.loop import (STATE_FILE, WithIndex, _report, evaluate, open_teachers,
-                              quiet_ray_logs, with_teacher)
+from raykd.train.loop import WithIndex, evaluate, open_teachers, quiet_ray_logs, with_teacher
 from raykd.train.optim import make_optimizer, make_scheduler
+from raykd.train.progress import Progress
 from raykd.train.unit import Unit
 
 
@@ -61,19 +59,9 @@ def train_heads(config: dict) -> None:
     [source] = open_teachers(unit, unit.head_stages, splits, device, rank)
     optimizer = make_optimizer(heads.parameters(), unit.optim)
     scheduler = make_scheduler(optimizer, unit.optim)
-    epochs, start_epoch, last = unit.optim.epochs, 0, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
-        heads.load_state_dict(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, last = state["epoch"] + 1, state["metrics"]
-
-    def state(epoch, metrics):
-        return {"trainable": heads.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics}
+    epochs = unit.optim.epochs
+    progress = Progress(unit, heads, optimizer, scheduler, device, rank)
+    start_epoch = progress.restore()
 
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
@@ -109,15 +97,7 @@ def train_heads(config: dict) -> None:
         if rank == 0:
             accs = "  ".join(f"{s} {metrics[f'val_top1/{s}']:.4f}" for s in unit.head_stages)
             print(f"[{unit.key}] epoch {epoch + 1}/{epochs}  val_top1 {accs}", flush=True)
-            if unit.history_path:
-                os.makedirs(os.path.dirname(unit.history_path), exist_ok=True)
-                with open(unit.history_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-        _report(metrics, state(epoch, metrics), rank)
-        last = metrics
-        if unit.fail_at_epoch is not None and epoch + 1 == unit.fail_at_epoch:
-            raise RuntimeError(f"injected failure after epoch {epoch + 1} of {unit.key}")
-    if start_epoch >= epochs:
-        _report(last, state(epochs - 1, last), rank)
+        progress.end_epoch(epoch, metrics)
+    progress.finish(start_epoch, epochs)
     if rank == 0:
         save_heads(heads, unit.export_path, splits.num_classes)

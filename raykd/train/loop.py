@@ -5,10 +5,8 @@ sums the method's named losses and logs each of them. It never looks at which me
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import time
 from collections import defaultdict
 
@@ -27,9 +25,8 @@ from raykd.models.stitch import build_stitched
 from raykd.teacher import open_teacher
 from raykd.teacher.cache import cached_teacher
 from raykd.train.optim import make_optimizer, make_scheduler
+from raykd.train.progress import Progress, report
 from raykd.train.unit import Unit
-
-STATE_FILE = "state.pt"
 
 
 @torch.no_grad()
@@ -122,18 +119,6 @@ class TrainableParts(torch.nn.Module):
         return self.model.features(x, taps)
 
 
-def _report(metrics: dict, state: dict | None, rank: int) -> None:
-    """Every rank must call report (it is a barrier); rank 0 attaches the checkpoint."""
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if rank == 0 and state is not None:
-            torch.save(state, os.path.join(d, STATE_FILE))
-            with open(os.path.join(d, "metrics.json"), "w") as f:
-                json.dump(metrics, f)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
 def train_unit(config: dict) -> None:
     unit: Unit = config["unit"]
     quiet_ray_logs()
@@ -167,17 +152,8 @@ def train_unit(config: dict) -> None:
     scheduler = make_scheduler(optimizer, unit.optim)
     epochs = unit.optim.epochs
 
-    start_epoch, last_metrics = 0, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
-        trainable.load_state_dict(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, last_metrics = state["epoch"] + 1, state["metrics"]
-        if rank == 0:
-            print(f"[{unit.key}] resuming after epoch {start_epoch}/{epochs}", flush=True)
+    progress = Progress(unit, trainable, optimizer, scheduler, device, rank)
+    start_epoch = progress.restore()
 
     # DDP (gloo or nccl) when there are several workers; a method's extra modules ride along
     wrapped = ray.train.torch.prepare_model(trainable, move_to_device=False) if world > 1 \
@@ -189,10 +165,6 @@ def train_unit(config: dict) -> None:
     student_taps = sorted(set(method.student_taps()) | {"logits"})
     teacher_taps = method.teacher_taps() if unit.teachers else []
     teachers = open_teachers(unit, teacher_taps, splits, device, rank)
-
-    def state_dict(epoch: int, metrics: dict) -> dict:
-        return {"trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics}
 
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
@@ -243,23 +215,14 @@ def train_unit(config: dict) -> None:
                   f"  val_top1 {metrics['val_top1']:.4f}  {train_s:.1f}s", flush=True)
         if rank == 0 and diagnostics:
             write_diagnostics(unit.diagnostics_dir, epoch + 1, diagnostics)
-        if rank == 0 and unit.history_path:
-            os.makedirs(os.path.dirname(unit.history_path), exist_ok=True)
-            with open(unit.history_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        _report(metrics, state_dict(epoch, metrics), rank)
-        last_metrics = metrics
-        if unit.fail_at_epoch is not None and epoch + 1 == unit.fail_at_epoch:
-            raise RuntimeError(f"injected failure after epoch {epoch + 1} of {unit.key}")
+        progress.end_epoch(epoch, metrics)
 
     if epochs == 0:   # evaluation only (e.g. a stitched student without fine-tuning)
-        last_metrics = {**initial, "epoch": 0, "epochs": 0, "resumed_from": 0,
-                        "val_top1": initial.get("initial_val_top1"),
-                        "test_top1": initial.get("initial_test_top1")}
-        _report(last_metrics, state_dict(-1, last_metrics), rank)
-    elif start_epoch >= epochs:
-        # the run had already finished: report its final state again so the result carries it
-        _report(last_metrics, state_dict(epochs - 1, last_metrics), rank)
+        metrics = {**initial, "epoch": 0, "epochs": 0, "resumed_from": 0,
+                   "val_top1": initial.get("initial_val_top1"),
+                   "test_top1": initial.get("initial_test_top1")}
+        report(metrics, progress.state(-1, metrics), rank)
+    progress.finish(start_epoch, epochs)
     if rank == 0:
         save_export(student, unit.export_path, splits.num_classes, splits.in_channels,
                     splits.image_size)

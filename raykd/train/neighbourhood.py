@@ -10,8 +10,6 @@ this neighbourhood swapped for the candidate.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import ray.train
@@ -24,9 +22,9 @@ from raykd.losses import neighbourhood_loss
 from raykd.models import count_params
 from raykd.models.stitch import Candidate, block_shapes, save_candidate, stitch
 from raykd.teacher import LocalTeacher
-from raykd.train.loop import (STATE_FILE, WithIndex, _report, evaluate, open_teachers,
-                              quiet_ray_logs, with_teacher)
+from raykd.train.loop import WithIndex, evaluate, open_teachers, quiet_ray_logs, with_teacher
 from raykd.train.optim import make_optimizer, make_scheduler
+from raykd.train.progress import Progress
 from raykd.train.unit import Unit
 
 
@@ -63,15 +61,9 @@ def train_neighbourhood(config: dict) -> None:
     candidate = Candidate(nb["candidate"], shapes[start][0], shapes[stop - 1][1]).to(device)
     optimizer = make_optimizer(candidate.parameters(), unit.optim)
     scheduler = make_scheduler(optimizer, unit.optim)
-    epochs, start_epoch, last = unit.optim.epochs, 0, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
-        candidate.load_state_dict(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, last = state["epoch"] + 1, state["metrics"]
+    epochs = unit.optim.epochs
+    progress = Progress(unit, candidate, optimizer, scheduler, device, rank)
+    start_epoch = progress.restore()
 
     synthetic = nb["inputs"] == "gaussian"
     if synthetic:
@@ -111,10 +103,6 @@ def train_neighbourhood(config: dict) -> None:
         candidate.train()
         return err / max(var, 1e-12)
 
-    def state(epoch, metrics):
-        return {"trainable": candidate.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics}
-
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         candidate.train()
@@ -143,15 +131,7 @@ def train_neighbourhood(config: dict) -> None:
         if rank == 0:
             print(f"[{unit.key}] epoch {epoch + 1}/{epochs}  mse {metrics['loss_mse']:.5f}  "
                   f"relative val error {metrics['recon_val']:.4f}", flush=True)
-            if unit.history_path:
-                os.makedirs(os.path.dirname(unit.history_path), exist_ok=True)
-                with open(unit.history_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-        _report(metrics, state(epoch, metrics), rank)
-        last = metrics
-        if unit.fail_at_epoch is not None and epoch + 1 == unit.fail_at_epoch:
-            raise RuntimeError(f"injected failure after epoch {epoch + 1} of {unit.key}")
-    if start_epoch >= epochs:
-        _report(last, state(epochs - 1, last), rank)
+        progress.end_epoch(epoch, metrics)
+    progress.finish(start_epoch, epochs)
     if rank == 0:
         save_candidate(candidate.cpu(), unit.export_path)
