@@ -93,11 +93,14 @@ class VanillaKD(DistillMethod):
         return {"ce": (1 - p.alpha) * F.cross_entropy(z_s, step.y), "kd": p.alpha * soft}
 
     def diagnostics(self, step: Step):
-        """Tang et al.'s per-example gradient re-weighting w (at T=1, teacher weight alpha) and
-        the teacher's true-class confidence."""
+        """Tang et al.'s per-example gradient re-weighting w at T=1 with teacher weight alpha,
+        for the distribution actually distilled (the transformed teacher), and the teacher's
+        own true-class confidence."""
+        p = self.params
         teacher_probs = F.softmax(self.teacher_logits(step).detach(), dim=1)
+        distilled = transform_teacher(p.transform, teacher_probs, step.y, k=p.k,
+                                      epsilon=p.epsilon, similarity=self.similarity)
         return {
-            "reweight": reweighting_factor(step.student["logits"], teacher_probs, step.y,
-                                           self.params.alpha),
+            "reweight": reweighting_factor(step.student["logits"], distilled, step.y, p.alpha),
             "teacher_true_conf": teacher_probs.gather(1, step.y[:, None]).squeeze(1),
         }
