@@ -200,8 +200,9 @@ def train_unit(config: dict) -> None:
         scheduler.step()
         train_s = time.perf_counter() - started
         metrics = {k: v / max(seen, 1) for k, v in sums.items()}
-        metrics.update(**initial, epoch=epoch + 1, epochs=epochs, resumed_from=start_epoch, lr=optimizer.param_groups[0]["lr"],
-                       epoch_s=train_s, train_images=seen * world,
+        metrics.update(**initial, epoch=epoch + 1, epochs=epochs, resumed_from=start_epoch,
+                       lr=optimizer.param_groups[0]["lr"], epoch_s=train_s,
+                       train_images=seen * world,
                        **{f"w_{k}": v for k, v in method.loss_weights(epoch, epochs).items()},
                        val_top1=evaluate(student, splits.val, unit.data.eval_batch_size, device,
                                          rank, world))
