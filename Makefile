@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/teacher_service.py
 	$(BIN)/python bench/heads_layout.py
 	$(BIN)/python bench/neighbourhood.py
+	$(BIN)/python bench/unit_packing.py
 
 clean:
 	rm -rf runs bench/runs
