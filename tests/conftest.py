@@ -34,3 +34,18 @@ def small_job(tmp_path, **sections) -> dict:
     for key, value in sections.items():
         job[key] = value
     return job
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory):
+    """An untrained `cnn` teacher export for digits (1x8x8, 10 classes), seed 0: enough for the
+    tests that only need a frozen teacher's shapes and a deterministic output."""
+    import torch
+
+    from raykd.models import build_model
+    from raykd.models.export import save_export
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(0)
+    save_export(build_model("cnn", 10, 1, 8), path, 10, 1, 8)
+    return path

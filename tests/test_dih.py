@@ -8,8 +8,7 @@ from raykd.config import job_from_dict
 from raykd.data import load_dataset
 from raykd.errors import RaykdError
 from raykd.losses import dih_loss
-from raykd.models import build_model
-from raykd.models.export import file_hash, save_export
+from raykd.models.export import file_hash
 from raykd.models.heads import load_heads
 from raykd.pipeline import plan_units, preflight, run_job, teacher_architecture
 
@@ -35,12 +34,9 @@ def test_a_stage_that_does_not_exist_is_a_clear_error(tmp_path):
         preflight(spec, load_dataset(spec.data))
 
 
-@pytest.fixture(scope="module")
-def teacher_export(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dih") / "teacher.pt"
-    torch.manual_seed(0)
-    save_export(build_model("cnn", 10, 1, 8), path, 10, 1, 8)
-    return path
+@pytest.fixture
+def teacher_export(digits_teacher):
+    return digits_teacher
 
 
 def _dih_job(tmp_path, teacher_export, name, layout):

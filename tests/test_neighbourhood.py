@@ -10,7 +10,7 @@ from raykd.config import DataSpec, OptimSpec, job_from_dict
 from raykd.errors import RaykdError
 from raykd.methods.neighbourhood import choose_candidates
 from raykd.models import build_model, count_params
-from raykd.models.export import load_export, save_export
+from raykd.models.export import load_export
 from raykd.models.stitch import Candidate, block_shapes, neighbourhoods, stitch
 from raykd.pipeline import run_job
 from raykd.teacher import TeacherHandle
@@ -61,12 +61,9 @@ def test_selection_under_a_parameter_budget():
         choose_candidates(rows, 1000, 500)
 
 
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("nd") / "teacher.pt"
-    torch.manual_seed(0)
-    save_export(build_model("cnn", 10, 1, 8), path, 10, 1, 8)
-    return path
+@pytest.fixture
+def teacher_path(digits_teacher):
+    return digits_teacher
 
 
 def test_units_run_in_parallel_fail_once_resume_and_stitch(ray_session, tmp_path, teacher_path):
