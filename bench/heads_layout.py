@@ -9,15 +9,13 @@ so neither pays for it).
 """
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import machine, write_section  # noqa: E402
+from results_md import fresh_workdir, machine, quickstart_teacher, write_section  # noqa: E402
 
 
 def main() -> None:
@@ -25,8 +23,6 @@ def main() -> None:
 
     from raykd.config import job_from_dict
     from raykd.data import load_dataset
-    from raykd.models import build_model
-    from raykd.models.export import save_export
     from raykd.pipeline import TeacherServices, attach_teachers, plan_units, teacher_architecture
     from raykd.results import ResultsTable
     from raykd.ray_env import init_ray
@@ -34,12 +30,8 @@ def main() -> None:
     from raykd.teacher import LocalTeacher
     from raykd.train.runner import fit_unit
 
-    work = Path(__file__).resolve().parent / "runs" / "heads_layout"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    torch.manual_seed(0)
-    teacher_path = work / "teacher.pt"
-    save_export(build_model("cnn_wide", 10, 1, 28), teacher_path, 10, 1, 28)
+    work = fresh_workdir("heads_layout")
+    teacher_path = quickstart_teacher(work)
     init_ray(num_cpus=2, log_to_driver=False)
 
     def spec(layout):

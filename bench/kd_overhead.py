@@ -9,7 +9,6 @@ whole-run ratio (which includes Ray Train's fixed start-up and teardown).
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import time
@@ -20,13 +19,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import machine, write_section  # noqa: E402
+from results_md import fresh_workdir, machine, quickstart_teacher, write_section  # noqa: E402
 
 from raykd.config import DataSpec, OptimSpec  # noqa: E402
 from raykd.data import load_dataset  # noqa: E402
 from raykd.losses import kd_loss  # noqa: E402
 from raykd.models import build_model  # noqa: E402
-from raykd.models.export import save_export  # noqa: E402
 from raykd.teacher import LocalTeacher, TeacherHandle  # noqa: E402
 from raykd.train.loop import evaluate  # noqa: E402
 from raykd.train.optim import make_optimizer  # noqa: E402
@@ -66,14 +64,11 @@ def main() -> None:
     from raykd.train.runner import fit_unit
 
     torch.set_num_threads(1)
-    work = Path(__file__).resolve().parent / "runs" / "kd_overhead"
-    shutil.rmtree(work, ignore_errors=True)
+    work = fresh_workdir("kd_overhead")
     data = DataSpec(dataset="mnist5k", batch_size=64)
     optim = OptimSpec(epochs=args.epochs, lr=0.05)
     splits = load_dataset(data)
-    teacher_path = work / "teacher.pt"
-    torch.manual_seed(0)
-    save_export(build_model("cnn_wide", 10, 1, 28), teacher_path, 10, 1, 28)
+    teacher_path = quickstart_teacher(work)
 
     plain_epochs, plain_total = plain_loop(splits, teacher_path, optim, data, args.epochs)
     print(f"plain PyTorch: {statistics.median(plain_epochs):.2f} s/epoch, {plain_total:.1f} s total")

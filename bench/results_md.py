@@ -25,3 +25,27 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     RESULTS.write_text(text)
+
+
+def fresh_workdir(name: str) -> Path:
+    """bench/runs/NAME, emptied: every benchmark starts from nothing."""
+    import shutil
+
+    work = Path(__file__).resolve().parent / "runs" / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+def quickstart_teacher(work: Path) -> Path:
+    """The quickstart's teacher architecture (cnn_wide, 1x28x28, 10 classes), untrained, seed 0:
+    its speed is what the benchmarks measure, not its accuracy."""
+    import torch
+
+    from raykd.models import build_model
+    from raykd.models.export import save_export
+
+    path = work / "teacher.pt"
+    torch.manual_seed(0)
+    save_export(build_model("cnn_wide", 10, 1, 28), path, 10, 1, 28)
+    return path

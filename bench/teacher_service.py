@@ -10,7 +10,6 @@ computed and stored) against its second run (cache hit), and against no cache at
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import machine, write_section  # noqa: E402
+from results_md import fresh_workdir, machine, quickstart_teacher, write_section  # noqa: E402
 
 
 def throughput(teacher, x, taps, batches: int, window: int = 4) -> float:
@@ -43,19 +42,13 @@ def main() -> None:
     import pandas as pd
 
     from raykd.config import job_from_dict
-    from raykd.models import build_model
-    from raykd.models.export import save_export
     from raykd.pipeline import run_job
     from raykd.ray_env import init_ray
     from raykd.teacher import LocalTeacher
     from raykd.teacher.service import TeacherClient, TeacherService
 
-    work = Path(__file__).resolve().parent / "runs" / "teacher_service"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    torch.manual_seed(0)
-    teacher_path = work / "teacher.pt"
-    save_export(build_model("cnn_wide", 10, 1, 28), teacher_path, 10, 1, 28)
+    work = fresh_workdir("teacher_service")
+    teacher_path = quickstart_teacher(work)
     x = torch.randn(256, 1, 28, 28)
     tap_sets = {"logits": ["logits"], "logits + 3 stage maps": ["stage1", "stage2", "stage3", "logits"]}
 
