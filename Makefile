@@ -1,5 +1,6 @@
 # make demo   run the quickstart job on a local Ray instance (mnist5k, CPU, a few minutes)
-# make test   run the test suite (real local Ray, ~10 minutes on 2 cores)
+# make test   lint, then the whole test suite (real local Ray, ~10 minutes on 2 cores): what CI runs
+# make test-fast  lint and every test that does not start Ray (seconds)
 # make bench  run the benchmarks and rewrite bench/RESULTS.md
 # Each target creates .venv and installs raykd into it on first use.
 
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.raykd-installed
 # Ray 2.60 enables token auth by default; local runs and job submission need none of it.
 export RAY_AUTH_MODE := disabled
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -23,8 +24,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/raykd run jobs/quickstart.yaml
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check raykd tests bench
+
+test: lint
 	$(BIN)/python -m pytest
+
+test-fast: lint
+	$(BIN)/python -m pytest -m "not ray"
 
 bench: $(STAMP)
 	$(BIN)/python bench/kd_overhead.py

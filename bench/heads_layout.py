@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import fresh_workdir, machine, quickstart_teacher, write_section  # noqa: E402
 
@@ -23,11 +22,10 @@ def main() -> None:
 
     from raykd.config import job_from_dict
     from raykd.data import load_dataset
-    from raykd.pipeline import TeacherServices, attach_teachers, plan_units, teacher_architecture
-    from raykd.results import ResultsTable
+    from raykd.plan import plan_units, teacher_architectures
     from raykd.ray_env import init_ray
+    from raykd.teacher import LocalTeacher, TeacherHandle
     from raykd.teacher.cache import cached_teacher
-    from raykd.teacher import LocalTeacher
     from raykd.train.runner import fit_unit
 
     work = fresh_workdir("heads_layout")
@@ -46,10 +44,10 @@ def main() -> None:
     for layout in ("together", "separate"):
         s = spec(layout)
         splits = load_dataset(s.data)
-        units = [u for u in plan_units(s, teacher_architecture(s, splits)) if u.role == "head"]
-        services = TeacherServices(s, splits.input_shape, units)
+        units = [u for u in plan_units(s, teacher_architectures(s, splits)[0]) if u.role == "head"]
+        cache_dir = str(work / "feature_cache")
         for u in units:
-            assert attach_teachers(u, services, ResultsTable(s.run_dir))
+            u.teachers = [TeacherHandle(str(teacher_path), "local", cache_dir=cache_dir)]
         # fill the cache first so both layouts read the same stored stage maps
         cached_teacher(LocalTeacher(teacher_path), u.teachers[0].cache_dir, str(teacher_path), s.data,
                        "train", splits.train, ["stage1", "stage2", "stage3"], 512, log=lambda m: None)

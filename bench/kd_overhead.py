@@ -19,16 +19,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import fresh_workdir, machine, quickstart_teacher, write_section  # noqa: E402
-
-from raykd.config import DataSpec, OptimSpec  # noqa: E402
 from raykd.data import load_dataset  # noqa: E402
 from raykd.losses import kd_loss  # noqa: E402
 from raykd.models import build_model  # noqa: E402
+from raykd.specs import DataSpec, OptimSpec  # noqa: E402
 from raykd.teacher import LocalTeacher, TeacherHandle  # noqa: E402
-from raykd.train.loop import evaluate  # noqa: E402
+from raykd.train.batches import evaluate  # noqa: E402
 from raykd.train.optim import make_optimizer  # noqa: E402
-from raykd.train.unit import Unit  # noqa: E402
+from raykd.units import Unit  # noqa: E402
+
+from results_md import fresh_workdir, machine, quickstart_teacher, write_section  # noqa: E402
 
 
 def plain_loop(splits, teacher_path, optim: OptimSpec, data: DataSpec, epochs: int):
@@ -60,6 +60,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
+
     from raykd.ray_env import init_ray
     from raykd.train.runner import fit_unit
 
@@ -74,7 +75,8 @@ def main() -> None:
     print(f"plain PyTorch: {statistics.median(plain_epochs):.2f} s/epoch, {plain_total:.1f} s total")
 
     init_ray(num_cpus=2, log_to_driver=False)
-    unit = Unit(key="kd", role="student", label="kd", method={"temperature": 4.0, "alpha": 0.9},
+    unit = Unit(key="kd", role="student", label="kd", method_name="kd",
+                method={"temperature": 4.0, "alpha": 0.9},
                 model="cnn_small", optim=optim, data=data, seed=0,
                 export_path=str(work / "student.pt"), history_path=str(work / "metrics" / "kd.jsonl"),
                 teacher_candidates=[str(teacher_path)],

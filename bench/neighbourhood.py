@@ -28,10 +28,10 @@ def main() -> None:
 
     from raykd.config import load_job
     from raykd.data import load_dataset
-    from raykd.pipeline import (TeacherServices, attach_teachers, plan_units, run_job,
-                                teacher_architecture)
+    from raykd.pipeline import run_job
+    from raykd.plan import plan_units, teacher_architectures
     from raykd.ray_env import init_ray
-    from raykd.results import ResultsTable
+    from raykd.teacher import TeacherHandle
     from raykd.train.runner import fit_unit
 
     work = ROOT / "bench" / "runs" / "neighbourhood"
@@ -63,14 +63,15 @@ def main() -> None:
     timings = {}
     for label, parallel in (("max_parallel=1, 2 CPUs per unit", 1), ("max_parallel=2, 1 CPU per unit", 2)):
         s = dataclasses.replace(spec, name=f"partA-{parallel}")
-        s.teacher = dataclasses.replace(spec.teacher, checkpoint=str(spec.run_dir / "models" / "seed0-teacher.pt"))
+        teacher = str(spec.run_dir / "models" / "seed0-teacher.pt")
+        s.teacher = dataclasses.replace(spec.teacher, checkpoint=teacher)
         s.seeds = [0]
-        units = [u for u in plan_units(s, teacher_architecture(s, splits), splits.input_shape)
+        units = [u for u in plan_units(s, teacher_architectures(s, splits)[0], splits.input_shape)
                  if u.role == "neighbourhood"]
-        services = TeacherServices(s, splits.input_shape, units)
         for u in units:
             u.cpus_per_worker = 2.0 / parallel
-            assert attach_teachers(u, services, ResultsTable(s.run_dir))
+            u.teachers = [TeacherHandle(teacher, "local",
+                                        cache_dir=str(Path(s.output_dir) / "feature_cache"))]
         started = time.perf_counter()
         refs, done = [], []
         for u in units:   # at most `parallel` runs in flight

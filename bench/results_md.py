@@ -13,6 +13,7 @@ HEADER = ("# Benchmark results\n\nRatios are measured side by side in one run on
 
 def machine() -> str:
     import os
+
     import torch
     return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
@@ -23,7 +24,10 @@ def write_section(name: str, body: str) -> None:
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     section = f"{start}\n{body.strip()}\n{end}"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
     RESULTS.write_text(text)
 
 

@@ -17,7 +17,8 @@ from raykd.errors import RaykdError
 def _cmd_run(args) -> int:
     from raykd.config import load_job
     from raykd.data import load_dataset
-    from raykd.pipeline import preflight, run_job
+    from raykd.pipeline import run_job
+    from raykd.plan import preflight
     from raykd.ray_env import init_ray
 
     spec = load_job(args.job, args.overrides)
@@ -77,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from raykd.log import setup_logging
     from raykd.ray_env import set_ray_env
 
     set_ray_env()  # before anything imports ray: some settings are read at import
+    setup_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -1,7 +1,7 @@
 """Pure loss functions (the public API). Tensors in, scalar tensor out.
 
-Formulas are those of shared METHODS.md; each function returns only its own term, unweighted
-unless a weight is one of its arguments.
+Formulas follow the papers cited in each method's module (raykd.methods); each function returns
+only its own term, unweighted unless a weight is one of its arguments.
 """
 from __future__ import annotations
 

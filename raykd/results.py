@@ -5,13 +5,12 @@ was done. Accuracies are fractions in [0, 1]; summaries give mean ± std over se
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from raykd.errors import RaykdError
+from raykd.files import atomic_write
 
 RESULTS_FILE = "results.parquet"
 REQUIRED_COLUMNS = ["method", "role", "model", "dataset", "seed", "val_top1", "test_top1",
@@ -47,11 +46,8 @@ class ResultsTable:
         return pd.DataFrame(self.rows)
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".results.", suffix=".parquet")
-        os.close(fd)
-        self.frame().to_parquet(tmp, engine="pyarrow", index=False)
-        os.replace(tmp, self.path)
+        frame = self.frame()
+        atomic_write(self.path, lambda tmp: frame.to_parquet(tmp, engine="pyarrow", index=False))
 
 
 def read_results(run_dir: str | Path) -> pd.DataFrame:

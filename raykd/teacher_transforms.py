@@ -9,13 +9,16 @@ Each maps the teacher's tempered probabilities (and the labels) to a target dist
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raykd.losses import partial_teacher, smoothed_labels, topk_teacher
 
-TRANSFORMS = ("none", "ls", "pt", "sim", "topk")
+Transform = Literal["none", "ls", "pt", "sim", "topk"]
+TRANSFORMS = get_args(Transform)
 
 
 def classifier_weights(model: nn.Module) -> torch.Tensor:

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raykd.config import JobSpec, load_job
+from raykd.config import load_job
 from raykd.errors import RaykdError
+from raykd.specs import JobSpec
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
@@ -46,15 +47,21 @@ def test_defaults_and_dotted_overrides(tmp_path):
     ("student.model=resnet9", "unknown model 'resnet9'; allowed:"),
     ("methods.x.method=nope", "methods.x: unknown method 'nope'; allowed: cd, ce, dih, feed, kd"),
     ("methods.kd.alpha=1.5", "methods.kd.alpha must be in [0, 1]"),
-    ("methods.kd.temp=4", "unknown key methods.kd.temp; allowed under methods.kd: temperature, alpha, transform"),
+    ("methods.kd.temp=4",
+     "unknown key methods.kd.temp; allowed under methods.kd: temperature, alpha, transform"),
     ("student.train.optimizer=lbfgs", "student.train.optimizer: unknown 'lbfgs'; allowed: sgd, adam"),
     ("student.train.lr_milestones=[60,120]", "fractions of the run"),
     ("seeds=[]", "seeds: give at least one seed"),
+    ("teacher.placement=gpu", "teacher.placement: unknown 'gpu'; allowed: auto, local, actors"),
+    ("heads.layout=mixed", "heads.layout: unknown 'mixed'; allowed: together, separate"),
+    ("methods.kd.transform=soft", "methods.kd.transform: unknown 'soft'; allowed: none, ls, pt"),
+    ("methods.kd.teachers=all", "methods.kd.teachers: unknown 'all'; allowed: first, best"),
+    ("methods.nd.method=neighbourhood methods.nd.inputs=noise", "methods.nd.inputs: unknown"),
     ("epochs", "is not key=value"),
 ])
 def test_bad_input_names_the_field(tmp_path, override, message):
     with pytest.raises(RaykdError) as err:
-        load_job(_write(tmp_path, {}), [override])
+        load_job(_write(tmp_path, {}), override.split(" "))
     assert message in str(err.value)
 
 

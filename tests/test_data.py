@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from raykd.config import DataSpec, GaussianSpec
 from raykd.data import load_dataset
 from raykd.errors import RaykdError
+from raykd.specs import DataSpec, GaussianSpec
 
 
 def _labels(ds):

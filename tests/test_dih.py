@@ -3,14 +3,16 @@ import pytest
 import ray
 import torch
 
-from conftest import small_job
 from raykd.config import job_from_dict
 from raykd.data import load_dataset
 from raykd.errors import RaykdError
+from raykd.files import file_hash
 from raykd.losses import dih_loss
-from raykd.models.export import file_hash
-from raykd.models.heads import load_heads
-from raykd.pipeline import plan_units, preflight, run_job, teacher_architecture
+from raykd.models.export import load_heads
+from raykd.pipeline import run_job
+from raykd.plan import plan_units, preflight, teacher_architectures
+
+from conftest import small_job
 
 S = torch.tensor([[1.0, 0.0, -1.0]])
 COHORT = [torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([[3.0, 0.0, 0.0]])]
@@ -18,10 +20,11 @@ Y = torch.tensor([1])
 
 
 def test_dih_loss_golden_values():
-    # hand-computed with math.exp from METHODS.md: sum_j [a T^2 KL_j + (1 - a) CE], a=0.1, T=2
+    # hand-computed with math.exp from the paper's loss: sum_j [a T^2 KL_j + (1 - a) CE], a=0.1, T=2
     assert dih_loss(S, COHORT, Y, 0.1, 2.0).item() == pytest.approx(2.6476144228971257, rel=1e-6)
     # ce_once: sum_j a T^2 KL_j + (1 - a) CE
-    assert dih_loss(S, COHORT, Y, 0.1, 2.0, ce_once=True).item() == pytest.approx(1.3807690548971832, rel=1e-6)
+    once = dih_loss(S, COHORT, Y, 0.1, 2.0, ce_once=True).item()
+    assert once == pytest.approx(1.3807690548971832, rel=1e-6)
     # per-member weights a_j = (0.2, 0.5)
     assert dih_loss(S, COHORT, Y, [0.2, 0.5], 2.0).item() == pytest.approx(2.153575978493284, rel=1e-6)
     with pytest.raises(ValueError, match="2 cohort members"):
@@ -63,8 +66,7 @@ def test_heads_then_cohort_distillation_with_the_teacher_untouched(ray_session, 
 
 
 def test_heads_as_separate_runs_equal_heads_trained_together(ray_session, tmp_path, teacher_export):
-    from raykd.pipeline import TeacherServices, attach_teachers
-    from raykd.results import ResultsTable
+    from raykd.teacher import TeacherHandle
     from raykd.train.runner import fit_unit
 
     together = _dih_job(tmp_path, teacher_export, "together", "together")
@@ -72,11 +74,11 @@ def test_heads_as_separate_runs_equal_heads_trained_together(ray_session, tmp_pa
     splits = load_dataset(together.data)
     weights = {}
     for spec in (together, separate):
-        units = [u for u in plan_units(spec, teacher_architecture(spec, splits)) if u.role == "head"]
+        units = [u for u in plan_units(spec, teacher_architectures(spec, splits)[0])
+                 if u.role == "head"]
         assert len(units) == (1 if spec is together else 2)
-        services = TeacherServices(spec, splits.input_shape, units)
         for u in units:
-            assert attach_teachers(u, services, ResultsTable(spec.run_dir))
+            u.teachers = [TeacherHandle(str(teacher_export), "local")]
         ray.get([fit_unit.remote(u, str(spec.run_dir / "ray"), 1, False, 0, 10, splits.input_shape)
                  for u in units])
         weights[spec.name] = load_heads([u.export_path for u in units])

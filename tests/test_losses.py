@@ -1,4 +1,4 @@
-"""Golden values for the public losses, hand-computed from METHODS.md's formulas."""
+"""Golden values for the public losses, hand-computed from the papers' formulas."""
 import math
 
 import pytest

@@ -4,8 +4,16 @@ import math
 import pytest
 import torch
 
-from raykd.losses import (channel_loss, guided_kd_loss, kd_loss, partial_teacher,
-                          reweighting_factor, smoothed_labels, soft_target_kd_loss, topk_teacher)
+from raykd.losses import (
+    channel_loss,
+    guided_kd_loss,
+    kd_loss,
+    partial_teacher,
+    reweighting_factor,
+    smoothed_labels,
+    soft_target_kd_loss,
+    topk_teacher,
+)
 from raykd.schedules import early_decay_teacher
 from raykd.teacher_transforms import similarity_targets, transform_teacher
 
@@ -63,7 +71,8 @@ def test_label_smoothing_and_similarity_targets():
     # orthogonal class weights: cosine = identity, so row y = softmax(I[y] / tau)
     sim = similarity_targets(torch.eye(4) * 3.0, temperature=0.5)
     diag = math.exp(2.0) / (math.exp(2.0) + 3)
-    assert sim[1, 1].item() == pytest.approx(diag) and sim[1, 0].item() == pytest.approx(1 / (math.exp(2.0) + 3))
+    assert sim[1, 1].item() == pytest.approx(diag)
+    assert sim[1, 0].item() == pytest.approx(1 / (math.exp(2.0) + 3))
     got = transform_teacher("sim", torch.zeros(2, 4), torch.tensor([1, 3]), similarity=sim)
     assert torch.equal(got, sim[[1, 3]])
 

@@ -3,12 +3,14 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import small_job
 from raykd.config import job_from_dict
 from raykd.errors import RaykdError
 from raykd.methods import MethodContext, Step, build_method
 from raykd.models import build_model, count_params
-from raykd.pipeline import preflight, run_job
+from raykd.pipeline import run_job
+from raykd.plan import preflight
+
+from conftest import small_job
 
 
 def _step(student, teacher, method, epoch=0, epochs=10, n=4):
@@ -26,7 +28,7 @@ def _ctx(student, teacher):
 
 def test_channel_distillation_losses_connectors_and_edt_weights():
     student, teacher = build_model("cnn_small", 10, 1, 28), build_model("cnn_wide", 10, 1, 28)
-    cd = build_method("cd_gkd_edt", {"method": "cd", "edt": True}, _ctx(student, teacher))
+    cd = build_method("cd", {"edt": True}, _ctx(student, teacher))
     # one connector per stage, mapping student widths (8, 16, 32) to the teacher's (64, 128, 256)
     assert [c[0].out_channels for c in cd.modules()] == [64, 128, 256]
     warm = cd.losses(_step(student, teacher, cd, epoch=0))
@@ -57,7 +59,7 @@ def test_stage_count_mismatch_fails_at_start_up(tmp_path):
 @pytest.mark.parametrize("transform", ["none", "ls", "pt", "sim", "topk"])
 def test_tang_variants_give_finite_losses_and_diagnostics(transform):
     student, teacher = build_model("cnn_small", 10, 1, 28), build_model("cnn_wide", 10, 1, 28)
-    kd = build_method("v", {"method": "kd", "transform": transform, "k": 3}, _ctx(student, teacher))
+    kd = build_method("kd", {"transform": transform, "k": 3}, _ctx(student, teacher))
     step = _step(student, teacher, kd, n=6)
     terms = kd.losses(step)
     assert set(terms) == {"ce", "kd"} and all(torch.isfinite(v) for v in terms.values())

@@ -46,18 +46,39 @@ def test_staged_model_protocol(name, channels, size, stages):
 def test_known_parameter_counts():
     # RepDistiller's CIFAR-100 models: resnet8 0.08M, resnet110 1.73M, resnet32x4 7.43M,
     # wrn_40_2 2.25M (published counts, rounded)
-    counts = {n: count_params(build_model(n, 100)) for n in ("resnet8", "resnet110", "resnet32x4", "wrn_40_2")}
+    counts = {n: count_params(build_model(n, 100))
+              for n in ("resnet8", "resnet110", "resnet32x4", "wrn_40_2")}
     assert round(counts["resnet8"] / 1e6, 2) == 0.08
     assert round(counts["resnet110"] / 1e6, 2) == 1.74
     assert round(counts["resnet32x4"] / 1e6, 2) == 7.43
     assert round(counts["wrn_40_2"] / 1e6, 2) == 2.26
 
 
-def test_macs_of_a_linear_layer_model_by_hand():
-    # cnn on 1x8x8: stem conv 1->16 (3x3) at 8x8 = 64*16*9 MACs, ...; check the stem alone
-    model = build_model("cnn", 10, in_channels=1, image_size=8)
-    stem_macs = 8 * 8 * 16 * 1 * 9
-    assert count_macs(model, (1, 8, 8)) > stem_macs
+# Today's zoo figures (MACs per image); resnet56 and resnet32x4 match the published 125.75M and
+# 1.08G, wrn_40_2 RepDistiller's 0.33G.
+ZOO_MACS = [
+    ("resnet8", 3, 32, 100, 12_507_392), ("resnet56", 3, 32, 100, 125_753_600),
+    ("resnet110", 3, 32, 100, 253_155_584), ("resnet8x4", 3, 32, 100, 177_071_104),
+    ("resnet32x4", 3, 32, 100, 1_083_040_768), ("wrn_16_2", 3, 32, 100, 101_118_464),
+    ("wrn_40_2", 3, 32, 100, 327_610_880), ("cnn_small", 1, 28, 10, 959_936),
+    ("cnn", 1, 28, 10, 3_726_208), ("cnn_wide", 1, 28, 10, 43_580_416),
+    ("cnn_small", 1, 8, 10, 78_656), ("resnet18", 3, 64, 10, 148_050_944),
+    ("resnet50_cifar", 3, 32, 100, 1_298_014_208),
+]
+
+
+@pytest.mark.parametrize("name,channels,size,classes,macs", ZOO_MACS,
+                         ids=[f"{z[0]}-{z[2]}" for z in ZOO_MACS])
+def test_zoo_macs_are_pinned(name, channels, size, classes, macs):
+    assert count_macs(build_model(name, classes, channels, size), (channels, size, size)) == macs
+
+
+def test_macs_by_hand_and_mode_restored():
+    # conv 2->4 (3x3, pad 1) on 5x5: 5*5*4 outputs x 2*9 = 1800; linear 100->3: 300
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Flatten(),
+                                torch.nn.Linear(100, 3)).train()
+    assert count_macs(model, (2, 5, 5)) == 1800 + 300
+    assert model.training
 
 
 def test_features_from_a_shard_range_only_returns_its_taps():

@@ -5,16 +5,18 @@ import ray
 import torch
 from torch import nn
 
-from conftest import small_job
-from raykd.config import DataSpec, OptimSpec, job_from_dict
+from raykd.config import job_from_dict
 from raykd.errors import RaykdError
 from raykd.methods.neighbourhood import choose_candidates
 from raykd.models import build_model, count_params
 from raykd.models.export import load_export
 from raykd.models.stitch import Candidate, block_shapes, neighbourhoods, stitch
 from raykd.pipeline import run_job
+from raykd.specs import DataSpec, OptimSpec
 from raykd.teacher import TeacherHandle
-from raykd.train.unit import Unit
+from raykd.units import NeighbourhoodPart, Unit
+
+from conftest import small_job
 
 
 def test_stitching_the_teachers_own_blocks_reproduces_it_exactly(tmp_path):
@@ -98,15 +100,16 @@ def test_gaussian_inputs_train_without_touching_the_dataset(ray_session, tmp_pat
     from raykd.train.runner import fit_unit
 
     unit = Unit(
-        key="gauss", role="neighbourhood", label="nd:stage2:w0.5d1", method={}, model="w0.5d1",
+        key="gauss", role="neighbourhood", kind="neighbourhood", label="nd:stage2:w0.5d1",
+        model="w0.5d1",
         optim=OptimSpec(epochs=3, optimizer="adam", lr=0.01, weight_decay=0.0),
         # a dataset that is not there: reading it would fail
         data=DataSpec(dataset="cifar10", root=str(tmp_path / "absent"), batch_size=64), seed=0,
         export_path=str(tmp_path / "gauss.pt"), history_path=str(tmp_path / "gauss.jsonl"),
         teacher_candidates=[str(teacher_path)],
         teachers=[TeacherHandle(str(teacher_path), "local", cache_dir=None)],
-        neighbourhood={"name": "stage2", "start": 2, "stop": 3, "candidate": "w0.5d1",
-                       "inputs": "gaussian", "gaussian_samples": 512, "input_shape": [1, 8, 8]})
+        neighbourhood=NeighbourhoodPart("stage2", 2, 3, "w0.5d1", inputs="gaussian",
+                                        gaussian_samples=512, input_shape=(1, 8, 8)))
     [row] = ray.get(fit_unit.remote(unit, str(tmp_path / "ray"), 1, False, 0, 10, (1, 8, 8)))
     assert row["epochs"] == 3
     hist = pd.read_parquet(tmp_path / "gauss.parquet")

@@ -2,12 +2,13 @@
 import pandas as pd
 import pytest
 
-from conftest import small_job
 from raykd.cli import main
 from raykd.config import job_from_dict
 from raykd.errors import RaykdError
 from raykd.pipeline import run_job
 from raykd.results import REQUIRED_COLUMNS, read_results
+
+from conftest import small_job
 
 
 def test_end_to_end_on_digits_then_reuse(ray_session, tmp_path, capsys):

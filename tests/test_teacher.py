@@ -5,15 +5,16 @@ import pytest
 import ray
 import torch
 
-from raykd.config import DataSpec
 from raykd.data import load_dataset
 from raykd.errors import RaykdError
 from raykd.models import build_model
 from raykd.models.export import save_export
+from raykd.specs import DataSpec
 from raykd.teacher import LocalTeacher
 from raykd.teacher.cache import FeatureCache, cache_key, cached_teacher
 from raykd.teacher.service import NAMESPACE, TeacherClient, TeacherService, shard_name
 from raykd.teacher.shard import partition_blocks
+
 from test_models import ZOO
 
 

@@ -3,7 +3,7 @@
 The validation split is always carved out of the training data; the test split is only used for
 the final results row, never for choosing anything.
 """
-from raykd.data.registry import DatasetSplits, dataset_names, load_dataset, register_dataset
 from raykd.data import builtin as _builtin  # noqa: F401  (registers the datasets)
+from raykd.data.registry import DatasetSplits, dataset_names, load_dataset, register_dataset
 
 __all__ = ["DatasetSplits", "dataset_names", "load_dataset", "register_dataset"]

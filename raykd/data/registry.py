@@ -46,7 +46,7 @@ def check_dataset_name(name: str) -> None:
 
 
 def load_dataset(spec) -> DatasetSplits:
-    """Build the splits a `DataSpec` describes (see raykd.config)."""
+    """Build the splits a `DataSpec` describes (raykd.specs)."""
     check_dataset_name(spec.dataset)
     return _DATASETS[spec.dataset](spec)
 

@@ -7,7 +7,6 @@ The training loop sums and logs that dict and never looks at which method produc
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,6 +15,7 @@ from torch import nn
 
 from raykd.errors import RaykdError
 from raykd.models import LOGITS, StagedModel
+from raykd.typed import from_dict
 
 
 @dataclass
@@ -55,18 +55,23 @@ class DistillMethod:
     name: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     uses_teacher: ClassVar[bool] = True
-    uses_heads: ClassVar[bool] = False   # needs heads trained on the teacher's stages first
-    uses_neighbourhoods: ClassVar[bool] = False   # its student is stitched from distilled parts
 
     @staticmethod
     def teacher_mode(params) -> str:
         """Which of the job's teachers the method distils from: first | best | all."""
         return "first"
 
-    @staticmethod
-    def head_stages(params, teacher: StagedModel, where: str) -> list[str]:
-        """The teacher stages this method needs heads on (when uses_heads)."""
-        return []
+    @classmethod
+    def plan(cls, plan, label: str, entry: dict, params) -> list:
+        """Add this method's units for one seed to `plan` (a raykd.plan.SeedPlan). The default:
+        one student, or a chain of students (`chain: N`), each the next one's teacher. Methods
+        that need more (heads, neighbourhoods) extend this."""
+        return plan.students(label, cls.name, entry, params, cls)
+
+    @classmethod
+    def prepare(cls, unit, rows: list[dict]) -> None:
+        """Last decisions about a planned unit, made at launch from the finished units' results
+        rows (e.g. which distilled parts to stitch). Nothing by default."""
 
     def __init__(self, params: Any, ctx: MethodContext):
         self.params = params
@@ -109,29 +114,33 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
+def method_class(name: str, where: str = "method") -> type[DistillMethod]:
+    if name not in _METHODS:
+        raise RaykdError(f"{where}: unknown method {name!r}; allowed: {', '.join(method_names())}")
+    return _METHODS[name]
+
+
+def parse_params(cls: type[DistillMethod], values: dict, where: str):
+    """A method's typed parameters from plain values; one-line errors name `where`."""
+    params = from_dict(cls.Params, dict(values), where)
+    check = getattr(params, "check", None)
+    if check is not None:
+        check(where)
+    return params
+
+
 def method_params(label: str, entry: dict) -> tuple[type[DistillMethod], Any]:
     """Resolve a `methods:` entry to its class and typed parameters."""
-    from raykd.config import from_dict
-
     entry = dict(entry or {})
     name = entry.pop("method", label)
     chain = entry.pop("chain", 1)
     if not isinstance(chain, int) or isinstance(chain, bool) or chain < 1:
         raise RaykdError(f"methods.{label}.chain must be a positive integer, got {chain!r}")
-    if name not in _METHODS:
-        raise RaykdError(f"methods.{label}: unknown method {name!r}; allowed: {', '.join(method_names())}")
-    cls = _METHODS[name]
-    params = from_dict(cls.Params, entry, f"methods.{label}")
-    check = getattr(params, "check", None)
-    if check is not None:
-        check(f"methods.{label}")
-    return cls, params
+    cls = method_class(name, f"methods.{label}")
+    return cls, parse_params(cls, entry, f"methods.{label}")
 
 
-def build_method(label: str, entry: dict, ctx: MethodContext) -> DistillMethod:
-    cls, params = method_params(label, entry)
-    return cls(params, ctx)
-
-
-def params_dict(params) -> dict:
-    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}
+def build_method(name: str, values: dict, ctx: MethodContext) -> DistillMethod:
+    """The method registered as `name` with parameters `values` (a unit's method entry)."""
+    cls = method_class(name)
+    return cls(parse_params(cls, values, f"method {name}"), ctx)

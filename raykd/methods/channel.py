@@ -1,4 +1,7 @@
-"""Channel Distillation with Guided KD and Early Decay Teacher (Zhou et al. 2020; METHODS.md 2).
+"""Channel Distillation with Guided KD and Early Decay Teacher.
+
+Paper: Z. Zhou, C. Zhuge, X. Guan, W. Liu, "Channel Distillation: Channel-Wise Attention for
+Knowledge Distillation", 2020, arXiv:2006.01683 (schedules as in the authors' official code).
 
 L(e) = w_CE(e) CE + w_GKD(e) GKD + w_CD(e) CD. Each student stage output goes through a connector
 (1x1 conv without bias, BatchNorm, ReLU) to the teacher stage's channel count; connectors train
@@ -8,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raykd.errors import RaykdError
 from raykd.losses import channel_loss, guided_kd_loss
 from raykd.methods.base import DistillMethod, Step, register_method
+from raykd.models.staged import tap_shapes
 from raykd.schedules import Constant, early_decay_teacher
 
 
@@ -38,15 +41,6 @@ class ChannelParams:
             raise RaykdError(f"{where}.temperature must be positive, got {self.temperature}")
 
 
-def stage_channels(model, input_shape) -> list[int]:
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        feats = model.features(torch.zeros(1, *input_shape), model.stage_names)
-    model.train(was)
-    return [feats[s].shape[1] for s in model.stage_names]
-
-
 def connector(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
                          nn.ReLU(inplace=True))
@@ -65,9 +59,10 @@ class ChannelDistillation(DistillMethod):
             raise RaykdError(f"cd: the student has {len(s_stages)} stages and the teacher "
                              f"{len(t_stages)}; channel distillation pairs them one to one")
         self.stages = s_stages
-        s_ch = stage_channels(ctx.student, ctx.input_shape)
-        t_ch = stage_channels(ctx.teacher, ctx.input_shape)
-        self.connectors = nn.ModuleList(connector(a, b) for a, b in zip(s_ch, t_ch))
+        s_maps = tap_shapes(ctx.student, s_stages, ctx.input_shape)
+        t_maps = tap_shapes(ctx.teacher, t_stages, ctx.input_shape)
+        self.connectors = nn.ModuleList(connector(s_maps[a][0], t_maps[b][0])
+                                        for a, b in zip(s_stages, t_stages))
         p = params
         if p.edt:
             self.schedule = early_decay_teacher(p.ce, p.gkd, p.cd, p.warmup, p.cd_decay,

@@ -1,4 +1,7 @@
-"""DIH: distillation via intermediate classifier heads (Asadian & Salehi-Abari 2021; METHODS.md 1).
+"""DIH: distillation via intermediate classifier heads.
+
+Paper: A. Asadian, A. Salehi-Abari, "Distilling Knowledge via Intermediate Classifiers", 2021,
+arXiv:2103.00497.
 
 Heads on the frozen teacher's stages are trained first (their own Ray Train runs, see
 raykd.train.heads); the student then distils from the cohort of heads plus the teacher's own
@@ -14,6 +17,7 @@ from raykd.losses import dih_loss
 from raykd.methods.base import DistillMethod, Step, register_method
 from raykd.models.heads import build_heads, check_stages
 from raykd.teacher.local import freeze
+from raykd.units import HeadsPart
 
 
 @dataclass
@@ -34,17 +38,34 @@ class DIHParams:
 @register_method("dih")
 class DIH(DistillMethod):
     Params = DIHParams
-    uses_heads = True
 
-    @staticmethod
-    def head_stages(params: DIHParams, teacher, where: str) -> list[str]:
-        return check_stages(teacher, params.heads, f"{where}.heads")
+    @classmethod
+    def plan(cls, plan, label: str, entry: dict, params: DIHParams) -> list:
+        """The heads on the teacher's stages (one run, or one per head with `heads.layout:
+        separate`; shared by every DIH entry that asks for the same heads), then the students,
+        which wait for them."""
+        stages = check_stages(plan.teacher_arch, params.heads, f"methods.{label}.heads")
+        spec = plan.spec
+        together = spec.heads.layout == "together"
+        everything = stages == plan.teacher_arch.stage_names
+        groups = [stages] if together else [[s] for s in stages]
+        heads = []
+        for group in groups:
+            key = (f"seed{plan.seed}-heads" + ("" if everything else "-" + "+".join(group))
+                   if together else f"seed{plan.seed}-head-{group[0]}")
+            heads.append(plan.add(plan.unit(
+                key, role="head", kind="heads", label="heads", model=spec.teacher.model,
+                optim=spec.heads.train, teacher_candidates=plan.exports[:1],
+                depends_on=plan.first_teacher, heads=HeadsPart(group, spec.heads.pooled))))
+        return heads + plan.students(label, cls.name, entry, params, cls,
+                                     depends_on=[h.key for h in heads],
+                                     head_exports=[h.export_path for h in heads])
 
     def __init__(self, params: DIHParams, ctx):
         super().__init__(params, ctx)
         if ctx.teacher is None:
             raise RaykdError("dih needs a teacher")
-        self.stages = self.head_stages(params, ctx.teacher, "dih")
+        self.stages = check_stages(ctx.teacher, params.heads, "dih.heads")
         if params.alphas and len(params.alphas) != len(self.stages) + 1:
             raise RaykdError(f"dih: alphas needs {len(self.stages) + 1} weights (one per head, "
                              f"then the teacher's classifier), got {len(params.alphas)}")

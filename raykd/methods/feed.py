@@ -1,4 +1,8 @@
-"""FEED: feature-level ensemble distillation (Park & Kwak 2019; METHODS.md section 3).
+"""FEED: feature-level ensemble distillation.
+
+Paper: S. Park, N. Kwak, "FEED: Feature-level Ensemble for Knowledge Distillation", 2019,
+arXiv:1909.10754; its transformation follows Factor Transfer (J. Kim, S. Park, N. Kwak,
+"Paraphrasing Complex Network: Network Compression via Factor Transfer", 2018, arXiv:1802.04977).
 
 Parallel FEED: K teachers; on the student's feature map one non-linear transformation per
 teacher (three 3x3 convs with LeakyReLU(0.1), ending at that teacher's channel count);
@@ -10,13 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raykd.errors import RaykdError
 from raykd.losses import feed_loss
 from raykd.methods.base import DistillMethod, Step, register_method
+from raykd.models.staged import tap_shapes
 
 
 @dataclass
@@ -37,15 +41,6 @@ def transformation(cin: int, cout: int) -> nn.Sequential:
         nn.Conv2d(cout, cout, 3, padding=1))
 
 
-def tap_shape(model, tap: str, input_shape) -> tuple[int, ...]:
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model.features(torch.zeros(1, *input_shape), [tap])[tap]
-    model.train(was)
-    return tuple(out.shape[1:])
-
-
 @register_method("feed")
 class FEED(DistillMethod):
     Params = FEEDParams
@@ -62,12 +57,12 @@ class FEED(DistillMethod):
         self.s_tap = params.student_tap or ctx.student.stage_names[-1]
         self.t_taps = [params.teacher_tap or t.stage_names[-1] for t in teachers]
         ctx.student.resolve_tap(self.s_tap)
-        s_shape = tap_shape(ctx.student, self.s_tap, ctx.input_shape)
+        s_shape = tap_shapes(ctx.student, [self.s_tap], ctx.input_shape)[self.s_tap]
         if len(s_shape) != 3:
             raise RaykdError(f"feed: student tap {self.s_tap!r} is not a feature map")
         self.transforms = nn.ModuleList()
         for k, (teacher, tap) in enumerate(zip(teachers, self.t_taps)):
-            t_shape = tap_shape(teacher, tap, ctx.input_shape)
+            t_shape = tap_shapes(teacher, [tap], ctx.input_shape)[tap]
             if len(t_shape) != 3 or t_shape[1:] != s_shape[1:]:
                 raise RaykdError(
                     f"feed: teacher {k}'s {tap} is {'x'.join(map(str, t_shape))} but the "

@@ -1,8 +1,14 @@
-"""The student alone (cross-entropy) and vanilla KD (Hinton et al. 2015; METHODS.md section 0),
-with Tang et al.'s teacher transforms (METHODS.md section 5) as an option of KD."""
+"""The student alone (cross-entropy) and vanilla KD, with Tang et al.'s teacher transforms as an
+option of KD.
+
+Papers: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", 2015,
+arXiv:1503.02531; J. Tang, R. Shivanna, Z. Zhao, D. Lin, A. Singh, E. H. Chi, S. Jain,
+"Understanding and Improving Knowledge Distillation", 2020, arXiv:2002.03532.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +16,12 @@ import torch.nn.functional as F
 from raykd.errors import RaykdError
 from raykd.losses import kd_loss, reweighting_factor, soft_target_kd_loss
 from raykd.methods.base import DistillMethod, Step, register_method
-from raykd.teacher_transforms import (TRANSFORMS, classifier_weights, similarity_targets,
-                                      transform_teacher)
+from raykd.teacher_transforms import (
+    Transform,
+    classifier_weights,
+    similarity_targets,
+    transform_teacher,
+)
 
 
 @register_method("ce")
@@ -27,25 +37,20 @@ class CrossEntropy(DistillMethod):
 class KDParams:
     temperature: float = 4.0
     alpha: float = 0.9           # weight of the soft term; CE gets 1 - alpha
-    transform: str = "none"      # none | ls | pt | sim | topk (Tang et al.)
+    transform: Transform = "none"  # none | ls | pt | sim | topk (Tang et al.)
     k: int = 3                   # topk: how many of the teacher's probabilities to keep
     epsilon: float = 0.1         # ls: smoothing mass
     sim_temperature: float = 0.1  # sim: softmax temperature over cosine class similarities
-    teachers: str = "first"      # with several teachers: first | best (by val) | ensemble (mean logits)
+    teachers: Literal["first", "best", "ensemble"] = "first"   # with several teachers: the
+    # first, the best on val, or the ensemble (mean logits)
 
     def check(self, where: str) -> None:
         if self.temperature <= 0:
             raise RaykdError(f"{where}.temperature must be positive, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise RaykdError(f"{where}.alpha must be in [0, 1], got {self.alpha}")
-        if self.transform not in TRANSFORMS:
-            raise RaykdError(f"{where}.transform: unknown {self.transform!r}; allowed: "
-                             f"{', '.join(TRANSFORMS)}")
         if self.k < 1:
             raise RaykdError(f"{where}.k must be at least 1, got {self.k}")
-        if self.teachers not in ("first", "best", "ensemble"):
-            raise RaykdError(f"{where}.teachers: unknown {self.teachers!r}; allowed: first, best, "
-                             "ensemble")
         if not 0 <= self.epsilon <= 1:
             raise RaykdError(f"{where}.epsilon must be in [0, 1], got {self.epsilon}")
 

@@ -1,4 +1,7 @@
-"""Neighbourhood Distillation (Shao et al. 2020; METHODS.md section 4).
+"""Neighbourhood Distillation.
+
+Paper: L. Shao, M. Moroz, E. Eban, Y. Movshovitz-Attias, "Neighbourhood Distillation: On the
+benefits of non end-to-end distillation", 2020, arXiv:2010.01189.
 
 The teacher is split into neighbourhoods (`groups`: stages or blocks); every (neighbourhood,
 candidate) pair is distilled independently and concurrently as its own Ray Train run
@@ -9,23 +12,27 @@ with the teacher's stem and classifier, evaluated, and optionally fine-tuned end
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
-from raykd.config import OptimSpec
 from raykd.errors import RaykdError
 from raykd.losses import kd_loss
-from raykd.methods.base import DistillMethod, Step, register_method
+from raykd.methods.base import DistillMethod, Step, parse_params, register_method
+from raykd.models import count_params
+from raykd.models.export import load_export
 from raykd.models.stitch import neighbourhoods, parse_candidate
+from raykd.specs import OptimSpec
+from raykd.units import Inputs, NeighbourhoodPart, StitchPlan
 
 
 @dataclass
 class NeighbourhoodParams:
     groups: list[str] = field(default_factory=list)           # [] = one per stage
     candidates: list[str] = field(default_factory=lambda: ["w0.5d1"])
-    inputs: str = "data"                # data | gaussian (synthetic, no images)
+    inputs: Inputs = "data"             # data | gaussian (synthetic, no images)
     gaussian_samples: int = 2048        # synthetic inputs per epoch
     train: OptimSpec = field(default_factory=lambda: OptimSpec(
         epochs=10, optimizer="adam", lr=0.005, weight_decay=0.0))
@@ -37,8 +44,6 @@ class NeighbourhoodParams:
     alpha: float = 0.9
 
     def check(self, where: str) -> None:
-        if self.inputs not in ("data", "gaussian"):
-            raise RaykdError(f"{where}.inputs: unknown {self.inputs!r}; allowed: data, gaussian")
         if not self.candidates:
             raise RaykdError(f"{where}.candidates: give at least one, e.g. [w0.5d1]")
         for c in self.candidates:
@@ -50,11 +55,49 @@ class NeighbourhoodParams:
 @register_method("neighbourhood")
 class NeighbourhoodDistillation(DistillMethod):
     Params = NeighbourhoodParams
-    uses_neighbourhoods = True
 
-    @staticmethod
-    def neighbourhood_plan(params: NeighbourhoodParams, teacher) -> list[tuple[str, int, int]]:
-        return neighbourhoods(teacher, params.groups)
+    @classmethod
+    def plan(cls, plan, label: str, entry: dict, params: NeighbourhoodParams) -> list:
+        """One unit per (neighbourhood, candidate), all independent; then per chain link a
+        student stitched from the best parts (and, with `scratch_epochs`, the same architecture
+        trained from scratch)."""
+        parts = []
+        for name, start, stop in neighbourhoods(plan.teacher_arch, params.groups):
+            for cand in params.candidates:
+                parts.append(plan.add(plan.unit(
+                    f"seed{plan.seed}-{label}-{name}-{cand}", role="neighbourhood",
+                    kind="neighbourhood", label=f"{label}:{name}:{cand}", model=cand,
+                    optim=params.train, teacher_candidates=plan.exports[:1],
+                    depends_on=plan.first_teacher, neighbourhood=NeighbourhoodPart(
+                        name, start, stop, cand, params.inputs, params.gaussian_samples,
+                        tuple(plan.input_shape)))))
+        students = plan.students(label, cls.name, entry, params, cls,
+                                 depends_on=[p.key for p in parts], model="stitched",
+                                 stitch_from=[p.key for p in parts])
+        scratch = []
+        for student in students:
+            student.optim = dataclasses.replace(student.optim, epochs=params.finetune_epochs)
+            if params.scratch_epochs:
+                scratch.append(plan.add(dataclasses.replace(
+                    student, key=f"{student.key}.scratch", label=f"{student.label}.scratch",
+                    export_path=student.export_path.replace(".pt", ".scratch.pt"),
+                    history_path=student.history_path.replace(".jsonl", ".scratch.jsonl"),
+                    diagnostics_dir="", reinit=True, depends_on=list(student.depends_on),
+                    optim=dataclasses.replace(student.optim, epochs=params.scratch_epochs))))
+        return parts + scratch + students
+
+    @classmethod
+    def prepare(cls, unit, rows: list[dict]) -> None:
+        """Choose the stitched student's parts: per neighbourhood the candidate with the lowest
+        relative reconstruction error, jointly under the parameter budget."""
+        if not unit.stitch_from or unit.stitch is not None:
+            return
+        params = parse_params(cls, unit.method, f"methods.{unit.label}")
+        mine = [r for r in rows if r.get("unit") in set(unit.stitch_from)]
+        teacher = unit.teacher_candidates[0]
+        chosen, _ = choose_candidates(mine, count_params(load_export(teacher)), params.max_params)
+        unit.stitch = StitchPlan(teacher, sorted(
+            (int(r["nb_start"]), int(r["nb_stop"]), r["export"]) for r in chosen.values()))
 
     def __init__(self, params: NeighbourhoodParams, ctx):
         super().__init__(params, ctx)

@@ -1,57 +1,109 @@
-"""A trained model on disk: architecture name, shape facts and weights, in one torch file.
+"""Every trained artefact on disk, in one place: one torch file each, written atomically and
+read back with `weights_only=True` (a file can hold tensors and plain values, never code).
 
-Exports are what later stages load (a student's teacher, a stitched model's parts). They hold only
-the staged model's own weights: a method's connectors or transformations are never exported.
+Kinds (the payload's `kind`):
+  model      a staged model: architecture name, shape facts, weights; a stitched student also
+             names its teacher export and candidate exports (`stitch`)
+  heads      DIH classifier heads on a teacher's stages
+  candidate  one distilled neighbourhood replacement (Neighbourhood Distillation)
+Exports hold only a model's own weights: a method's connectors or transformations are never
+exported.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 
-import torch
+from torch import nn
 
 from raykd.errors import RaykdError
+from raykd.files import torch_load, torch_save
 from raykd.models import StagedModel, build_model
+from raykd.models.heads import StageHead
+from raykd.models.stitch import Candidate, stitch
+
+KINDS = ("model", "heads", "candidate")
 
 
-def save_export(model: StagedModel, path: str | Path, num_classes: int, in_channels: int,
-                image_size: int) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "arch": model.arch, "num_classes": num_classes, "in_channels": in_channels,
-        "image_size": image_size,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        # a stitched student: the teacher export it came from and its candidates
-        "stitch": getattr(model, "stitch_info", None),
-    }
-    # write aside, then rename: a reader never sees a half-written file
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def _weights(module: nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
-def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> StagedModel:
+def read_export(path: str | Path, kind: str) -> dict:
+    """The payload of a raykd export of the given kind; a one-line error for anything else."""
     path = Path(path)
     if not path.is_file():
         raise RaykdError(f"model export not found: {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = torch_load(path)
+    found = payload.get("kind") if isinstance(payload, dict) else None
+    if found != kind:
+        raise RaykdError(f"{path}: not a raykd {kind} export"
+                         + (f" (it holds a {found})" if found in KINDS else ""))
+    return payload
+
+
+# ---- staged models (teachers, students, stitched students) ---------------------------------
+
+def save_export(model: StagedModel, path: str | Path, num_classes: int, in_channels: int,
+                image_size: int) -> None:
+    torch_save({"kind": "model", "arch": model.arch, "num_classes": num_classes,
+                "in_channels": in_channels, "image_size": image_size,
+                "state_dict": _weights(model),
+                # a stitched student: the teacher export it came from and its candidates
+                "stitch": getattr(model, "stitch_info", None)}, path)
+
+
+def load_export(path: str | Path, map_location="cpu") -> StagedModel:
+    payload = read_export(path, "model")
     if payload.get("stitch"):
-        from raykd.models.stitch import build_stitched
         model = build_stitched(payload["stitch"])
     else:
         model = build_model(payload["arch"], payload["num_classes"], payload["in_channels"],
                             payload["image_size"])
     model.load_state_dict(payload["state_dict"])
+    return model.to(map_location)
+
+
+def build_stitched(info: dict) -> StagedModel:
+    """info = {"teacher": export path, "parts": [[start, stop, candidate export path], ...]}:
+    the teacher's blocks with each range replaced by its trained candidate."""
+    teacher = load_export(info["teacher"])
+    model = stitch(teacher, [(int(a), int(b), load_candidate(p)) for a, b, p in info["parts"]])
+    model.stitch_info = info
     return model
 
 
-def file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+# ---- DIH heads --------------------------------------------------------------------------
+
+def save_heads(heads: nn.ModuleDict, path: str | Path, num_classes: int) -> None:
+    torch_save({"kind": "heads", "num_classes": num_classes, "heads": {
+        s: {"in_shape": list(h.in_shape), "pooled": h.pooled, "state_dict": _weights(h)}
+        for s, h in heads.items()}}, path)
+
+
+def load_heads(paths: list[str]) -> nn.ModuleDict:
+    heads = nn.ModuleDict()
+    for path in paths:
+        payload = read_export(path, "heads")
+        for stage, h in payload["heads"].items():
+            head = StageHead(tuple(h["in_shape"]), payload["num_classes"], h["pooled"])
+            head.load_state_dict(h["state_dict"])
+            heads[stage] = head
+    return heads
+
+
+# ---- neighbourhood candidates -------------------------------------------------------------
+
+def save_candidate(module: Candidate, path: str | Path) -> None:
+    torch_save({"kind": "candidate", "spec": module.spec, "in_shape": list(module.in_shape),
+                "out_shape": list(module.out_shape), "state_dict": _weights(module)}, path)
+
+
+def candidate_spec(path: str | Path) -> str:
+    return read_export(path, "candidate")["spec"]
+
+
+def load_candidate(path: str | Path) -> Candidate:
+    payload = read_export(path, "candidate")
+    module = Candidate(payload["spec"], tuple(payload["in_shape"]), tuple(payload["out_shape"]))
+    module.load_state_dict(payload["state_dict"])
+    return module

@@ -6,14 +6,11 @@ one per run or all in one run gives the same weights for the same batch order.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from raykd.errors import RaykdError
+from raykd.models.staged import tap_shapes
 
 
 class StageHead(nn.Module):
@@ -26,15 +23,6 @@ class StageHead(nn.Module):
     def forward(self, x):
         x = x.mean(dim=(2, 3)) if self.pooled else x.flatten(1)
         return self.fc(x)
-
-
-def stage_shapes(model, input_shape) -> dict[str, tuple[int, ...]]:
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        feats = model.features(torch.zeros(1, *input_shape), model.stage_names)
-    model.train(was)
-    return {s: tuple(feats[s].shape[1:]) for s in model.stage_names}
 
 
 def check_stages(model, stages: list[str], where: str) -> list[str]:
@@ -51,33 +39,9 @@ def check_stages(model, stages: list[str], where: str) -> list[str]:
 def build_heads(model, stages: list[str], input_shape, num_classes: int, pooled: bool,
                 seed: int) -> nn.ModuleDict:
     """Each head initialised from its own seed (seed, stage index), independent of the others."""
-    shapes = stage_shapes(model, input_shape)
+    shapes = tap_shapes(model, stages, input_shape)
     heads = nn.ModuleDict()
     for stage in stages:
         torch.manual_seed(seed * 1000 + model.stage_names.index(stage))
         heads[stage] = StageHead(shapes[stage], num_classes, pooled)
-    return heads
-
-
-def save_heads(heads: nn.ModuleDict, path: str | Path, num_classes: int) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"num_classes": num_classes, "heads": {
-        s: {"in_shape": h.in_shape, "pooled": h.pooled,
-            "state_dict": {k: v.detach().cpu() for k, v in h.state_dict().items()}}
-        for s, h in heads.items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_heads(paths: list[str]) -> nn.ModuleDict:
-    heads = nn.ModuleDict()
-    for path in paths:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        for stage, h in payload["heads"].items():
-            head = StageHead(tuple(h["in_shape"]), payload["num_classes"], h["pooled"])
-            head.load_state_dict(h["state_dict"])
-            heads[stage] = head
     return heads

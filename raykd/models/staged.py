@@ -104,32 +104,30 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass on one input (conv and linear layers)."""
-    total = 0
-
-    def conv_hook(mod: nn.Conv2d, _inp, out):
-        nonlocal total
-        kh, kw = mod.kernel_size
-        total += out.numel() * (mod.in_channels // mod.groups) * kh * kw
-
-    def linear_hook(mod: nn.Linear, _inp, out):
-        nonlocal total
-        total += out.numel() * mod.in_features
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
-    was_training = model.training
+def tap_shapes(model: StagedModel, taps: Iterable[str], input_shape) -> dict[str, tuple[int, ...]]:
+    """The shape (without the batch dimension) of each requested tap for one input, from one
+    forward pass in eval mode (the model's mode is restored)."""
+    taps = list(taps)
+    was = model.training
     model.eval()
     try:
         with torch.no_grad():
+            feats = model.features(torch.zeros(1, *input_shape), taps)
+    finally:
+        model.train(was)
+    return {t: tuple(feats[t].shape[1:]) for t in taps}
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass on one input, from PyTorch's own FLOP counter
+    (every op it knows: convolutions, matrix products, ...; one MAC is two FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, *input_shape))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    return int(total)
+    return int(counter.get_total_flops()) // 2

@@ -10,12 +10,11 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raykd.errors import RaykdError
-from raykd.models.staged import StagedModel
+from raykd.models.staged import StagedModel, tap_shapes
 
 _CANDIDATE = re.compile(r"^w(\d+(?:\.\d+)?)d(\d+)$")
 
@@ -63,16 +62,11 @@ class Candidate(nn.Module):
 
 def block_shapes(model: StagedModel, input_shape) -> list[tuple[tuple, tuple]]:
     """(input shape, output shape) of every block."""
-    was = model.training
-    model.eval()
-    shapes = []
-    x = torch.zeros(1, *input_shape)
-    with torch.no_grad():
-        for name in model.block_names:
-            y = model.blocks[name](x)
-            shapes.append((tuple(x.shape[1:]), tuple(y.shape[1:])))
-            x = y
-    model.train(was)
+    outs = tap_shapes(model, model.block_names, input_shape)
+    shapes, entering = [], tuple(input_shape)
+    for name in model.block_names:
+        shapes.append((entering, outs[name]))
+        entering = outs[name]
     return shapes
 
 
@@ -125,38 +119,4 @@ def stitch(teacher: StagedModel, parts: list[tuple[int, int, nn.Module]]) -> Sta
             i += 1
     model = StagedModel(blocks, stages)
     model.arch = "stitched"
-    return model
-
-
-def save_candidate(module: Candidate, path, extra: dict | None = None) -> None:
-    import os
-    import tempfile
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"spec": module.spec, "in_shape": list(module.in_shape),
-               "out_shape": list(module.out_shape),
-               "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-               **(extra or {})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_candidate(path) -> Candidate:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    module = Candidate(payload["spec"], tuple(payload["in_shape"]), tuple(payload["out_shape"]))
-    module.load_state_dict(payload["state_dict"])
-    return module
-
-
-def build_stitched(info: dict) -> StagedModel:
-    """info = {"teacher": export path, "parts": [[start, stop, candidate export path], ...]}."""
-    from raykd.models.export import load_export
-
-    teacher = load_export(info["teacher"])
-    model = stitch(teacher, [(int(a), int(b), load_candidate(p)) for a, b, p in info["parts"]])
-    model.stitch_info = info
     return model

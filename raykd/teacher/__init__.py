@@ -3,9 +3,10 @@
 - `LocalTeacher`: the model in the training worker's own process.
 - `TeacherService` / `TeacherClient`: shard actors chained into a pipeline, with replicas.
 - `CachedTeacher`: stored outputs for deterministic inputs (raykd.teacher.cache).
-All share one interface: `submit(x, taps, index).result()` and `features(x, taps, index)`.
+All share one interface: `submit(x, taps, index).result()` and `features(x, taps, index)`;
+raykd.teacher.access opens the right one from a `TeacherHandle`.
 """
-from raykd.teacher.handle import TeacherHandle, open_teacher
+from raykd.teacher.handle import TeacherHandle
 from raykd.teacher.local import LocalTeacher, Teacher, freeze
 
-__all__ = ["LocalTeacher", "Teacher", "TeacherHandle", "freeze", "open_teacher"]
+__all__ = ["LocalTeacher", "Teacher", "TeacherHandle", "freeze"]

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 
-from raykd.models.export import file_hash
+from raykd.files import file_hash
 from raykd.teacher.local import Done
 
 ROWS_PER_FILE = 8192

@@ -1,7 +1,6 @@
 """`TeacherHandle`: what a training run is told about its teacher (small and picklable).
 
-`open_teacher(handle, device)` turns it into something with the `Teacher` interface inside the
-worker: the model in-process, or a client of the named shard actors the job started.
+raykd.teacher.access turns it into something with the `Teacher` interface inside the worker.
 """
 from __future__ import annotations
 
@@ -18,11 +17,3 @@ class TeacherHandle:
     tap_blocks: dict[str, int] = field(default_factory=dict)      # tap name -> block index
     timeout_s: float = 120.0
     cache_dir: str | None = None             # None: no feature cache
-
-
-def open_teacher(handle: TeacherHandle, device):
-    if handle.placement == "actors":
-        from raykd.teacher.service import TeacherClient
-        return TeacherClient(handle, device)
-    from raykd.teacher.local import LocalTeacher
-    return LocalTeacher(handle.export_path, device)

@@ -10,6 +10,7 @@ from torch import nn
 
 from raykd.models import StagedModel, count_macs
 from raykd.models.export import load_export
+from raykd.models.stitch import block_shapes
 from raykd.teacher.local import freeze
 
 
@@ -37,27 +38,10 @@ def partition_blocks(model: StagedModel, shards: int, input_shape) -> list[tuple
 
 
 def block_macs(model: StagedModel, input_shape) -> list[int]:
-    x = torch.zeros(1, *input_shape)
-    out = []
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        for name in model.block_names:
-            block = model.blocks[name]
-            wrapped = _Wrap(block).train(block.training)  # count_macs restores this mode
-            out.append(count_macs(wrapped, tuple(x.shape[1:])))
-            x = block(x)
-        model.train(was)
-    return out
-
-
-class _Wrap(nn.Module):
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x):
-        return self.block(x)
+    """MACs of each block, each on the activation that enters it."""
+    shapes = block_shapes(model, input_shape)
+    return [count_macs(model.blocks[name], entering)
+            for name, (entering, _) in zip(model.block_names, shapes)]
 
 
 @ray.remote

@@ -1,28 +1,24 @@
-"""The head-training loop (DIH step 3): linear heads on a frozen teacher's stages, trained with
-cross-entropy. Runs in a Ray Train worker; the teacher's stage maps come through the `Teacher`
-interface (in-process, shard actors or the output cache), and its weights are never updated: the
-loop checksums them before and after.
+"""DIH step 3: linear heads on a frozen teacher's stages, trained with cross-entropy.
+
+The teacher's stage maps come through the `Teacher` interface (in-process, shard actors or the
+output cache), and its weights are never updated: they are checksummed before and after.
 """
 from __future__ import annotations
 
 import hashlib
-import time
-from collections import defaultdict
 
-import ray.train
-import ray.train.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from raykd.data import load_dataset
-from raykd.models.heads import build_heads, save_heads
-from raykd.teacher import open_teacher
-from raykd.train.loop import WithIndex, open_teachers, quiet_ray_logs, with_teacher
-from raykd.train.optim import make_optimizer, make_scheduler
-from raykd.train.progress import Progress
-from raykd.train.unit import Unit
+from raykd.models import count_macs, count_params
+from raykd.models.export import load_heads, save_heads
+from raykd.models.heads import build_heads
+from raykd.teacher.access import open_teacher, open_teachers
+from raykd.train.batches import WithIndex, epoch_order, with_teacher
+from raykd.train.skeleton import UnitTrainer, register_kind
 
 
 def weights_checksum(model: nn.Module) -> str:
@@ -49,58 +45,62 @@ def evaluate_heads(teacher, heads: nn.ModuleDict, dataset, batch_size: int, devi
     return {s: c / max(total, 1) for s, c in correct.items()}
 
 
-def train_heads(config: dict) -> None:
-    unit: Unit = config["unit"]
-    quiet_ray_logs()
-    rank = ray.train.get_context().get_world_rank()
-    torch.set_num_threads(max(1, int(unit.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+@register_kind
+class HeadsTrainer(UnitTrainer):
+    kind = "heads"
 
-    splits = load_dataset(unit.data)
-    teacher = open_teacher(unit.teachers[0], device)   # evaluation runs the real teacher
-    checksum_before = weights_checksum(teacher.model)
-    heads = build_heads(teacher.model, unit.head_stages, splits.input_shape, splits.num_classes,
-                        unit.head_pooled, unit.seed).to(device)
-    [source] = open_teachers(unit, unit.head_stages, splits, device, rank)
-    optimizer = make_optimizer(heads.parameters(), unit.optim)
-    scheduler = make_scheduler(optimizer, unit.optim)
-    epochs = unit.optim.epochs
-    progress = Progress(unit, heads, optimizer, scheduler, device, rank)
-    start_epoch = progress.restore()
+    def build(self):
+        unit, device = self.unit, self.device
+        self.stages = unit.heads.stages
+        self.splits = load_dataset(unit.data)
+        self.teacher = open_teacher(unit.teachers[0], device)   # evaluation runs the real teacher
+        self.checksum_before = weights_checksum(self.teacher.model)
+        self.heads = build_heads(self.teacher.model, self.stages, self.splits.input_shape,
+                                 self.splits.num_classes, unit.heads.pooled, unit.seed).to(device)
+        [self.source] = open_teachers(unit.teachers, self.stages, unit.data, self.splits, device,
+                                      unit.key)
+        return self.heads
 
-    for epoch in range(start_epoch, epochs):
-        started = time.perf_counter()
-        loader = DataLoader(WithIndex(splits.train), batch_size=unit.data.batch_size,
-                            shuffle=True,
-                            generator=torch.Generator().manual_seed(unit.seed * 10_007 + epoch))
-        heads.train()
-        sums, seen = defaultdict(float), 0
-        for x, y, pending in with_teacher(loader, [source], unit.head_stages, device):
-            feats = pending[0].result()
-            # heads share nothing: the summed loss gives each head exactly its own gradient
-            terms = {s: F.cross_entropy(heads[s](feats[s]), y) for s in unit.head_stages}
-            optimizer.zero_grad(set_to_none=True)
-            sum(terms.values()).backward()
-            optimizer.step()
-            seen += len(y)
-            for s, v in terms.items():
-                sums[f"loss_{s}"] += v.item() * len(y)
-        scheduler.step()
-        metrics = {k: v / max(seen, 1) for k, v in sums.items()}
-        metrics.update(epoch=epoch + 1, epochs=epochs, resumed_from=start_epoch,
-                       epoch_s=time.perf_counter() - started, lr=optimizer.param_groups[0]["lr"])
-        final = epoch == epochs - 1
+    def train_mode(self):
+        self.heads.train()
+
+    def batches(self, epoch):
+        loader = DataLoader(WithIndex(self.splits.train), batch_size=self.unit.data.batch_size,
+                            shuffle=True, generator=epoch_order(self.unit.seed, epoch))
+        return with_teacher(loader, [self.source], self.stages, self.device)
+
+    def losses(self, batch, epoch):
+        _x, y, pending = batch
+        feats = pending[0].result()
+        # heads share nothing: the summed loss gives each head exactly its own gradient
+        return {s: F.cross_entropy(self.heads[s](feats[s]), y) for s in self.stages}
+
+    def evaluate(self, epoch, final, seen):
+        metrics = {}
         for split in ("val", "test") if final else ("val",):
-            accs = evaluate_heads(teacher, heads, getattr(splits, split), unit.data.eval_batch_size,
-                                  device)
+            accs = evaluate_heads(self.teacher, self.heads, getattr(self.splits, split),
+                                  self.unit.data.eval_batch_size, self.device)
             metrics.update({f"{split}_top1/{s}": a for s, a in accs.items()})
         if final:
-            metrics["teacher_checksum_before"] = checksum_before
-            metrics["teacher_checksum_after"] = weights_checksum(teacher.model)
-        if rank == 0:
-            accs = "  ".join(f"{s} {metrics[f'val_top1/{s}']:.4f}" for s in unit.head_stages)
-            print(f"[{unit.key}] epoch {epoch + 1}/{epochs}  val_top1 {accs}", flush=True)
-        progress.end_epoch(epoch, metrics)
-    progress.finish(start_epoch, epochs)
-    if rank == 0:
-        save_heads(heads, unit.export_path, splits.num_classes)
+            metrics["teacher_checksum_before"] = self.checksum_before
+            metrics["teacher_checksum_after"] = weights_checksum(self.teacher.model)
+        return metrics
+
+    def summary(self, metrics):
+        return "val_top1 " + "  ".join(f"{s} {metrics[f'val_top1/{s}']:.4f}" for s in self.stages)
+
+    def export(self):
+        save_heads(self.heads, self.unit.export_path, self.splits.num_classes)
+
+    @classmethod
+    def rows(cls, unit, metrics, common, num_classes, input_shape):
+        if metrics["teacher_checksum_before"] != metrics["teacher_checksum_after"]:
+            raise RuntimeError(f"{unit.key}: the teacher's weights changed during head training")
+        heads = load_heads([unit.export_path])
+        return [{**common, "method": stage, "model": f"{unit.model}:{stage}",
+                 "val_top1": metrics[f"val_top1/{stage}"],
+                 "test_top1": metrics[f"test_top1/{stage}"],
+                 "params": count_params(heads[stage]),
+                 "macs": count_macs(heads[stage], heads[stage].in_shape),
+                 "teacher_checksum": metrics["teacher_checksum_after"]}
+                for stage in unit.heads.stages]

@@ -14,6 +14,9 @@ import tempfile
 import ray.train
 import torch
 
+from raykd.files import torch_load
+from raykd.log import log
+
 STATE_FILE = "state.pt"
 
 
@@ -40,15 +43,14 @@ class Progress:
         if checkpoint is None:
             return 0
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=self.device,
-                               weights_only=False)
+            state = torch_load(os.path.join(d, STATE_FILE), map_location=self.device)
         self.module.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.last = state["metrics"]
         start = state["epoch"] + 1
         if self.rank == 0 and start > 0:
-            print(f"[{self.unit.key}] resuming after epoch {start}", flush=True)
+            log.info("[%s] resuming after epoch %d", self.unit.key, start)
         return start
 
     def state(self, epoch: int, metrics: dict) -> dict:

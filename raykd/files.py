@@ -1,0 +1,57 @@
+"""Files that readers may see at any moment: written aside and renamed into place, hashed, and
+read back without executing anything they contain."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from raykd.errors import RaykdError
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp_path)` on a private file beside `path`, then rename it over `path`: a
+    reader (or a crash) sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def torch_save(payload, path: str | Path) -> Path:
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def torch_load(path: str | Path, map_location="cpu"):
+    """Load a torch file with `weights_only=True`: tensors and plain containers only, so a
+    tampered file cannot run code. Anything else is a one-line error naming the file."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise RaykdError(f"no such file: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:   # pickle.UnpicklingError, RuntimeError, EOFError, ...
+        first = str(e).strip().splitlines()
+        raise RaykdError(f"{path}: not a raykd file that can be loaded safely "
+                         f"({type(e).__name__}: {first[0] if first else ''})") from e
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

@@ -1,0 +1,123 @@
+"""Planning: a job spec becomes units (teachers per seed, then whatever each method plans).
+
+The planner knows teachers and seeds; everything a method needs beyond one student per chain
+link (DIH's heads, Neighbourhood Distillation's parts and stitched students) comes from that
+method's `plan` hook, so adding a method or a unit kind never touches this file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from raykd.methods import MethodContext, method_params
+from raykd.models import StagedModel, build_model
+from raykd.models.export import load_export
+from raykd.specs import JobSpec
+from raykd.units import Unit
+
+
+def teacher_models(spec: JobSpec) -> list[str]:
+    """One architecture per teacher of a seed."""
+    return list(spec.teacher.models) or [spec.teacher.model] * spec.teacher.count
+
+
+def teacher_architectures(spec: JobSpec, splits) -> list[StagedModel]:
+    """Every teacher's architecture for one seed (weights are not needed for planning)."""
+    if spec.teacher.checkpoint:
+        return [load_export(spec.teacher.checkpoint)]
+    c, h, _ = splits.input_shape
+    return [build_model(m, splits.num_classes, c, h) for m in teacher_models(spec)]
+
+
+@dataclass
+class SeedPlan:
+    """What a method's `plan` hook sees for one seed, and how it makes units."""
+    spec: JobSpec
+    seed: int
+    teacher_arch: StagedModel | None
+    input_shape: tuple[int, int, int]
+    teachers: list[Unit]          # this seed's teacher units ([] with teacher.checkpoint)
+    exports: list[str]            # this seed's teacher exports (teacher 0 first)
+    units: dict[str, Unit] = field(default_factory=dict)   # planned so far in this seed
+
+    def unit(self, key: str, **kw) -> Unit:
+        """A unit with the job's paths and defaults."""
+        run_dir = self.spec.run_dir
+        kw.setdefault("cpus_per_worker", self.spec.ray.cpus_per_worker)
+        return Unit(key=key, data=self.spec.data, seed=self.seed,
+                    export_path=str(run_dir / "models" / f"{key}.pt"),
+                    history_path=str(run_dir / "metrics" / f"{key}.jsonl"), **kw)
+
+    def add(self, unit: Unit) -> Unit:
+        """Add a unit, or return the one already planned under its key (shared work, e.g. heads
+        that two methods use, is planned once)."""
+        return self.units.setdefault(unit.key, unit)
+
+    @property
+    def first_teacher(self) -> list[str]:
+        return [t.key for t in self.teachers[:1]]
+
+    def students(self, label: str, method_name: str, entry: dict, params, cls,
+                 depends_on: list[str] = (), **kw) -> list[Unit]:
+        """One student per chain link, each distilling from the previous link's student."""
+        chain = int(entry.get("chain", 1))
+        mode = cls.teacher_mode(params)
+        parameters = {k: v for k, v in entry.items() if k not in ("method", "chain")}
+        out: list[Unit] = []
+        for link in range(1, chain + 1):
+            name = label if chain == 1 else f"{label}.{link}"
+            previous = out[-1] if out else None
+            if not cls.uses_teacher:
+                teachers, deps = [], []
+            elif previous is None:
+                teachers = list(self.exports)
+                deps = [t.key for t in self.teachers] if mode != "first" else self.first_teacher
+            else:
+                teachers, deps = [previous.export_path], [previous.key]
+            fields = dict(
+                role="student", label=name, method_name=method_name, method=parameters,
+                model=self.spec.student.model, optim=self.spec.student.train,
+                diagnostics_dir=str(self.spec.run_dir / "diagnostics" / f"seed{self.seed}-{name}"),
+                teacher_candidates=teachers, teacher_mode=mode if previous is None else "first",
+                depends_on=deps + list(depends_on))
+            student = self.unit(f"seed{self.seed}-{name}", **{**fields, **kw})
+            out.append(self.add(student))
+        return out
+
+
+def plan_units(spec: JobSpec, teacher_arch=None, input_shape=None) -> list[Unit]:
+    """Per seed: the teachers, then each method's units (its `plan` hook)."""
+    units: list[Unit] = []
+    for seed in spec.seeds:
+        plan = SeedPlan(spec, seed, teacher_arch, input_shape, [], [])
+        if spec.teacher.checkpoint:
+            plan.exports = [spec.teacher.checkpoint]
+        for k, arch in enumerate([] if spec.teacher.checkpoint else teacher_models(spec)):
+            suffix = str(k) if k else ""
+            plan.teachers.append(plan.add(plan.unit(
+                f"seed{seed}-teacher{suffix}", role="teacher", label="ce" + (f".t{k}" if k else ""),
+                method_name="ce", model=arch, optim=spec.teacher.train,
+                train_seed=seed + 1000 * k)))
+        plan.exports = plan.exports or [t.export_path for t in plan.teachers]
+        for label, entry in spec.methods.items():
+            cls, params = method_params(label, entry)
+            cls.plan(plan, label, dict(entry or {}), params)
+        units.extend(plan.units.values())
+    return units
+
+
+def preflight(spec: JobSpec, splits) -> None:
+    """Build every method against the job's student and teacher architectures on the driver,
+    so a mismatch (stage counts, feature shapes, k > classes) fails before any run starts."""
+    c, h, _ = splits.input_shape
+    student = build_model(spec.student.model, splits.num_classes, c, h)
+    teachers = teacher_architectures(spec, splits)
+    for label, entry in spec.methods.items():
+        cls, params = method_params(label, entry)
+        chosen = teachers if cls.teacher_mode(params) == "all" else teachers[:1]
+        contexts = [chosen]
+        if int((entry or {}).get("chain", 1)) > 1:
+            contexts.append([student])     # later links distil from the previous student
+        for group in contexts:
+            cls(params, MethodContext(student=student, num_classes=splits.num_classes,
+                                      input_shape=splits.input_shape, teacher=group[0],
+                                      teachers=group))

@@ -1,0 +1,114 @@
+"""What a job can say: the typed schema of a job spec, with a default for every field.
+
+Pure dataclasses (no loading, no validation: see raykd.config). Fields with a fixed set of
+values are `Literal` types, so the converter names the allowed values in its error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Optimizer = Literal["sgd", "adam"]
+Placement = Literal["auto", "local", "actors"]
+HeadLayout = Literal["together", "separate"]
+
+
+@dataclass
+class GaussianSpec:
+    """Options of the synthetic `gaussian` dataset."""
+    num_classes: int = 10
+    channels: int = 1
+    image_size: int = 8
+    samples: int = 2000
+    noise: float = 1.0
+
+
+@dataclass
+class DataSpec:
+    dataset: str = "mnist5k"
+    root: str | None = None           # local folder for cifar10/cifar100/imagenet
+    train_size: int | None = None     # limit training images (distillation helps most with few)
+    val_size: int | None = None       # None: the dataset's default
+    test_size: int | None = None
+    split_seed: int = 0               # the split is the same for every run seed
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    augment: bool = True              # standard augmentation for the torchvision datasets
+    image_size: int | None = None     # imagenet crop size (default 224)
+    loader_workers: int = 0
+    gaussian: GaussianSpec = field(default_factory=GaussianSpec)
+
+
+@dataclass
+class OptimSpec:
+    epochs: int = 10
+    optimizer: Optimizer = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of the run
+    lr_decay: float = 0.2
+
+
+@dataclass
+class TeacherSpec:
+    model: str = "cnn_wide"
+    checkpoint: str | None = None     # a raykd model export to use instead of training one
+    train: OptimSpec = field(default_factory=OptimSpec)
+    count: int = 1                    # teachers per seed (independent runs, different seeds)
+    models: list[str] = field(default_factory=list)   # or one teacher per listed architecture
+    # how students get the frozen teacher's outputs (raykd.teacher)
+    placement: Placement = "auto"     # local (in each worker) | actors (shard actors) | auto
+    shards: int = 1                   # contiguous block ranges, one Ray actor each
+    replicas: int = 1                 # copies of the shard chain, load-balanced
+    cpus_per_shard: float = 1.0
+    gpus_per_shard: float = 0.0       # a GPU fraction per shard actor (GPU clusters)
+    timeout_s: float = 120.0          # a request with no answer by then fails with an error
+    cache: bool = True                # store teacher outputs for deterministic inputs
+    cache_dir: str | None = None      # default: OUTPUT_DIR/feature_cache (shared across jobs)
+
+
+@dataclass
+class StudentSpec:
+    model: str = "cnn_small"
+    train: OptimSpec = field(default_factory=OptimSpec)
+
+
+@dataclass
+class HeadSpec:
+    """Classifier heads on the teacher's stages, for methods that use them (DIH)."""
+    pooled: bool = False              # average-pool before the linear layer (large maps)
+    layout: HeadLayout = "together"   # together: one run trains all heads on one teacher pass;
+                                      # separate: one run per head, concurrently
+    train: OptimSpec = field(default_factory=lambda: OptimSpec(epochs=10))
+
+
+@dataclass
+class RaySpec:
+    address: str | None = None        # None: the cluster in RAY_ADDRESS, else a local instance
+    num_cpus: int | None = None       # for a local instance
+    workers: int = 1                  # Ray Train workers per run (DDP when > 1)
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    max_parallel: int | None = None   # runs in flight at once (None: as resources allow)
+    max_failures: int = 1             # retries of a run, each resuming from its last checkpoint
+
+
+@dataclass
+class JobSpec:
+    name: str = "job"
+    output_dir: str = "runs"          # RUN_DIR = output_dir/name
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data: DataSpec = field(default_factory=DataSpec)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    student: StudentSpec = field(default_factory=StudentSpec)
+    heads: HeadSpec = field(default_factory=HeadSpec)
+    # label -> {method: NAME (defaults to the label), other keys: that method's parameters}
+    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"kd": {}})
+    ray: RaySpec = field(default_factory=RaySpec)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.name

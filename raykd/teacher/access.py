@@ -1,0 +1,32 @@
+"""How a training run reaches its teachers: a `TeacherHandle` becomes the `Teacher` interface
+in the worker (the model in-process, or a client of the job's shard actors), and for
+deterministic inputs the teacher's stored outputs (computed once, raykd.teacher.cache)."""
+from __future__ import annotations
+
+import logging
+
+from raykd.teacher.cache import cached_teacher
+from raykd.teacher.handle import TeacherHandle
+from raykd.teacher.local import LocalTeacher
+from raykd.teacher.service import TeacherClient
+
+log = logging.getLogger("raykd")
+
+
+def open_teacher(handle: TeacherHandle, device):
+    if handle.placement == "actors":
+        return TeacherClient(handle, device)
+    return LocalTeacher(handle.export_path, device)
+
+
+def open_teachers(handles: list[TeacherHandle], taps: list[str], data_spec, splits, device,
+                  name: str = "") -> list:
+    """The unit's teachers; for deterministic inputs, their stored outputs on the training split
+    (computed on first use by whichever run needs them first)."""
+    teachers = [open_teacher(h, device) for h in handles]
+    if not (taps and splits.deterministic):
+        return teachers
+    return [cached_teacher(t, h.cache_dir, h.export_path, data_spec, "train", splits.train, taps,
+                           data_spec.eval_batch_size,
+                           log=lambda m: log.info("[%s] %s", name, m))
+            if h.cache_dir else t for t, h in zip(teachers, handles)]

@@ -1,0 +1,58 @@
+"""What every training loop feeds on: indexed batches, teacher outputs requested one batch
+ahead, and top-1 evaluation (sharded across data-parallel workers)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """Yields (x, y, index) so a cached teacher can look its outputs up."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x, y, i
+
+
+def with_teacher(loader, teachers, taps, device):
+    """Yield (x, y, pending outputs of each teacher), asking for batch i+1 before batch i is
+    trained on, so teachers served by actors work while the student steps."""
+    previous = None
+    for x, y, index in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        pending = [t.submit(x, taps, index) for t in teachers] if taps else []
+        if previous is not None:
+            yield previous
+        previous = (x, y, pending)
+    if previous is not None:
+        yield previous
+
+
+def epoch_order(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling generator of one epoch: the same order on a resumed run."""
+    return torch.Generator().manual_seed(seed * 10_007 + epoch)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, batch_size: int, device, rank: int = 0,
+             world: int = 1) -> float:
+    """Top-1 accuracy; with several workers each scores a disjoint shard and counts are summed."""
+    shard = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in DataLoader(shard, batch_size=batch_size):
+        x, y = x.to(device), y.to(device)
+        correct[0] += (model(x).argmax(1) == y).sum()
+        correct[1] += len(y)
+    if world > 1:
+        dist.all_reduce(correct)
+    model.train(was_training)
+    return float(correct[0] / correct[1].clamp_min(1))

@@ -1,0 +1,163 @@
+"""Teachers and students: a staged model trained under a distillation method.
+
+The method names the student and teacher taps it needs; this kind gets the student's and the
+teachers' activations, and the skeleton sums the method's named losses. It never looks at which
+method it runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+
+import ray.train.torch
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from raykd.data import load_dataset
+from raykd.methods import MethodContext, Step, build_method
+from raykd.models import build_model, count_macs, count_params
+from raykd.models.export import build_stitched, candidate_spec, load_export, load_heads, save_export
+from raykd.teacher.access import open_teachers
+from raykd.train.batches import WithIndex, epoch_order, evaluate, with_teacher
+from raykd.train.skeleton import UnitTrainer, register_kind
+
+
+class TrainableParts(torch.nn.Module):
+    """The student plus the method's extra modules, so one optimizer, one checkpoint and one
+    DDP wrapper cover both. Its forward returns the student's requested taps."""
+
+    def __init__(self, model: torch.nn.Module, extra: torch.nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.extra = extra if extra is not None else torch.nn.Identity()
+
+    def forward(self, x, taps):
+        return self.model.features(x, taps)
+
+
+def write_diagnostics(folder: str, epoch: int, values: dict[str, list[torch.Tensor]]) -> None:
+    import pandas as pd
+
+    os.makedirs(folder, exist_ok=True)
+    frame = pd.DataFrame({k: torch.cat(v).numpy() for k, v in values.items()})
+    frame.insert(0, "epoch", epoch)
+    frame.to_parquet(os.path.join(folder, f"epoch-{epoch:04d}.parquet"), index=False)
+
+
+@register_kind
+class ModelTrainer(UnitTrainer):
+    kind = "model"
+    data_parallel = True
+
+    def build(self):
+        unit, device = self.unit, self.device
+        torch.manual_seed(unit.random_seed)
+        self.splits = splits = load_dataset(unit.data)
+        if unit.stitch:
+            model = build_stitched(dataclasses.asdict(unit.stitch))   # teacher's stem and head
+            if unit.reinit:             # same architecture, fresh weights (the baseline)
+                for m in model.modules():
+                    if hasattr(m, "reset_parameters"):
+                        m.reset_parameters()
+        else:
+            model = build_model(unit.model, splits.num_classes, splits.in_channels,
+                                splits.image_size)
+        # a model that starts from trained weights (a stitched student) is scored before training
+        self.initial = {
+            f"initial_{name}": evaluate(model.to(device), part, unit.data.eval_batch_size, device)
+            for name, part in (("val_top1", splits.val), ("test_top1", splits.test))
+        } if unit.stitch and not unit.reinit else {}
+        architectures = [load_export(h.export_path) for h in unit.teachers]
+        self.method = build_method(unit.method_name, unit.method, MethodContext(
+            student=model, num_classes=splits.num_classes, input_shape=splits.input_shape,
+            teacher=architectures[0] if architectures else None, teachers=architectures,
+            heads=load_heads(unit.head_exports) if unit.head_exports else None))
+        self.trainable = TrainableParts(model, self.method.modules()).to(device)
+        self.student = model
+        return self.trainable
+
+    def start(self, start_epoch):
+        unit = self.unit
+        # DDP (gloo or nccl) with several workers; a method's extra modules ride along
+        self.wrapped = ray.train.torch.prepare_model(self.trainable, move_to_device=False) \
+            if self.world > 1 else self.trainable
+        self.sampler = DistributedSampler(
+            self.splits.train, num_replicas=self.world, rank=self.rank, shuffle=True,
+            seed=unit.random_seed) if self.world > 1 else None
+        self.student_taps = sorted(set(self.method.student_taps()) | {"logits"})
+        self.teacher_taps = self.method.teacher_taps() if unit.teachers else []
+        self.teachers = open_teachers(unit.teachers, self.teacher_taps, unit.data, self.splits,
+                                      self.device, unit.key)
+
+    def train_mode(self):
+        self.trainable.train()
+        self.diagnostics = defaultdict(list)
+
+    def batches(self, epoch):
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        loader = DataLoader(
+            WithIndex(self.splits.train), batch_size=self.unit.data.batch_size,
+            sampler=self.sampler, shuffle=self.sampler is None, drop_last=False,
+            num_workers=self.unit.data.loader_workers,
+            generator=epoch_order(self.unit.random_seed, epoch))
+        return with_teacher(loader, self.teachers, self.teacher_taps, self.device)
+
+    def losses(self, batch, epoch):
+        x, y, pending = batch
+        teacher_outs = [p.result() for p in pending]
+        step = Step(x=x, y=y, student=self.wrapped(x, self.student_taps),
+                    teacher=teacher_outs[0] if teacher_outs else {}, epoch=epoch,
+                    epochs=self.unit.optim.epochs, teachers=teacher_outs)
+        if self.unit.diagnostics_dir:
+            for name, values in (self.method.diagnostics(step) or {}).items():
+                self.diagnostics[name].append(values.detach().float().cpu())
+        return self.method.losses(step)
+
+    def evaluate(self, epoch, final, seen):
+        unit, eval_batch = self.unit, self.unit.data.eval_batch_size
+        metrics = {**self.initial, "train_images": seen * self.world,
+                   **{f"w_{k}": v for k, v in
+                      self.method.loss_weights(epoch, unit.optim.epochs).items()},
+                   "val_top1": evaluate(self.student, self.splits.val, eval_batch, self.device,
+                                        self.rank, self.world)}
+        if final:   # reported for the final model only; nothing is ever selected on it
+            metrics["test_top1"] = evaluate(self.student, self.splits.test, eval_batch,
+                                            self.device, self.rank, self.world)
+        return metrics
+
+    def summary(self, metrics):
+        return f"val_top1 {metrics['val_top1']:.4f}"
+
+    def end_epoch(self, epoch, metrics):
+        if self.diagnostics:
+            write_diagnostics(self.unit.diagnostics_dir, epoch + 1, self.diagnostics)
+
+    def untrained_metrics(self):
+        return {**self.initial, "val_top1": self.initial.get("initial_val_top1"),
+                "test_top1": self.initial.get("initial_test_top1")}
+
+    def export(self):
+        s = self.splits
+        save_export(self.student, self.unit.export_path, s.num_classes, s.in_channels,
+                    s.image_size)
+
+    @classmethod
+    def rows(cls, unit, metrics, common, num_classes, input_shape):
+        """A zoo model's row; a stitched student also gets a row for before its fine-tuning."""
+        if unit.stitch:
+            model = load_export(unit.export_path)
+            name = "stitched:" + "+".join(candidate_spec(p) for _a, _b, p in unit.stitch.parts)
+        else:
+            model = build_model(unit.model, num_classes, input_shape[0], input_shape[1])
+            name = unit.model
+        row = {**common, "method": unit.label, "model": name, "val_top1": metrics.get("val_top1"),
+               "test_top1": metrics.get("test_top1"), "params": count_params(model),
+               "macs": count_macs(model, input_shape)}
+        if not unit.stitch or unit.reinit:
+            return [row]
+        before = {**row, "method": f"{unit.label}.stitched", "epochs": 0,
+                  "val_top1": metrics["initial_val_top1"],
+                  "test_top1": metrics["initial_test_top1"]}
+        return [before] if unit.optim.epochs == 0 else [before, row]

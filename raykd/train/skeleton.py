@@ -1,0 +1,135 @@
+"""The one epoch skeleton, run in every Ray Train worker for every kind of unit.
+
+Worker set-up, resume, the optimisation step, loss averaging, the epoch line, checkpointing and
+export are written once here. A unit kind (a `UnitTrainer` subclass, registered by name) supplies
+only what differs: the trainable module, its batches, the named losses of one batch, its
+evaluation, its export, and its results rows (built on the driver from the final metrics).
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any, ClassVar, Iterable
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from raykd.log import log, quiet_ray_logs, setup_logging
+from raykd.train.optim import make_optimizer, make_scheduler
+from raykd.train.progress import Progress, report
+from raykd.units import Unit
+
+
+class UnitTrainer:
+    kind: ClassVar[str] = ""
+    data_parallel: ClassVar[bool] = False    # may a run of this kind use several workers (DDP)?
+
+    def __init__(self, unit: Unit, rank: int, world: int, device: torch.device):
+        self.unit, self.rank, self.world, self.device = unit, rank, world, device
+
+    # ---- in the worker ---------------------------------------------------------------
+    def build(self) -> nn.Module:
+        """The trainable module: what the optimizer steps, checkpoints hold and DDP wraps."""
+        raise NotImplementedError
+
+    def start(self, start_epoch: int) -> None:
+        """After the checkpoint (if any) is restored, before the first epoch."""
+
+    def train_mode(self) -> None:
+        """Put whatever trains into training mode at the start of each epoch."""
+
+    def batches(self, epoch: int) -> Iterable[tuple]:
+        """One epoch's batches; each is a tuple whose first element holds the batch's samples."""
+        raise NotImplementedError
+
+    def losses(self, batch: tuple, epoch: int) -> dict[str, torch.Tensor]:
+        """Named losses of one batch; the skeleton sums them, steps and logs each."""
+        raise NotImplementedError
+
+    def evaluate(self, epoch: int, final: bool, seen: int) -> dict[str, Any]:
+        """Metrics after an epoch (the test split only when `final`)."""
+        return {}
+
+    def summary(self, metrics: dict) -> str:
+        """This kind's part of the epoch line."""
+        return ""
+
+    def end_epoch(self, epoch: int, metrics: dict) -> None:
+        """Anything to store per epoch besides metrics and checkpoint (rank 0 only)."""
+
+    def untrained_metrics(self) -> dict:
+        """Metrics of a run with zero epochs (evaluation only)."""
+        raise NotImplementedError(f"a {self.kind} unit needs at least one epoch")
+
+    def export(self) -> None:
+        """Write the trained model (rank 0 only)."""
+        raise NotImplementedError
+
+    # ---- on the driver ---------------------------------------------------------------
+    @classmethod
+    def rows(cls, unit: Unit, metrics: dict, common: dict, num_classes: int,
+             input_shape) -> list[dict]:
+        """The results rows of a finished unit, from its final metrics."""
+        raise NotImplementedError
+
+
+UNIT_KINDS: dict[str, type[UnitTrainer]] = {}
+
+
+def register_kind(cls: type[UnitTrainer]) -> type[UnitTrainer]:
+    UNIT_KINDS[cls.kind] = cls
+    return cls
+
+
+def run_epochs(kind: type[UnitTrainer], unit: Unit) -> None:
+    """Train `unit` with the trainer `kind` inside a Ray Train worker."""
+    setup_logging()
+    quiet_ray_logs()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(unit.cpus_per_worker)))
+    trainer = kind(unit, rank, world, ray.train.torch.get_device())
+    module = trainer.build()
+    optimizer = make_optimizer(module.parameters(), unit.optim)
+    scheduler = make_scheduler(optimizer, unit.optim)
+    progress = Progress(unit, module, optimizer, scheduler, trainer.device, rank)
+    start_epoch = progress.restore()
+    trainer.start(start_epoch)
+    epochs = unit.optim.epochs
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        trainer.train_mode()
+        sums: dict[str, float] = defaultdict(float)
+        seen = 0
+        for batch in trainer.batches(epoch):
+            terms = trainer.losses(batch, epoch)
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(batch[0])
+            seen += n
+            sums["loss"] += loss.item() * n
+            for name, value in terms.items():
+                sums[f"loss_{name}"] += value.item() * n
+        scheduler.step()
+        train_s = time.perf_counter() - started
+        metrics = {k: v / max(seen, 1) for k, v in sums.items()}
+        metrics.update(epoch=epoch + 1, epochs=epochs, resumed_from=start_epoch,
+                       lr=optimizer.param_groups[0]["lr"], epoch_s=train_s)
+        metrics.update(trainer.evaluate(epoch, epoch == epochs - 1, seen))
+        if rank == 0:
+            parts = "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()
+                              if k.startswith("loss_"))
+            log.info("[%s] epoch %d/%d  loss %.4f (%s)  %s  %.1fs", unit.key, epoch + 1, epochs,
+                     metrics.get("loss", float("nan")), parts, trainer.summary(metrics), train_s)
+            trainer.end_epoch(epoch, metrics)
+        progress.end_epoch(epoch, metrics)
+    if epochs == 0:
+        metrics = {"epoch": 0, "epochs": 0, "resumed_from": 0, **trainer.untrained_metrics()}
+        report(metrics, progress.state(-1, metrics), rank)
+    progress.finish(start_epoch, epochs)
+    if rank == 0:
+        trainer.export()

@@ -1,0 +1,128 @@
+"""Typed conversion of plain YAML values into dataclasses, and dotted `key=value` overrides.
+
+Generic: it knows dataclasses, lists, dicts, `Literal` choices and scalars, nothing about jobs.
+Every error is a `RaykdError` that names the dotted path of the offending field and what is
+allowed there, so the CLI can print it as one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from raykd.errors import RaykdError
+
+
+def choices(tp) -> tuple | None:
+    """The allowed values of a `Literal[...]` type (None for any other type)."""
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def check_choice(value, allowed, path: str):
+    if value not in allowed:
+        raise RaykdError(f"{path}: unknown {value!r}; allowed: {', '.join(map(str, allowed))}")
+    return value
+
+
+def convert(tp, value, path: str):
+    """Convert a YAML value to the annotated type, or raise RaykdError naming `path`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return convert(inner[0], value, path)
+    allowed = choices(tp)
+    if allowed is not None:
+        return check_choice(value, allowed, path)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise RaykdError(f"{path}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise RaykdError(f"{path}: expected a list, got {value!r}")
+        return [convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise RaykdError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): (v if v is not None else {}) for k, v in value.items()}
+    if tp is Any:
+        return value
+    return _scalar(tp, value, path)
+
+
+def _scalar(tp, value, path: str):
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RaykdError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RaykdError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RaykdError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise RaykdError(f"{path}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported field type {tp} at {path}")
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types are RaykdErrors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    where = f"{path}." if path else ""
+    if unknown:
+        raise RaykdError(
+            f"unknown key {where}{unknown[0]!s}; allowed under {path or 'the job'}: {', '.join(names)}")
+    kwargs = {k: convert(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RaykdError(f"override {text!r} is not key=value (e.g. student.train.epochs=5)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise RaykdError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each dotted `key=value` in the nested mapping `raw` (values parsed as YAML)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise RaykdError(f"override {text!r}: {k} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw

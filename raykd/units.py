@@ -1,0 +1,81 @@
+"""What one Ray Train run trains: a `Unit`, the record that planning produces and workers read.
+
+A unit says which loop trains it (`kind`, see raykd.train.kinds), what its results rows are
+called (`role`), what it depends on, and where its outputs go. Small typed records carry what a
+particular kind needs (the heads to train, the neighbourhood to distil, the parts to stitch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from raykd.specs import DataSpec, OptimSpec
+from raykd.teacher.handle import TeacherHandle
+
+Role = Literal["teacher", "student", "head", "neighbourhood"]   # a results row's role
+Kind = Literal["model", "heads", "neighbourhood"]               # which training loop
+TeacherMode = Literal["first", "best", "all"]
+Inputs = Literal["data", "gaussian"]
+
+
+@dataclass
+class HeadsPart:
+    """Classifier heads to train on the frozen teacher's stages (DIH)."""
+    stages: list[str]
+    pooled: bool = False
+
+
+@dataclass
+class NeighbourhoodPart:
+    """One candidate to distil for one neighbourhood (a block range) of the teacher."""
+    name: str
+    start: int
+    stop: int
+    candidate: str
+    inputs: Inputs
+    gaussian_samples: int
+    input_shape: tuple[int, int, int]
+
+
+@dataclass
+class StitchPlan:
+    """A stitched student: the teacher export and, per neighbourhood, its chosen candidate export.
+    Stored inside the student's export (as a plain dict) so it can be rebuilt."""
+    teacher: str
+    parts: list[tuple[int, int, str]]     # (start, stop, candidate export), in block order
+
+
+@dataclass
+class Unit:
+    key: str                      # unique in the job, e.g. "seed0-kd"; also the Ray Train run name
+    role: Role
+    label: str                    # the job's name for it ("kd", "kd_top5", "heads", ...)
+    model: str
+    optim: OptimSpec
+    data: DataSpec
+    seed: int
+    export_path: str              # where the trained model is written
+    kind: Kind = "model"
+    method_name: str | None = None    # registered method that trains it (kind "model")
+    method: dict[str, Any] = field(default_factory=dict)   # that method's parameters
+    history_path: str = ""        # per-epoch metrics, one JSON object a line (appended)
+    diagnostics_dir: str = ""     # per-sample diagnostics a method emits, one Parquet per epoch
+    train_seed: int | None = None            # initialisation/order seed if not `seed` (teacher k)
+    # the frozen teachers this unit may distil from, and which of them it uses
+    teacher_candidates: list[str] = field(default_factory=list)
+    teacher_mode: TeacherMode = "first"
+    teacher_exports: list[str] = field(default_factory=list)      # resolved at launch
+    teachers: list[TeacherHandle] = field(default_factory=list)   # how to reach them
+    cpus_per_worker: float = 1.0
+    depends_on: list[str] = field(default_factory=list)
+    heads: HeadsPart | None = None                 # kind heads: what to train
+    head_exports: list[str] = field(default_factory=list)  # trained heads a student's method uses
+    neighbourhood: NeighbourhoodPart | None = None  # kind neighbourhood: what to distil
+    stitch_from: list[str] = field(default_factory=list)   # a stitched student's part units
+    stitch: StitchPlan | None = None   # chosen at launch from the parts' rows
+    reinit: bool = False          # train the stitched architecture from a fresh initialisation
+    fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint
+
+    @property
+    def random_seed(self) -> int:
+        return self.seed if self.train_seed is None else self.train_seed

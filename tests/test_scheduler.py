@@ -1,0 +1,65 @@
+"""The dependency scheduler, on trivial Ray tasks: order, concurrency limit, "not yet", and
+failures that stop only their dependants."""
+import time
+
+import ray
+
+from raykd.scheduler import run_in_order
+
+
+@ray.remote(num_cpus=0)
+def job(key: str, fail: bool = False):
+    started = time.time()
+    time.sleep(0.2)
+    if fail:
+        raise ValueError(f"{key} broke\nsecond line")
+    return key, started, time.time()
+
+
+def test_dependencies_run_first_and_the_limit_holds(ray_session):
+    tasks = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": []}
+    spans = {}
+    failures = run_in_order(tasks, lambda k: job.remote(k),
+                            on_done=lambda k, v: spans.__setitem__(k, v[1:]), limit=2)
+    assert failures == {} and set(spans) == set(tasks)
+    for key, deps in tasks.items():
+        for dep in deps:
+            assert spans[dep][1] <= spans[key][0], f"{key} started before {dep} ended"
+    events = sorted([(s, 1) for s, _ in spans.values()] + [(e, -1) for _, e in spans.values()])
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    assert most <= 2
+
+
+def test_a_failure_stops_its_dependants_only(ray_session):
+    tasks = {"a": [], "b": ["a"], "c": ["b"], "x": []}
+    done, failed_seen = [], []
+    failures = run_in_order(tasks, lambda k: job.remote(k, fail=(k == "a")),
+                            on_done=lambda k, v: done.append(k),
+                            on_failed=lambda k, r: failed_seen.append(k), limit=4)
+    assert done == ["x"]
+    assert failures["a"] == "second line"
+    assert failures["b"] == "not run: a failed" and failures["c"] == "not run: b failed"
+    assert sorted(failed_seen) == ["a", "b", "c"]
+
+
+def test_not_yet_is_offered_again_and_done_keys_are_skipped(ray_session):
+    offers = {"b": 0}
+
+    def launch(key):
+        if key == "b" and offers["b"] == 0:   # e.g. its teacher service waits for CPUs
+            offers["b"] += 1
+            return None
+        return job.remote(key)
+
+    ran = []
+    failures = run_in_order({"a": [], "b": [], "c": ["a"], "z": []}, launch,
+                            on_done=lambda k, v: ran.append(k), limit=1, done={"z"})
+    assert failures == {} and sorted(ran) == ["a", "b", "c"] and offers["b"] == 1
+
+
+def test_nothing_launchable_is_reported_not_dropped(ray_session):
+    failures = run_in_order({"a": []}, lambda k: None)
+    assert failures == {"a": "not run: it could not be launched (dependencies or resources)"}
