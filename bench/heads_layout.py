@@ -22,7 +22,7 @@ def main() -> None:
 
     from raykd.config import job_from_dict
     from raykd.data import load_dataset
-    from raykd.plan import plan_units, teacher_architectures
+    from raykd.plan import plan_units
     from raykd.ray_env import init_ray
     from raykd.teacher import LocalTeacher, TeacherHandle
     from raykd.teacher.cache import cached_teacher
@@ -44,7 +44,7 @@ def main() -> None:
     for layout in ("together", "separate"):
         s = spec(layout)
         splits = load_dataset(s.data)
-        units = [u for u in plan_units(s, teacher_architectures(s, splits)[0]) if u.role == "head"]
+        units = [u for u in plan_units(s, splits) if u.role == "head"]
         cache_dir = str(work / "feature_cache")
         for u in units:
             u.teachers = [TeacherHandle(str(teacher_path), "local", cache_dir=cache_dir)]

@@ -29,7 +29,7 @@ def main() -> None:
     from raykd.config import load_job
     from raykd.data import load_dataset
     from raykd.pipeline import run_job
-    from raykd.plan import plan_units, teacher_architectures
+    from raykd.plan import plan_units
     from raykd.ray_env import init_ray
     from raykd.teacher import TeacherHandle
     from raykd.train.runner import fit_unit
@@ -66,7 +66,7 @@ def main() -> None:
         teacher = str(spec.run_dir / "models" / "seed0-teacher.pt")
         s.teacher = dataclasses.replace(spec.teacher, checkpoint=teacher)
         s.seeds = [0]
-        units = [u for u in plan_units(s, teacher_architectures(s, splits)[0], splits.input_shape)
+        units = [u for u in plan_units(s, splits)
                  if u.role == "neighbourhood"]
         for u in units:
             u.cpus_per_worker = 2.0 / parallel

@@ -96,13 +96,21 @@ def smoothed_labels(targets: torch.Tensor, num_classes: int, epsilon: float) -> 
     return out
 
 
-def reweighting_factor(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                       targets: torch.Tensor, teacher_weight: float) -> torch.Tensor:
-    """Tang et al.'s per-example factor on the true-class gradient at T=1, relative to plain CE:
-    w = 1 - l (1 - p_t,y) / (1 - q_y), q the student's probabilities."""
-    q_y = F.softmax(student_logits.detach(), dim=1).gather(1, targets[:, None]).squeeze(1)
-    p_y = teacher_probs.detach().gather(1, targets[:, None]).squeeze(1)
-    return 1.0 - teacher_weight * (1.0 - p_y) / (1.0 - q_y).clamp_min(1e-6)
+def reweighting_factor(student_logits: torch.Tensor, target_probs: torch.Tensor,
+                       targets: torch.Tensor, alpha: float, temperature: float = 1.0
+                       ) -> torch.Tensor:
+    """Tang et al.'s per-example factor on the true-class logit's gradient, relative to plain CE,
+    for L = (1 - a) CE(z, y) + a T^2 KL(q || p^T(z)) with q the distilled distribution at T:
+
+        w = (1 - a) + a T (p^T_y - q_y) / (p_y - 1),   p = softmax(z), p^T = softmax(z / T).
+
+    At T = 1 this is the paper's w = 1 - a (1 - q_y) / (1 - p_y)."""
+    z = student_logits.detach()
+    y = targets[:, None]
+    p_y = F.softmax(z, dim=1).gather(1, y).squeeze(1)
+    p_t_y = F.softmax(z / temperature, dim=1).gather(1, y).squeeze(1)
+    q_y = target_probs.detach().gather(1, y).squeeze(1)
+    return (1 - alpha) + alpha * temperature * (p_t_y - q_y) / (p_y - 1).clamp_max(-1e-6)
 
 
 def dih_loss(student_logits: torch.Tensor, cohort_logits: list[torch.Tensor],

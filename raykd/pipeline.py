@@ -19,7 +19,7 @@ from raykd.data import load_dataset
 from raykd.errors import RaykdError
 from raykd.log import log
 from raykd.methods import method_class
-from raykd.plan import plan_units, preflight, teacher_architectures
+from raykd.plan import plan_units, preflight
 from raykd.results import ResultsTable
 from raykd.scheduler import run_in_order
 from raykd.specs import JobSpec
@@ -59,8 +59,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None):
     splits = splits or load_dataset(spec.data)   # absent data fails here, before any run
     preflight(spec, splits)
     table = ResultsTable(run_dir)
-    units = {u.key: u for u in plan_units(spec, teacher_architectures(spec, splits)[0],
-                                          splits.input_shape)}
+    units = {u.key: u for u in plan_units(spec, splits)}
     for key, epoch in (fail_at or {}).items():
         units[key].fail_at_epoch = epoch
     done = {k for k, u in units.items() if table.get(k) and Path(u.export_path).exists()}

@@ -33,7 +33,8 @@ class SeedPlan:
     """What a method's `plan` hook sees for one seed, and how it makes units."""
     spec: JobSpec
     seed: int
-    teacher_arch: StagedModel | None
+    teacher_arch: StagedModel           # teacher 0's architecture (shapes only)
+    student_arch: StagedModel           # the job's student architecture (shapes only)
     input_shape: tuple[int, int, int]
     teachers: list[Unit]          # this seed's teacher units ([] with teacher.checkpoint)
     exports: list[str]            # this seed's teacher exports (teacher 0 first)
@@ -57,15 +58,18 @@ class SeedPlan:
         return [t.key for t in self.teachers[:1]]
 
     def students(self, label: str, method_name: str, entry: dict, params, cls,
-                 depends_on: list[str] = (), **kw) -> list[Unit]:
-        """One student per chain link, each distilling from the previous link's student."""
+                 depends_on: list[str] = (), per_link=None, **kw) -> list[Unit]:
+        """One student per chain link, each distilling from the previous link's student.
+        `per_link(link, teacher_exports, teacher_keys)` may add fields to a link's unit (e.g.
+        the heads trained on that link's teacher) and list extra dependencies under
+        `depends_on`."""
         chain = int(entry.get("chain", 1))
-        mode = cls.teacher_mode(params)
         parameters = {k: v for k, v in entry.items() if k not in ("method", "chain")}
         out: list[Unit] = []
         for link in range(1, chain + 1):
             name = label if chain == 1 else f"{label}.{link}"
             previous = out[-1] if out else None
+            mode = cls.link_teacher_mode(params, link, chain)
             if not cls.uses_teacher:
                 teachers, deps = [], []
             elif previous is None:
@@ -73,30 +77,37 @@ class SeedPlan:
                 deps = [t.key for t in self.teachers] if mode != "first" else self.first_teacher
             else:
                 teachers, deps = [previous.export_path], [previous.key]
+            extra = dict(per_link(link, teachers, deps)) if per_link else {}
             fields = dict(
                 role="student", label=name, method_name=method_name, method=parameters,
                 model=self.spec.student.model, optim=self.spec.student.train,
                 diagnostics_dir=str(self.spec.run_dir / "diagnostics" / f"seed{self.seed}-{name}"),
-                teacher_candidates=teachers, teacher_mode=mode if previous is None else "first",
-                depends_on=deps + list(depends_on))
-            student = self.unit(f"seed{self.seed}-{name}", **{**fields, **kw})
+                teacher_candidates=teachers, teacher_mode=mode,
+                depends_on=deps + list(depends_on) + extra.pop("depends_on", []))
+            student = self.unit(f"seed{self.seed}-{name}", **{**fields, **kw, **extra})
             out.append(self.add(student))
         return out
 
 
-def plan_units(spec: JobSpec, teacher_arch=None, input_shape=None) -> list[Unit]:
+def student_architecture(spec: JobSpec, splits) -> StagedModel:
+    c, h, _ = splits.input_shape
+    return build_model(spec.student.model, splits.num_classes, c, h)
+
+
+def plan_units(spec: JobSpec, splits) -> list[Unit]:
     """Per seed: the teachers, then each method's units (its `plan` hook)."""
+    teacher_arch = teacher_architectures(spec, splits)[0]
+    student_arch = student_architecture(spec, splits)
     units: list[Unit] = []
     for seed in spec.seeds:
-        plan = SeedPlan(spec, seed, teacher_arch, input_shape, [], [])
+        plan = SeedPlan(spec, seed, teacher_arch, student_arch, splits.input_shape, [], [])
         if spec.teacher.checkpoint:
             plan.exports = [spec.teacher.checkpoint]
         for k, arch in enumerate([] if spec.teacher.checkpoint else teacher_models(spec)):
             suffix = str(k) if k else ""
             plan.teachers.append(plan.add(plan.unit(
                 f"seed{seed}-teacher{suffix}", role="teacher", label="ce" + (f".t{k}" if k else ""),
-                method_name="ce", model=arch, optim=spec.teacher.train,
-                train_seed=seed + 1000 * k)))
+                method_name="ce", model=arch, optim=spec.teacher.train)))
         plan.exports = plan.exports or [t.export_path for t in plan.teachers]
         for label, entry in spec.methods.items():
             cls, params = method_params(label, entry)
@@ -108,16 +119,16 @@ def plan_units(spec: JobSpec, teacher_arch=None, input_shape=None) -> list[Unit]
 def preflight(spec: JobSpec, splits) -> None:
     """Build every method against the job's student and teacher architectures on the driver,
     so a mismatch (stage counts, feature shapes, k > classes) fails before any run starts."""
-    c, h, _ = splits.input_shape
-    student = build_model(spec.student.model, splits.num_classes, c, h)
+    student = student_architecture(spec, splits)
     teachers = teacher_architectures(spec, splits)
     for label, entry in spec.methods.items():
         cls, params = method_params(label, entry)
-        chosen = teachers if cls.teacher_mode(params) == "all" else teachers[:1]
+        chain = int((entry or {}).get("chain", 1))
+        chosen = teachers if cls.link_teacher_mode(params, 1, chain) == "all" else teachers[:1]
         contexts = [chosen]
-        if int((entry or {}).get("chain", 1)) > 1:
+        if chain > 1:
             contexts.append([student])     # later links distil from the previous student
         for group in contexts:
             cls(params, MethodContext(student=student, num_classes=splits.num_classes,
                                       input_shape=splits.input_shape, teacher=group[0],
-                                      teachers=group))
+                                      teachers=group, shapes_only=True))

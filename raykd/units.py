@@ -6,6 +6,7 @@ particular kind needs (the heads to train, the neighbourhood to distil, the part
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,7 +61,7 @@ class Unit:
     method: dict[str, Any] = field(default_factory=dict)   # that method's parameters
     history_path: str = ""        # per-epoch metrics, one JSON object a line (appended)
     diagnostics_dir: str = ""     # per-sample diagnostics a method emits, one Parquet per epoch
-    train_seed: int | None = None            # initialisation/order seed if not `seed` (teacher k)
+    seed_stream: str = ""         # what its random seed derives from with `seed` (default: key)
     # the frozen teachers this unit may distil from, and which of them it uses
     teacher_candidates: list[str] = field(default_factory=list)
     teacher_mode: TeacherMode = "first"
@@ -78,4 +79,12 @@ class Unit:
 
     @property
     def random_seed(self) -> int:
-        return self.seed if self.train_seed is None else self.train_seed
+        """Initialisation and batch-order seed: its own stream per unit, derived from the job seed
+        and the unit's key, so no two units (a teacher and a same-architecture student, a chain
+        link and its teacher) start from the same weights or see the same batch order."""
+        return derive_seed(self.seed, self.seed_stream or self.key)
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF

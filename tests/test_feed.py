@@ -56,8 +56,9 @@ def test_several_teachers_parallel_and_sequential_feed(ray_session, tmp_path):
     assert df.loc["kd_best", "teachers"] == teachers.loc[best, "unit"]
     assert df.loc["kd_ensemble", "teachers"] == "seed0-teacher,seed0-teacher1"
     assert df.loc["feed", "teachers"] == "seed0-teacher,seed0-teacher1"
-    # sequential FEED: the second link distils from the first link's student
-    assert df.loc["feed_seq.1", "teachers"] == "seed0-teacher,seed0-teacher1"
+    # sequential FEED starts from one pretrained teacher (not parallel FEED over both); the
+    # second link distils from the first link's student
+    assert df.loc["feed_seq.1", "teachers"] == "seed0-teacher"
     assert df.loc["feed_seq.2", "teachers"] == "seed0-feed_seq.1"
     # the exported students carry no transformations
     plain = count_params(build_model("cnn_small", 10, 1, 8))

@@ -14,7 +14,8 @@ from raykd.losses import (
     soft_target_kd_loss,
     topk_teacher,
 )
-from raykd.schedules import early_decay_teacher
+from raykd.methods.channel import ChannelParams
+from raykd.schedules import channel_distillation_schedule
 from raykd.teacher_transforms import similarity_targets, transform_teacher
 
 
@@ -87,31 +88,45 @@ def test_reweighting_factor_by_hand():
     # l = 0.5, p_t,y = 0.8, q_y = 0.6: w = 1 - 0.5 * 0.2 / 0.4 = 0.75
     student = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
     teacher = torch.tensor([[0.8, 0.1, 0.1]])
-    assert reweighting_factor(student, teacher, torch.tensor([0]), 0.5).item() == pytest.approx(0.75)
+    w = reweighting_factor(student, teacher, torch.tensor([0]), 0.5)
+    assert w.item() == pytest.approx(0.75)   # 1 - a (1 - q_y) / (1 - p_y) at T=1
 
 
-@pytest.mark.parametrize("epoch,ce,gkd,cd", [
-    (0, 0, 0, 6), (29, 0, 0, 6), (30, 1, 1, 5.4), (59, 1, 1, 5.4), (60, 1, 1, 4.86),
-    (90, 1, 1, 4.374), (99, 1, 1, 4.374)])
-def test_edt_imagenet_recipe_100_epochs(epoch, ce, gkd, cd):
-    # CD-only for the first 30 of 100 epochs; CD x0.9 every 30 epochs
-    w = early_decay_teacher(1.0, 1.0, 6.0, warmup=0.3, decay=0.9, decay_at=[0.3, 0.6, 0.9])
-    assert (w["ce"](epoch, 100), w["gkd"](epoch, 100)) == (ce, gkd)
-    assert w["cd"](epoch, 100) == pytest.approx(cd)
+def official_weights(e: int, dataset: str, edt: bool) -> tuple[float, float, float]:
+    """(CE, GKD, CD) weights at 1-based epoch e, transcribed from the official Channel
+    Distillation code's `adjust_loss_alpha` (lrdv1 = no EDT, lrdv2 = EDT)."""
+    if dataset == "imagenet":
+        ce, gkd, cd = 1.0, 1.0, 6.0 * 0.9 ** (e // 30)
+        if edt and e <= 30:
+            ce = gkd = 0.0
+        return ce, gkd, cd
+    if not edt:
+        return 1.0, 0.1, 6.0
+    exponent = 2 if e >= 160 else 1 if e >= 60 else 0
+    off = e <= 60
+    return (0.0 if off else 1.0), (0.0 if off else 0.1), 6.0 * 0.9 ** exponent
 
 
-@pytest.mark.parametrize("epoch,ce,gkd,cd", [
-    (0, 0, 0, 6), (59, 0, 0, 6), (60, 1, 0.1, 5.4), (119, 1, 0.1, 5.4), (120, 1, 0.1, 4.86),
-    (159, 1, 0.1, 4.86), (160, 1, 0.1, 4.374), (199, 1, 0.1, 4.374)])
-def test_edt_cifar100_recipe_200_epochs(epoch, ce, gkd, cd):
-    # CD-only for the first 60 of 200 epochs; CD x0.9 at the lr milestones 60/120/160
-    w = early_decay_teacher(1.0, 0.1, 6.0, warmup=0.3, decay=0.9, decay_at=[0.3, 0.6, 0.8])
-    assert (w["ce"](epoch, 200), w["gkd"](epoch, 200)) == (ce, gkd)
-    assert w["cd"](epoch, 200) == pytest.approx(cd)
+@pytest.mark.parametrize("dataset,edt,job", [
+    ("imagenet", True, {"gkd": 1.0, "edt": True, "cd_decay_at": [0.3, 0.6, 0.9]}),
+    ("imagenet", False, {"gkd": 1.0, "cd_decay_at": [0.3, 0.6, 0.9]}),
+    ("cifar100", True, {"edt": True}),            # the defaults are CIFAR-100's recipe
+    ("cifar100", False, {}),
+])
+def test_cd_weights_match_the_official_schedule_epoch_by_epoch(dataset, edt, job):
+    p = ChannelParams(**job)
+    epochs = 100 if dataset == "imagenet" else 200
+    w = channel_distillation_schedule(p.ce, p.gkd, p.cd, p.edt, p.warmup, p.cd_decay,
+                                      p.decay_points)
+    for epoch in range(epochs):   # ours are 0-based
+        ours = (w["ce"](epoch, epochs), w["gkd"](epoch, epochs), w["cd"](epoch, epochs))
+        assert ours == pytest.approx(official_weights(epoch + 1, dataset, edt)), epoch
+    if dataset == "cifar100" and edt:   # decayed twice, not three times: 6 x 0.9^2 at the end
+        assert w["cd"](epochs - 1, epochs) == pytest.approx(4.86)
 
 
 def test_edt_short_run_keeps_the_shape():
-    w = early_decay_teacher(1.0, 0.1, 6.0, warmup=0.3, decay=0.9, decay_at=[0.3, 0.6, 0.8])
-    ce = [w["ce"](e, 10) for e in range(10)]
-    assert ce == [0, 0, 0, 1, 1, 1, 1, 1, 1, 1]
-    assert w["cd"](9, 10) == pytest.approx(6 * 0.9 ** 3)
+    w = channel_distillation_schedule(1.0, 0.1, 6.0, True, 0.3, 0.9, [0.3, 0.8])
+    # 10 epochs: CD-only for epochs 0-2; the CD decays are in force from epochs 2 and 7
+    assert [w["ce"](e, 10) for e in range(10)] == [0, 0, 0] + [1.0] * 7
+    assert [round(w["cd"](e, 10), 3) for e in range(10)] == [6, 6] + [5.4] * 5 + [4.86] * 3

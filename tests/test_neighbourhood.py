@@ -78,9 +78,9 @@ def test_units_run_in_parallel_fail_once_resume_and_stitch(ray_session, tmp_path
     df = run_job(spec, fail_at={"seed0-nd-stage3-w0.5d1": 1}).set_index("method")
     parts = df[df.role == "neighbourhood"]
     assert sorted(parts.index) == ["nd:stage2:w0.5d1", "nd:stage3:w0.5d1"]
-    # both units ran at once
+    # both units trained at once: their workers' training spans overlap
     a, b = parts.iloc[0], parts.iloc[1]
-    assert a.started_at < b.finished_at and b.started_at < a.finished_at
+    assert a.trained_from < b.trained_until and b.trained_from < a.trained_until
     # the unit that failed after epoch 1 was retried from its checkpoint and finished
     assert parts.loc["nd:stage3:w0.5d1", "resumed_from"] == 1
     assert (parts.epochs == 3).all()
@@ -116,3 +116,68 @@ def test_gaussian_inputs_train_without_touching_the_dataset(ray_session, tmp_pat
     assert hist.loss_mse.iloc[-1] < hist.loss_mse.iloc[0]
     assert hist.recon_val.iloc[-1] < hist.recon_val.iloc[0]
     assert pd.isna(row["val_top1"])           # no images, so no swapped-teacher accuracy
+
+
+def test_selection_is_exact_where_greedy_fails_and_matches_brute_force():
+    import itertools
+    import random
+
+    # greedy by error-per-parameter saved picks s1's cheap option and cannot then afford s2's
+    # good one; the optimum spends the budget on s2
+    rows = [{"neighbourhood": "s1", "recon_val": 0.10, "params": 60, "replaced_params": 100},
+            {"neighbourhood": "s1", "recon_val": 0.12, "params": 20, "replaced_params": 100},
+            {"neighbourhood": "s2", "recon_val": 0.10, "params": 90, "replaced_params": 100},
+            {"neighbourhood": "s2", "recon_val": 0.90, "params": 10, "replaced_params": 100}]
+    chosen, params = choose_candidates(rows, 200, 110)
+    assert (chosen["s1"]["params"], chosen["s2"]["params"], params) == (20, 90, 110)
+    rng = random.Random(0)
+    for _ in range(30):   # against brute force on small random libraries
+        rows = [{"neighbourhood": f"n{g}", "recon_val": rng.random(), "params": rng.randint(1, 50),
+                 "replaced_params": 40} for g in range(4) for _ in range(3)]
+        budget = 160 + rng.randint(-60, 40)
+        groups = [[r for r in rows if r["neighbourhood"] == f"n{g}"] for g in range(4)]
+        fits = [c for c in itertools.product(*groups)
+                if 160 + sum(r["params"] - 40 for r in c) <= budget]
+        if not fits:
+            with pytest.raises(RaykdError, match="no stitched student fits"):
+                choose_candidates(rows, 160, budget)
+            continue
+        best = min(sum(r["recon_val"] for r in c) for c in fits)
+        chosen, params = choose_candidates(rows, 160, budget)
+        assert params <= budget
+        assert sum(r["recon_val"] for r in chosen.values()) == pytest.approx(best)
+
+
+def test_selection_scales_to_block_level_groups_of_a_deep_teacher():
+    teacher = build_model("resnet56", 10)
+    plan = neighbourhoods(teacher, [n for n in teacher.block_names[1:-1]])
+    assert len(plan) == 27   # 2 candidates each: 1.3e8 combinations to enumerate
+    rows = [{"neighbourhood": name, "recon_val": (i % 7) / 10 + w, "params": int(1000 * w),
+             "replaced_params": 1000} for i, (name, _, _) in enumerate(plan) for w in (0.25, 0.5)]
+    chosen, params = choose_candidates(rows, 27_000, 27_000 - 27 * 600)
+    assert len(chosen) == 27
+    assert params <= 27_000 - 27 * 600
+
+
+def test_candidates_and_connectors_end_in_relu_only_where_the_teacher_does():
+    from raykd.methods import MethodContext, build_method
+    from raykd.models.staged import nonnegative_taps
+
+    wrn = build_model("wrn_16_2", 10).eval()   # pre-activation: stage outputs go negative
+    taps = nonnegative_taps(wrn, ["stage2", "stage3"], (3, 32, 32))
+    assert taps == {"stage2": False, "stage3": False}
+    assert all(nonnegative_taps(build_model("resnet8", 10), ["stage1", "stage3"],
+                                (3, 32, 32)).values())
+    # a candidate for a pre-activation boundary can fit negative targets; with a ReLU it cannot
+    torch.manual_seed(0)
+    shapes = block_shapes(wrn, (3, 32, 32))
+    free = Candidate("w0.5d1", shapes[2][0], shapes[2][1], relu_out=False)
+    clipped = Candidate("w0.5d1", shapes[2][0], shapes[2][1], relu_out=True)
+    x = torch.randn(8, *shapes[2][0])
+    assert bool((free(x) < 0).any()) and bool((clipped(x) >= 0).all())
+    # CD against a WRN teacher: connectors without a final ReLU; against resnet8, with one
+    for teacher, relu in ((wrn, False), (build_model("resnet8", 10), True)):
+        cd = build_method("cd", {}, MethodContext(student=build_model("resnet8", 10),
+                                                  num_classes=10, input_shape=(3, 32, 32),
+                                                  teacher=teacher))
+        assert all(isinstance(c[-1], nn.ReLU) == relu for c in cd.modules())

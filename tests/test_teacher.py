@@ -170,16 +170,61 @@ def test_cache_miss_then_hit_then_invalidation(tmp_path):
         str(path), DataSpec(dataset="digits", train_size=300, batch_size=7), "train", ["logits"])
 
 
-def test_concurrent_writers_cannot_corrupt_an_entry(tmp_path):
+def _store_after(barrier, root: str, key: str, fill: float, rows: int, result) -> None:
+    """A separate writer process: wait for the others, then store an entry."""
+    cache = FeatureCache(root)
+    barrier.wait()
+    result.put(cache.store(key, {"feat": torch.full((rows, 64), fill)}))
+
+
+def test_concurrent_writer_processes_leave_one_valid_entry(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    for round_ in range(3):
+        key = f"k{round_}"
+        barrier, result = ctx.Barrier(2), ctx.Queue()
+        writers = [ctx.Process(target=_store_after,
+                               args=(barrier, str(tmp_path), key, float(i + 1), 20000, result))
+                   for i in range(2)]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join(120)
+            assert w.exitcode == 0
+        assert sorted(result.get() for _ in writers) == [False, True]   # exactly one won
+        feat = FeatureCache(tmp_path).load(key)["feat"]
+        assert feat.shape == (20000, 64) and feat.unique().numel() == 1   # one writer's, whole
+    assert not list(tmp_path.glob(".tmp-*"))   # the loser cleaned up after itself
+
+
+def _store_forever(root: str) -> None:
+    FeatureCache(root).store("j", {"feat": torch.randn(400_000, 64)})
+
+
+def test_a_writer_killed_mid_write_leaves_no_entry(tmp_path):
+    import multiprocessing as mp
+    import os
+    import signal
+    import time
+
+    writer = mp.get_context("spawn").Process(target=_store_forever, args=(str(tmp_path),))
+    writer.start()
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".tmp-j-*/part-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(writer.pid, signal.SIGKILL)   # mid-write: some parts on disk, no manifest
+    writer.join()
+    assert list(tmp_path.glob(".tmp-j-*")), "the writer was killed before it started writing"
     cache = FeatureCache(tmp_path)
-    a = {"logits": torch.arange(12.0).reshape(6, 2)}
-    b = {"logits": torch.zeros(6, 2)}
-    assert cache.store("k", a) is True
-    assert cache.store("k", b) is False        # the first writer won; its entry is intact
-    assert torch.equal(cache.load("k")["logits"], a["logits"])
-    # a writer that died half-way leaves only a private temporary folder, never an entry
-    (tmp_path / ".tmp-j-dead").mkdir()
-    assert cache.load("j") is None
+    assert cache.load("j") is None            # a half-written entry is never served
+    fresh = {"feat": torch.randn(10, 4)}
+    assert cache.store("j", fresh) is True    # and does not block a later writer
+    assert torch.equal(cache.load("j")["feat"], fresh["feat"])
+
+
+def test_large_entries_span_several_files(tmp_path):
+    cache = FeatureCache(tmp_path)
     big = {"feat": torch.randn(20000, 3, 2, 2)}   # spans several Parquet files
     cache.store("big", big)
     assert torch.equal(cache.load("big")["feat"], big["feat"])

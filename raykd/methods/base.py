@@ -27,6 +27,7 @@ class MethodContext:
     teacher: StagedModel | None = None   # architecture only (shapes); its outputs come as tensors
     teachers: list | None = None         # every teacher's architecture, when the method uses all
     heads: dict | None = None            # trained heads on the teacher's stages (DIH), by stage
+    shapes_only: bool = False            # built by the start-up check, never trained
 
 
 @dataclass
@@ -60,6 +61,12 @@ class DistillMethod:
     def teacher_mode(params) -> str:
         """Which of the job's teachers the method distils from: first | best | all."""
         return "first"
+
+    @classmethod
+    def link_teacher_mode(cls, params, link: int, chain: int) -> str:
+        """The teacher mode of one link of a chain: the method's own for the first link; later
+        links distil from the previous link's student alone."""
+        return cls.teacher_mode(params) if link == 1 else "first"
 
     @classmethod
     def plan(cls, plan, label: str, entry: dict, params) -> list:

@@ -41,25 +41,38 @@ class DIH(DistillMethod):
 
     @classmethod
     def plan(cls, plan, label: str, entry: dict, params: DIHParams) -> list:
-        """The heads on the teacher's stages (one run, or one per head with `heads.layout:
-        separate`; shared by every DIH entry that asks for the same heads), then the students,
-        which wait for them."""
-        stages = check_stages(plan.teacher_arch, params.heads, f"methods.{label}.heads")
+        """Per chain link, heads on that link's teacher (the job's teacher for the first link,
+        the previous student after it), trained before the link's student: a student never
+        distils from untrained heads. Heads on the job's teacher are shared by every DIH entry
+        that asks for the same ones; `heads.layout: separate` trains one run per head."""
         spec = plan.spec
         together = spec.heads.layout == "together"
-        everything = stages == plan.teacher_arch.stage_names
-        groups = [stages] if together else [[s] for s in stages]
-        heads = []
-        for group in groups:
-            key = (f"seed{plan.seed}-heads" + ("" if everything else "-" + "+".join(group))
-                   if together else f"seed{plan.seed}-head-{group[0]}")
-            heads.append(plan.add(plan.unit(
-                key, role="head", kind="heads", label="heads", model=spec.teacher.model,
-                optim=spec.heads.train, teacher_candidates=plan.exports[:1],
-                depends_on=plan.first_teacher, heads=HeadsPart(group, spec.heads.pooled))))
-        return heads + plan.students(label, cls.name, entry, params, cls,
-                                     depends_on=[h.key for h in heads],
-                                     head_exports=[h.export_path for h in heads])
+        heads_made: list = []
+
+        def link_heads(link: int, teachers: list[str], teacher_keys: list[str]) -> dict:
+            if link == 1:
+                arch, model, prefix = plan.teacher_arch, spec.teacher.model, f"seed{plan.seed}"
+            else:
+                arch = plan.student_arch
+                model, prefix = spec.student.model, f"seed{plan.seed}-{label}.{link - 1}"
+            stages = check_stages(arch, params.heads, f"methods.{label}.heads")
+            everything = stages == arch.stage_names
+            units = []
+            for group in [stages] if together else [[s] for s in stages]:
+                key = (f"{prefix}-heads" + ("" if everything else "-" + "+".join(group))
+                       if together else f"{prefix}-head-{group[0]}")
+                units.append(plan.add(plan.unit(
+                    key, role="head", kind="heads", label="heads", model=model,
+                    optim=spec.heads.train, teacher_candidates=teachers[:1],
+                    depends_on=teacher_keys[:1], heads=HeadsPart(group, spec.heads.pooled),
+                    # together or separate: the same initialisation and batch order per head
+                    seed_stream=f"{prefix}-heads")))
+            heads_made.extend(units)
+            return {"depends_on": [u.key for u in units],
+                    "head_exports": [u.export_path for u in units]}
+
+        students = plan.students(label, cls.name, entry, params, cls, per_link=link_heads)
+        return heads_made + students
 
     def __init__(self, params: DIHParams, ctx):
         super().__init__(params, ctx)
@@ -69,8 +82,12 @@ class DIH(DistillMethod):
         if params.alphas and len(params.alphas) != len(self.stages) + 1:
             raise RaykdError(f"dih: alphas needs {len(self.stages) + 1} weights (one per head, "
                              f"then the teacher's classifier), got {len(params.alphas)}")
-        heads = ctx.heads if ctx.heads is not None else build_heads(
-            ctx.teacher, self.stages, ctx.input_shape, ctx.num_classes, False, 0)
+        heads = ctx.heads
+        if heads is None and ctx.shapes_only:   # the start-up check: shapes, not training
+            heads = build_heads(ctx.teacher, self.stages, ctx.input_shape, ctx.num_classes, False, 0)
+        if heads is None:
+            raise RaykdError("dih: no trained heads for its teacher; they are trained first "
+                             "(plan a dih method through a job, not by hand)")
         missing = [s for s in self.stages if s not in heads]
         if missing:
             raise RaykdError(f"dih: no trained head for {missing[0]}")

@@ -5,10 +5,12 @@ arXiv:1909.10754; its transformation follows Factor Transfer (J. Kim, S. Park, N
 "Paraphrasing Complex Network: Network Compression via Factor Transfer", 2018, arXiv:1802.04977).
 
 Parallel FEED: K teachers; on the student's feature map one non-linear transformation per
-teacher (three 3x3 convs with LeakyReLU(0.1), ending at that teacher's channel count);
+teacher (three 3x3 convs, each followed by LeakyReLU(0.1) as in Factor Transfer's translator,
+ending at that teacher's channel count);
 L = CE + beta * sum_k mean |N(T_k(F_s)) - N(F_t^k)|. The transformations train with the student
 and are dropped at export. Sequential FEED is the same method in a chain (`chain: N` in the
-job): each link distils from the previous link's student.
+job): the first link distils from one pretrained teacher (teacher 0), each later link from the
+previous link's student.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def transformation(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.1),
         nn.Conv2d(cout, cout, 3, padding=1), nn.LeakyReLU(0.1),
-        nn.Conv2d(cout, cout, 3, padding=1))
+        nn.Conv2d(cout, cout, 3, padding=1), nn.LeakyReLU(0.1))
 
 
 @register_method("feed")
@@ -48,6 +50,12 @@ class FEED(DistillMethod):
     @staticmethod
     def teacher_mode(params) -> str:
         return "all"
+
+    @classmethod
+    def link_teacher_mode(cls, params, link: int, chain: int) -> str:
+        """Parallel FEED distils from all of the seed's teachers; sequential FEED (a chain)
+        starts from one pretrained teacher, and each later link from the previous student."""
+        return "all" if chain == 1 else "first"
 
     def __init__(self, params: FEEDParams, ctx):
         super().__init__(params, ctx)

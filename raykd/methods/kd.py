@@ -75,6 +75,23 @@ class VanillaKD(DistillMethod):
             self.similarity = similarity_targets(classifier_weights(ctx.teacher),
                                                  params.sim_temperature)
 
+    # Label smoothing and class-similarity targets do not depend on the example's teacher
+    # output, so they are distilled untempered (T = 1, no T^2) and the teacher never runs; `ls`
+    # is exactly label smoothing with `epsilon` (CE against the smoothed labels, no CE mix).
+    UNTEMPERED = ("ls", "sim")
+
+    def weights(self) -> tuple[float, float]:
+        """(alpha, temperature) in force for this transform."""
+        p = self.params
+        if p.transform == "ls":
+            return 1.0, 1.0
+        if p.transform == "sim":
+            return p.alpha, 1.0
+        return p.alpha, p.temperature
+
+    def teacher_taps(self):
+        return [] if self.params.transform in self.UNTEMPERED else ["logits"]
+
     @staticmethod
     def teacher_logits(step: Step):
         """The teacher's logits; with an ensemble, the mean of its members' logits."""
@@ -83,29 +100,34 @@ class VanillaKD(DistillMethod):
         return step.teacher["logits"]
 
     def target(self, step: Step):
+        """The distribution distilled this step (at the temperature in force)."""
         p = self.params
-        probs = F.softmax(self.teacher_logits(step).detach() / p.temperature, dim=1)
+        _, t = self.weights()
+        if p.transform in self.UNTEMPERED:
+            probs = torch.empty(len(step.y), self.ctx.num_classes, device=step.y.device)
+        else:
+            probs = F.softmax(self.teacher_logits(step).detach() / t, dim=1)
         return transform_teacher(p.transform, probs, step.y, k=p.k, epsilon=p.epsilon,
                                  similarity=self.similarity)
 
     def losses(self, step: Step):
         p = self.params
+        alpha, t = self.weights()
         z_s = step.student["logits"]
         if p.transform == "none":
-            soft = kd_loss(z_s, self.teacher_logits(step), p.temperature)
+            soft = kd_loss(z_s, self.teacher_logits(step), t)
         else:
-            soft = soft_target_kd_loss(z_s, self.target(step), p.temperature)
-        return {"ce": (1 - p.alpha) * F.cross_entropy(z_s, step.y), "kd": p.alpha * soft}
+            soft = soft_target_kd_loss(z_s, self.target(step), t)
+        return {"ce": (1 - alpha) * F.cross_entropy(z_s, step.y), "kd": alpha * soft}
 
     def diagnostics(self, step: Step):
-        """Tang et al.'s per-example gradient re-weighting w at T=1 with teacher weight alpha,
-        for the distribution actually distilled (the transformed teacher), and the teacher's
-        own true-class confidence."""
-        p = self.params
-        teacher_probs = F.softmax(self.teacher_logits(step).detach(), dim=1)
-        distilled = transform_teacher(p.transform, teacher_probs, step.y, k=p.k,
-                                      epsilon=p.epsilon, similarity=self.similarity)
-        return {
-            "reweight": reweighting_factor(step.student["logits"], distilled, step.y, p.alpha),
-            "teacher_true_conf": teacher_probs.gather(1, step.y[:, None]).squeeze(1),
-        }
+        """Tang et al.'s per-example re-weighting of the true-class gradient (relative to plain
+        CE) that this run's loss applies, at its temperature and weight; and the teacher's own
+        true-class confidence (where the teacher runs)."""
+        alpha, t = self.weights()
+        out = {"reweight": reweighting_factor(step.student["logits"], self.target(step), step.y,
+                                              alpha, t)}
+        if self.teacher_taps():
+            teacher_probs = F.softmax(self.teacher_logits(step).detach(), dim=1)
+            out["teacher_true_conf"] = teacher_probs.gather(1, step.y[:, None]).squeeze(1)
+        return out

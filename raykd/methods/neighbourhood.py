@@ -13,7 +13,6 @@ with the teacher's stem and classifier, evaluated, and optionally fine-tuned end
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from raykd.methods.base import DistillMethod, Step, parse_params, register_metho
 from raykd.models import count_params
 from raykd.models.export import load_export
 from raykd.models.stitch import neighbourhoods, parse_candidate
+from raykd.selection import choose_one_per_group
 from raykd.specs import OptimSpec
 from raykd.units import Inputs, NeighbourhoodPart, StitchPlan
 
@@ -115,21 +115,21 @@ class NeighbourhoodDistillation(DistillMethod):
 def choose_candidates(rows: list[dict], teacher_params: int, max_params: int | None
                       ) -> tuple[dict[str, dict], int]:
     """One row per neighbourhood: the combination with the lowest summed relative
-    reconstruction error whose stitched parameter count fits the budget."""
+    reconstruction error whose stitched parameter count fits the budget (an exact integer
+    program: it scales to many neighbourhoods and candidates)."""
     by_group: dict[str, list[dict]] = {}
     for r in rows:
         by_group.setdefault(r["neighbourhood"], []).append(r)
-    best, best_cost, best_params = None, float("inf"), None
-    for combo in itertools.product(*by_group.values()):
-        params = teacher_params + sum(r["params"] - r["replaced_params"] for r in combo)
-        if max_params is not None and params > max_params:
-            continue
-        cost = sum(r["recon_val"] for r in combo)
-        if cost < best_cost:
-            best, best_cost, best_params = combo, cost, params
-    if best is None:
-        smallest = min(teacher_params + sum(min(r["params"] - r["replaced_params"] for r in g)
-                                            for g in by_group.values()) for _ in [0])
+    groups = list(by_group.values())
+    deltas = [[r["params"] - r["replaced_params"] for r in g] for g in groups]
+    budgets = [] if max_params is None else [max_params - teacher_params]
+    try:
+        picks = choose_one_per_group([[r["recon_val"] for r in g] for g in groups],
+                                     [deltas] if budgets else [], budgets)
+    except RaykdError:
+        smallest = teacher_params + sum(min(d) for d in deltas)
         raise RaykdError(f"no stitched student fits max_params={max_params}; the smallest has "
-                         f"{smallest} parameters")
-    return {r["neighbourhood"]: r for r in best}, best_params
+                         f"{smallest} parameters") from None
+    chosen = [g[i] for g, i in zip(groups, picks)]
+    params = teacher_params + sum(r["params"] - r["replaced_params"] for r in chosen)
+    return {r["neighbourhood"]: r for r in chosen}, params

@@ -100,6 +100,17 @@ class StagedModel(nn.Module):
         return out
 
 
+def weights_checksum(module: nn.Module) -> str:
+    """A short hash of every tensor in the module's state (names included)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -116,6 +127,23 @@ def tap_shapes(model: StagedModel, taps: Iterable[str], input_shape) -> dict[str
     finally:
         model.train(was)
     return {t: tuple(feats[t].shape[1:]) for t in taps}
+
+
+def nonnegative_taps(model: StagedModel, taps: Iterable[str], input_shape, probes: int = 32,
+                     seed: int = 0) -> dict[str, bool]:
+    """Whether each tap's activation is never negative (it ends in a ReLU) on random inputs, so
+    a module that must reproduce it knows whether to end in a ReLU too (a pre-activation Wide
+    ResNet's stage outputs are about half negative)."""
+    taps = list(taps)
+    x = torch.randn(probes, *input_shape, generator=torch.Generator().manual_seed(seed))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            feats = model.features(x, taps)
+    finally:
+        model.train(was)
+    return {t: bool((feats[t] >= 0).all()) for t in taps}
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:

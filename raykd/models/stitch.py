@@ -29,12 +29,15 @@ def parse_candidate(spec: str) -> tuple[float, int]:
 
 class Candidate(nn.Module):
     """conv3x3-BN-ReLU x depth, then 1x1 conv-BN to the output channels, plus a projected
-    shortcut; the output is resized to the neighbourhood's output size when strides can't
-    match it exactly (e.g. 7x7 -> 3x3 after a floor max-pool)."""
+    shortcut, then a ReLU only if the neighbourhood's output is post-activation. The output is
+    resized to the neighbourhood's output size when strides can't match it exactly (e.g. 7x7 ->
+    3x3 after a floor max-pool)."""
 
-    def __init__(self, spec: str, in_shape: tuple[int, int, int], out_shape: tuple[int, int, int]):
+    def __init__(self, spec: str, in_shape: tuple[int, int, int], out_shape: tuple[int, int, int],
+                 relu_out: bool = True):
         super().__init__()
         width, depth = parse_candidate(spec)
+        self.relu_out = relu_out   # only where the teacher's boundary is itself post-ReLU
         (cin, hin, _), (cout, hout, _) = in_shape, out_shape
         self.spec, self.in_shape, self.out_shape = spec, tuple(in_shape), tuple(out_shape)
         stride = max(1, round(hin / max(hout, 1)))
@@ -57,7 +60,7 @@ class Candidate(nn.Module):
         out = self.body(x) + self.shortcut(x)
         if tuple(out.shape[-2:]) != self.out_shape[1:]:
             out = F.adaptive_avg_pool2d(out, self.out_shape[1:])
-        return F.relu(out)
+        return F.relu(out) if self.relu_out else out
 
 
 def block_shapes(model: StagedModel, input_shape) -> list[tuple[tuple, tuple]]:

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from raykd.files import file_hash
+from raykd.log import log
 from raykd.teacher.local import Done
 
 ROWS_PER_FILE = 8192
@@ -95,10 +96,14 @@ class FeatureCache:
 class CachedTeacher:
     """The `Teacher` interface over stored outputs, looked up by sample index."""
 
-    def __init__(self, model, stored: dict[str, torch.Tensor], device):
-        self.model = model
+    def __init__(self, source, stored: dict[str, torch.Tensor], device):
+        self.source = source      # the teacher these outputs are (or were) computed by
+        self.model = source.model
         self.stored = stored
         self.device = torch.device(device)
+
+    def checksum(self) -> str:
+        return self.source.checksum()
 
     def features(self, x, taps, index=None) -> dict[str, torch.Tensor]:
         if index is None:
@@ -110,7 +115,7 @@ class CachedTeacher:
 
 
 def cached_teacher(teacher, cache_dir: str, export_path: str, data_spec, split: str, dataset,
-                   taps: list[str], batch_size: int, log=print) -> CachedTeacher:
+                   taps: list[str], batch_size: int, log=log.info) -> CachedTeacher:
     """Load the entry for (teacher, data, split, taps), computing and storing it if absent."""
     cache = FeatureCache(cache_dir)
     key = cache_key(export_path, data_spec, split, taps)
@@ -125,4 +130,4 @@ def cached_teacher(teacher, cache_dir: str, export_path: str, data_spec, split: 
         cache.store(key, stored)
     else:
         log(f"teacher cache hit ({split}, {', '.join(taps)}): {key}")
-    return CachedTeacher(teacher.model, stored, teacher.device if hasattr(teacher, "device") else "cpu")
+    return CachedTeacher(teacher, stored, getattr(teacher, "device", "cpu"))

@@ -14,6 +14,7 @@ import torch
 
 from raykd.models import StagedModel
 from raykd.models.export import load_export
+from raykd.models.staged import weights_checksum
 
 
 class Pending(Protocol):
@@ -27,6 +28,9 @@ class Teacher(Protocol):
 
     def features(self, x: torch.Tensor, taps: list[str], index: torch.Tensor | None = None
                  ) -> dict[str, torch.Tensor]: ...
+
+    def checksum(self) -> str:
+        """A hash of the weights that actually compute the outputs (wherever they live)."""
 
 
 class Done:
@@ -59,3 +63,7 @@ class LocalTeacher:
 
     def submit(self, x: torch.Tensor, taps: list[str], index=None) -> Done:
         return Done(self.features(x, taps))
+
+    def checksum(self) -> str:
+        """Of the weights that compute this teacher's outputs."""
+        return weights_checksum(self.model)

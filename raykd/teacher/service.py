@@ -122,6 +122,18 @@ class TeacherClient:
     def features(self, x: torch.Tensor, taps: list[str], index=None) -> dict[str, torch.Tensor]:
         return self.submit(x, taps).result()
 
+    def checksum(self) -> str:
+        """Of the weights the shard actors hold, every shard of every replica (not a local copy:
+        these are the weights that compute what this client receives)."""
+        import hashlib
+
+        parts = ray.get([self._actor(r, k).checksum.remote()
+                         for r in range(self.handle.replicas)
+                         for k in range(len(self.handle.ranges))], timeout=self.handle.timeout_s)
+        per_replica = len(self.handle.ranges)
+        replicas = {"/".join(parts[i:i + per_replica]) for i in range(0, len(parts), per_replica)}
+        return hashlib.sha256("|".join(sorted(replicas)).encode()).hexdigest()[:16]
+
     def _collect(self, pending: _PendingRefs) -> dict[str, torch.Tensor]:
         deadline = time.monotonic() + self.handle.timeout_s
         for attempt in range(RETRIES + 1):

@@ -10,6 +10,7 @@ from torch import nn
 
 from raykd.models import StagedModel, count_macs
 from raykd.models.export import load_export
+from raykd.models.staged import weights_checksum
 from raykd.models.stitch import block_shapes
 from raykd.teacher.local import freeze
 
@@ -91,3 +92,7 @@ class TeacherShard:
 
     def ping(self) -> bool:
         return True
+
+    def checksum(self) -> str:
+        """Of this shard's own blocks, as it holds them."""
+        return weights_checksum(self.model)

@@ -5,8 +5,6 @@ output cache), and its weights are never updated: they are checksummed before an
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,14 +17,6 @@ from raykd.models.heads import build_heads
 from raykd.teacher.access import open_teacher, open_teachers
 from raykd.train.batches import WithIndex, epoch_order, with_teacher
 from raykd.train.skeleton import UnitTrainer, register_kind
-
-
-def weights_checksum(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -54,19 +44,25 @@ class HeadsTrainer(UnitTrainer):
         self.stages = unit.heads.stages
         self.splits = load_dataset(unit.data)
         self.teacher = open_teacher(unit.teachers[0], device)   # evaluation runs the real teacher
-        self.checksum_before = weights_checksum(self.teacher.model)
         self.heads = build_heads(self.teacher.model, self.stages, self.splits.input_shape,
-                                 self.splits.num_classes, unit.heads.pooled, unit.seed).to(device)
+                                 self.splits.num_classes, unit.heads.pooled,
+                                 unit.random_seed).to(device)
         [self.source] = open_teachers(unit.teachers, self.stages, unit.data, self.splits, device,
                                       unit.key)
+        # of the weights that produce the features the heads train and are evaluated on (shard
+        # actors when the teacher is served; a local copy would prove nothing)
+        self.checksum_before = self.teacher_checksum()
         return self.heads
+
+    def teacher_checksum(self) -> str:
+        return f"{self.source.checksum()}/{self.teacher.checksum()}"
 
     def train_mode(self):
         self.heads.train()
 
     def batches(self, epoch):
         loader = DataLoader(WithIndex(self.splits.train), batch_size=self.unit.data.batch_size,
-                            shuffle=True, generator=epoch_order(self.unit.seed, epoch))
+                            shuffle=True, generator=epoch_order(self.unit.random_seed, epoch))
         return with_teacher(loader, [self.source], self.stages, self.device)
 
     def losses(self, batch, epoch):
@@ -83,7 +79,7 @@ class HeadsTrainer(UnitTrainer):
             metrics.update({f"{split}_top1/{s}": a for s, a in accs.items()})
         if final:
             metrics["teacher_checksum_before"] = self.checksum_before
-            metrics["teacher_checksum_after"] = weights_checksum(self.teacher.model)
+            metrics["teacher_checksum_after"] = self.teacher_checksum()
         return metrics
 
     def summary(self, metrics):

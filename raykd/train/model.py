@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from raykd.data import load_dataset
@@ -117,7 +118,7 @@ class ModelTrainer(UnitTrainer):
 
     def evaluate(self, epoch, final, seen):
         unit, eval_batch = self.unit, self.unit.data.eval_batch_size
-        metrics = {**self.initial, "train_images": seen * self.world,
+        metrics = {**self.initial, "train_images": self.total_seen(seen), "worker_images": seen,
                    **{f"w_{k}": v for k, v in
                       self.method.loss_weights(epoch, unit.optim.epochs).items()},
                    "val_top1": evaluate(self.student, self.splits.val, eval_batch, self.device,
@@ -126,6 +127,14 @@ class ModelTrainer(UnitTrainer):
             metrics["test_top1"] = evaluate(self.student, self.splits.test, eval_batch,
                                             self.device, self.rank, self.world)
         return metrics
+
+    def total_seen(self, seen: int) -> int:
+        """Training images seen this epoch by all data-parallel workers together."""
+        if self.world == 1:
+            return seen
+        count = torch.tensor([seen], dtype=torch.float64, device=self.device)
+        dist.all_reduce(count)
+        return int(count.item())
 
     def summary(self, metrics):
         return f"val_top1 {metrics['val_top1']:.4f}"
@@ -146,12 +155,9 @@ class ModelTrainer(UnitTrainer):
     @classmethod
     def rows(cls, unit, metrics, common, num_classes, input_shape):
         """A zoo model's row; a stitched student also gets a row for before its fine-tuning."""
-        if unit.stitch:
-            model = load_export(unit.export_path)
-            name = "stitched:" + "+".join(candidate_spec(p) for _a, _b, p in unit.stitch.parts)
-        else:
-            model = build_model(unit.model, num_classes, input_shape[0], input_shape[1])
-            name = unit.model
+        model = load_export(unit.export_path)    # what was trained and exported, counted
+        name = ("stitched:" + "+".join(candidate_spec(p) for _a, _b, p in unit.stitch.parts)
+                if unit.stitch else unit.model)
         row = {**common, "method": unit.label, "model": name, "val_top1": metrics.get("val_top1"),
                "test_top1": metrics.get("test_top1"), "params": count_params(model),
                "macs": count_macs(model, input_shape)}

@@ -17,6 +17,7 @@ from raykd.data import load_dataset
 from raykd.losses import neighbourhood_loss
 from raykd.models import count_params
 from raykd.models.export import save_candidate
+from raykd.models.staged import nonnegative_taps
 from raykd.models.stitch import Candidate, block_shapes, stitch
 from raykd.teacher import LocalTeacher
 from raykd.teacher.access import open_teachers
@@ -50,17 +51,18 @@ class NeighbourhoodTrainer(UnitTrainer):
         names = self.teacher.model.block_names
         self.in_tap, self.out_tap = names[nb.start - 1], names[nb.stop - 1]
         shapes = block_shapes(self.teacher.model, nb.input_shape)
-        torch.manual_seed(unit.seed * 1000 + nb.start)
-        self.candidate = Candidate(nb.candidate, shapes[nb.start][0],
-                                   shapes[nb.stop - 1][1]).to(self.device)
+        torch.manual_seed(unit.random_seed)
+        relu_out = nonnegative_taps(self.teacher.model, [self.out_tap], nb.input_shape)
+        self.candidate = Candidate(nb.candidate, shapes[nb.start][0], shapes[nb.stop - 1][1],
+                                   relu_out[self.out_tap]).to(self.device)
         return self.candidate
 
     def start(self, start_epoch):
         unit, nb, teacher = self.unit, self.unit.neighbourhood, self.teacher
         self.synthetic = nb.inputs == "gaussian"
         if self.synthetic:
-            self.boundary = GaussianBoundary(teacher, nb.start, nb.input_shape, unit.seed)
-            held_out = self.boundary.sample(512, torch.Generator().manual_seed(unit.seed + 99))
+            self.boundary = GaussianBoundary(teacher, nb.start, nb.input_shape, unit.random_seed)
+            held_out = self.boundary.sample(512, torch.Generator().manual_seed(unit.random_seed + 99))
             with torch.no_grad():
                 self.val_pairs = [(held_out, teacher.model.run_blocks(held_out, nb.start, nb.stop))]
             return
@@ -78,7 +80,7 @@ class NeighbourhoodTrainer(UnitTrainer):
 
     def batches(self, epoch):
         unit, nb, device = self.unit, self.unit.neighbourhood, self.device
-        gen = epoch_order(unit.seed, epoch)
+        gen = epoch_order(unit.random_seed, epoch)
         if self.synthetic:
             for _ in range(max(1, nb.gaussian_samples // unit.data.batch_size)):
                 a = self.boundary.sample(unit.data.batch_size, gen)

@@ -32,7 +32,7 @@ def read_history(path: str):
 
     if not path or not Path(path).is_file():
         return None
-    history = pd.read_json(path, lines=True)
+    history = pd.read_json(path, lines=True, convert_dates=False)   # times stay epoch seconds
     history = history.drop_duplicates("epoch", keep="last").sort_values("epoch")
     history.to_parquet(Path(path).with_suffix(".parquet"), index=False)
     return history
@@ -64,6 +64,9 @@ def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures
         "wall_s": time.perf_counter() - started, "started_at": started_at,
         "finished_at": time.time(),
         "train_s": float(history["epoch_s"].sum()) if history is not None else None,
+        # when the workers actually trained (first epoch's start, last epoch's end)
+        "trained_from": float(history["epoch_started_at"].min()) if history is not None else None,
+        "trained_until": float(history["epoch_finished_at"].max()) if history is not None else None,
         "epochs": metrics.get("epoch"), "workers": workers,
         "resumed_from": metrics.get("resumed_from", 0), "export": unit.export_path,
         "teachers": ",".join(Path(e).stem for e in unit.teacher_exports),

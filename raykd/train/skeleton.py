@@ -99,7 +99,7 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit) -> None:
     trainer.start(start_epoch)
     epochs = unit.optim.epochs
     for epoch in range(start_epoch, epochs):
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         trainer.train_mode()
         sums: dict[str, float] = defaultdict(float)
         seen = 0
@@ -117,8 +117,10 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit) -> None:
         scheduler.step()
         train_s = time.perf_counter() - started
         metrics = {k: v / max(seen, 1) for k, v in sums.items()}
+        # wall-clock span of the epoch's training, as the worker saw it
         metrics.update(epoch=epoch + 1, epochs=epochs, resumed_from=start_epoch,
-                       lr=optimizer.param_groups[0]["lr"], epoch_s=train_s)
+                       lr=optimizer.param_groups[0]["lr"], epoch_s=train_s,
+                       epoch_started_at=started_at, epoch_finished_at=started_at + train_s)
         metrics.update(trainer.evaluate(epoch, epoch == epochs - 1, seen))
         if rank == 0:
             parts = "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()
