@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/heads_layout.py
 	$(BIN)/python bench/neighbourhood.py
 	$(BIN)/python bench/unit_packing.py
+	$(BIN)/python bench/sweep.py
 
 clean:
 	rm -rf runs bench/runs

@@ -1,6 +1,7 @@
 """The `raykd` command.
 
     raykd run JOB.yaml [key=value ...]   run a job; prints the results table at the end
+    raykd sweep JOB.yaml [key=value ...] Ray Tune search from the job's `sweep:` section
     raykd results RUN_DIR [--plot F.png] print a run's results table (mean ± std over seeds)
 
 Bad input ends with a one-line error and a non-zero exit, never a traceback.
@@ -31,6 +32,34 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from raykd.config import job_from_dict, load_raw
+    from raykd.data import load_dataset
+    from raykd.plan import preflight
+    from raykd.ray_env import init_ray
+    from raykd.sweep import check_sweep, run_sweep
+
+    raw = load_raw(args.job, args.overrides)
+    spec = job_from_dict(raw)
+    check_sweep(raw, spec)             # every bad key or range fails here, before Ray starts
+    preflight(spec, load_dataset(spec.data))
+    init_ray(spec.ray.address, spec.ray.num_cpus)
+    table, df = run_sweep(raw)
+    print(f"\nsweep: {spec.run_dir / 'sweep.parquet'} (best configuration: "
+          f"{spec.run_dir / 'best.yaml'})")
+    print_sweep(table)
+    print(f"\nthe best configuration over seeds {spec.seeds}:")
+    print_report(spec.run_dir, df)
+    return 0
+
+
+def print_sweep(table, top: int = 10) -> None:
+    shown = table.sort_values("last_val_top1", ascending=False).head(top)
+    print(shown.drop(columns=["error"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if len(table) > top:
+        print(f"... {len(table) - top} more trials in sweep.parquet")
+
+
 def print_report(run_dir, df) -> None:
     """The results table (mean ± std over seeds), then any per-sample diagnostics."""
     from raykd.results import format_summary, summarize_diagnostics
@@ -43,8 +72,17 @@ def print_report(run_dir, df) -> None:
 
 
 def _cmd_results(args) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+
     from raykd.results import plot_summary, read_results
 
+    sweep = Path(args.run_dir) / "sweep.parquet"
+    if sweep.is_file():
+        print(f"sweep trials ({sweep}):")
+        print_sweep(pd.read_parquet(sweep))
+        print()
     df = read_results(args.run_dir)
     print_report(args.run_dir, df)
     if args.plot:
@@ -68,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="dotted overrides, e.g. student.train.epochs=5 seeds=[0,1]")
     run.set_defaults(fn=_cmd_run)
+
+    sw = sub.add_parser("sweep", help="tune a method's parameters with Ray Tune (validation only)",
+                        description="Search the job's `sweep:` section with Ray Tune (ASHA or "
+                        "FIFO; random or Optuna), on the validation split; write sweep.parquet, "
+                        "sweep.png and best.yaml, then run the best configuration over the "
+                        "job's seeds. Re-running the same command resumes the sweep.")
+    sw.add_argument("job", help="job spec (YAML) with a sweep: section, e.g. jobs/sweep_kd.yaml")
+    sw.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="dotted overrides, e.g. sweep.num_samples=16")
+    sw.set_defaults(fn=_cmd_sweep)
 
     res = sub.add_parser("results", help="print a run's results table",
                          description="Print mean ± std over seeds per role, method and model.")

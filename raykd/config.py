@@ -7,6 +7,7 @@ what is allowed, raised before any Ray work starts.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,11 @@ from raykd.typed import apply_overrides, from_dict
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    return job_from_dict(load_raw(path, overrides))
+
+
+def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The job file as plain YAML values, overrides applied (not yet validated)."""
     path = Path(path)
     if not path.is_file():
         raise RaykdError(f"job file not found: {path}")
@@ -30,11 +36,11 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     if not isinstance(raw, dict):
         raise RaykdError(f"{path}: a job must be a YAML mapping")
     raw.setdefault("name", path.stem)
-    return job_from_dict(apply_overrides(raw, overrides or []))
+    return apply_overrides(raw, overrides or [])
 
 
 def job_from_dict(raw: dict) -> JobSpec:
-    spec = from_dict(JobSpec, raw)
+    spec = from_dict(JobSpec, copy.deepcopy(raw))
     validate(spec)
     return spec
 

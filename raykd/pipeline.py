@@ -19,12 +19,11 @@ from raykd.data import load_dataset
 from raykd.errors import RaykdError
 from raykd.log import log
 from raykd.methods import method_class
-from raykd.plan import plan_units, preflight
+from raykd.plan import needed_by, plan_units, preflight, resolve_teachers
 from raykd.results import ResultsTable
 from raykd.scheduler import run_in_order
 from raykd.specs import JobSpec
 from raykd.teacher.pool import TeacherPool
-from raykd.units import Unit
 
 
 def default_parallelism(spec: JobSpec) -> int:
@@ -36,18 +35,10 @@ def default_parallelism(spec: JobSpec) -> int:
     return max(1, math.floor(have / per_run))
 
 
-def resolve_teachers(unit: Unit, rows: list[dict]) -> list[str]:
-    """The exports a unit distils from; `best` is the candidate with the highest val_top1."""
-    if unit.teacher_mode == "all":
-        return list(unit.teacher_candidates)
-    if unit.teacher_mode == "best" and len(unit.teacher_candidates) > 1:
-        scores = {r["export"]: r["val_top1"] for r in rows if r.get("role") == "teacher"}
-        return [max(unit.teacher_candidates, key=lambda e: scores.get(e, -1.0))]
-    return list(unit.teacher_candidates[:1])
-
-
-def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None):
-    """Run every unit of the job; return the results table as a DataFrame.
+def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
+            only=None):
+    """Run every unit of the job (or only those `only` names and what they depend on); return
+    the results table as a DataFrame.
 
     `fail_at` (unit key -> epoch) injects a failure after that epoch's checkpoint, for tests.
     """
@@ -60,6 +51,9 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None):
     preflight(spec, splits)
     table = ResultsTable(run_dir)
     units = {u.key: u for u in plan_units(spec, splits)}
+    if only is not None:
+        keep = needed_by(units, only)
+        units = {k: u for k, u in units.items() if k in keep}
     for key, epoch in (fail_at or {}).items():
         units[key].fail_at_epoch = epoch
     done = {k for k, u in units.items() if table.get(k) and Path(u.export_path).exists()}

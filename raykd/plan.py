@@ -132,3 +132,24 @@ def preflight(spec: JobSpec, splits) -> None:
             cls(params, MethodContext(student=student, num_classes=splits.num_classes,
                                       input_shape=splits.input_shape, teacher=group[0],
                                       teachers=group, shapes_only=True))
+
+
+def resolve_teachers(unit: Unit, rows: list[dict]) -> list[str]:
+    """The exports a unit distils from; `best` is the candidate with the highest val_top1."""
+    if unit.teacher_mode == "all":
+        return list(unit.teacher_candidates)
+    if unit.teacher_mode == "best" and len(unit.teacher_candidates) > 1:
+        scores = {r["export"]: r["val_top1"] for r in rows if r.get("role") == "teacher"}
+        return [max(unit.teacher_candidates, key=lambda e: scores.get(e, -1.0))]
+    return list(unit.teacher_candidates[:1])
+
+
+def needed_by(units: dict[str, Unit], keys) -> set[str]:
+    """The keys and everything they depend on, transitively."""
+    out, todo = set(), list(keys)
+    while todo:
+        key = todo.pop()
+        if key not in out:
+            out.add(key)
+            todo.extend(units[key].depends_on)
+    return out

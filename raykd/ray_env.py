@@ -41,4 +41,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # The dashboard serves the state API that Train's placement-group cleaner polls; without
         # it that cleaner logs a warning every second.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=log_to_driver)
+        # `raykd_trial`: the slots sweep trial drivers take instead of a CPU (raykd.sweep)
+        ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=log_to_driver,
+                 resources={"raykd_trial": 16})

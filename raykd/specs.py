@@ -97,6 +97,36 @@ class RaySpec:
 
 
 @dataclass
+class SearchDim:
+    """One searched parameter: uniform / loguniform [low, high], randint [low, high), choice or
+    grid over `values` (grid tries every value, in every sample)."""
+    type: Literal["uniform", "loguniform", "randint", "choice", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class SweepSpec:
+    """`raykd sweep`: a Ray Tune search over one method entry's parameters and the student's
+    training, selected on the validation split only."""
+    method: str = ""                  # the `methods:` label to tune
+    # dotted job keys -> dimensions: methods.LABEL.PARAM, student.train.FIELD, heads.train.FIELD
+    space: dict[str, SearchDim] = field(default_factory=dict)
+    num_samples: int = 8              # samples of the space (each grid value x num_samples)
+    metric: Literal["val_top1"] = "val_top1"   # validation only: the test split is never read
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1             # ASHA: epochs before a trial may be stopped
+    reduction_factor: int = 2
+    search: Literal["random", "optuna"] = "random"
+    max_concurrent: int = 2           # trials at once (each is a Ray Train run)
+    seed: int | None = None           # the job seed trials train with (default: the first)
+    workers: int = 1                  # Ray Train workers per trial (DDP when > 1)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0      # a GPU or a fraction of one per worker
+
+
+@dataclass
 class JobSpec:
     name: str = "job"
     output_dir: str = "runs"          # RUN_DIR = output_dir/name
@@ -108,6 +138,7 @@ class JobSpec:
     # label -> {method: NAME (defaults to the label), other keys: that method's parameters}
     methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"kd": {}})
     ray: RaySpec = field(default_factory=RaySpec)
+    sweep: SweepSpec | None = None    # read by `raykd sweep` only
 
     @property
     def run_dir(self) -> Path:

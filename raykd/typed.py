@@ -55,7 +55,10 @@ def convert(tp, value, path: str):
             return {}
         if not isinstance(value, dict):
             raise RaykdError(f"{path}: expected a mapping, got {value!r}")
-        return {str(k): (v if v is not None else {}) for k, v in value.items()}
+        _, item = typing.get_args(tp) or (str, Any)
+        if item is Any:
+            return {str(k): (v if v is not None else {}) for k, v in value.items()}
+        return {str(k): convert(item, v, f"{path}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     return _scalar(tp, value, path)
@@ -95,6 +98,10 @@ def from_dict(cls, data: dict, path: str = ""):
     if unknown:
         raise RaykdError(
             f"unknown key {where}{unknown[0]!s}; allowed under {path or 'the job'}: {', '.join(names)}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in data]
+    if required:
+        raise RaykdError(f"{path or 'the job'}: missing {required[0]}")
     kwargs = {k: convert(hints[k], v, f"{where}{k}") for k, v in data.items()}
     return cls(**kwargs)
 
@@ -112,17 +119,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_key(raw: dict, keys: list[str], value, what: str) -> dict:
+    """Set the nested key `keys` of mapping `raw` to `value` (sections made as needed)."""
+    node = raw
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise RaykdError(f"{what}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+    return raw
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Set each dotted `key=value` in the nested mapping `raw` (values parsed as YAML)."""
     for text in overrides:
         keys, value = parse_override(text)
-        node = raw
-        for k in keys[:-1]:
-            child = node.get(k)
-            if child is None:
-                child = node[k] = {}
-            if not isinstance(child, dict):
-                raise RaykdError(f"override {text!r}: {k} is not a section")
-            node = child
-        node[keys[-1]] = value
+        set_key(raw, keys, value, f"override {text!r}")
     return raw

@@ -75,6 +75,7 @@ class Unit:
     stitch_from: list[str] = field(default_factory=list)   # a stitched student's part units
     stitch: StitchPlan | None = None   # chosen at launch from the parts' rows
     reinit: bool = False          # train the stitched architecture from a fresh initialisation
+    evaluate_test: bool = True    # False while searching (sweep trials): test is never read
     fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint
 
     @property

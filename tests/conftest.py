@@ -23,7 +23,10 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # the dashboard serves the state API that Train's placement-group cleaner needs when Tune
+        # stops a trial; `raykd_trial` slots let two sweep trials run side by side
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False,
+                 resources={"raykd_trial": 2})
     yield ray
     ray.shutdown()
 

@@ -123,7 +123,7 @@ class ModelTrainer(UnitTrainer):
                       self.method.loss_weights(epoch, unit.optim.epochs).items()},
                    "val_top1": evaluate(self.student, self.splits.val, eval_batch, self.device,
                                         self.rank, self.world)}
-        if final:   # reported for the final model only; nothing is ever selected on it
+        if final and unit.evaluate_test:   # for the final model only; nothing is selected on it
             metrics["test_top1"] = evaluate(self.student, self.splits.test, eval_batch,
                                             self.device, self.rank, self.world)
         return metrics

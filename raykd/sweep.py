@@ -1,0 +1,339 @@
+"""`raykd sweep`: a Ray Tune search over one method entry's parameters and the student's
+training, selected on the validation split; then the best configuration over the job's seeds.
+
+Shape (Ray 2.60, Train V2): every trial is a Tune *function* trial that builds and fits a
+`TorchTrainer` running the same worker as `raykd run` (raykd.train.kinds.train_worker); Train's
+`TuneReportCallback` forwards each epoch's `val_top1` to Tune, so ASHA can stop a trial early.
+Teachers, DIH heads and neighbourhood parts are trained once, before any trial (they are the
+tuned student's dependencies in the job's plan), and trials read teacher outputs from the cache.
+A trial driver holds one unit of the custom resource `raykd_trial` and no CPU, so trials run
+side by side on a small machine; on a cluster the head node must offer that resource.
+Outputs under RUN_DIR: sweep/tune (Tune's experiment: per-trial logs, TensorBoard-readable),
+sweep.parquet (one row per trial), sweep.png, best.yaml, and results.parquet.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+import yaml
+
+from raykd.config import job_from_dict
+from raykd.errors import RaykdError
+from raykd.log import log
+from raykd.specs import JobSpec, SearchDim, SweepSpec
+from raykd.typed import set_key
+
+TRIAL_RESOURCE = "raykd_trial"
+SWEEP_DIR = "sweep"
+
+
+# ---- the search space ------------------------------------------------------------------
+
+def check_dim(key: str, dim: SearchDim) -> list:
+    """Representative values of one dimension (to validate the key); one-line errors."""
+    where = f"sweep.space.{key}"
+    if dim.type in ("choice", "grid"):
+        if not dim.values:
+            raise RaykdError(f"{where}: {dim.type} needs a non-empty `values` list")
+        return list(dim.values)
+    if dim.low is None or dim.high is None:
+        raise RaykdError(f"{where}: {dim.type} needs `low` and `high`")
+    if dim.low > dim.high or (dim.type == "randint" and dim.low == dim.high):
+        raise RaykdError(f"{where}: low ({dim.low:g}) must be below high ({dim.high:g})")
+    if dim.type == "loguniform" and dim.low <= 0:
+        raise RaykdError(f"{where}: loguniform needs low > 0, got {dim.low:g}")
+    if dim.type == "randint":
+        if dim.low != int(dim.low) or dim.high != int(dim.high):
+            raise RaykdError(f"{where}: randint needs integer bounds")
+        return [int(dim.low), int(dim.high) - 1]
+    return [dim.low, dim.high]
+
+
+def tune_space(space: dict[str, SearchDim]) -> dict:
+    from ray import tune
+
+    make = {"uniform": lambda d: tune.uniform(d.low, d.high),
+            "loguniform": lambda d: tune.loguniform(d.low, d.high),
+            "randint": lambda d: tune.randint(int(d.low), int(d.high)),
+            "choice": lambda d: tune.choice(list(d.values)),
+            "grid": lambda d: tune.grid_search(list(d.values))}
+    return {key: make[dim.type](dim) for key, dim in space.items()}
+
+
+def with_values(raw: dict, values: dict) -> dict:
+    """The raw job with each dotted key set to its sampled value."""
+    out = copy.deepcopy(raw)
+    for key, value in values.items():
+        set_key(out, key.split("."), _plain(value), f"sweep.space.{key}")
+    return out
+
+
+def check_sweep(raw: dict, spec: JobSpec) -> SweepSpec:
+    """Everything that can be wrong with a sweep, before any trial starts."""
+    sweep = spec.sweep
+    if sweep is None:
+        raise RaykdError("the job has no `sweep:` section; see the README's Sweeps section")
+    if sweep.method not in spec.methods:
+        raise RaykdError(f"sweep.method: no methods entry {sweep.method!r}; the job has "
+                         f"{', '.join(spec.methods)}")
+    if not sweep.space:
+        raise RaykdError("sweep.space: give at least one dimension, e.g. "
+                         "methods.kd.temperature: {type: uniform, low: 1, high: 8}")
+    allowed = (f"methods.{sweep.method}.", "student.train.", "heads.train.")
+    for key, dim in sweep.space.items():
+        if not key.startswith(allowed):
+            raise RaykdError(f"sweep.space.{key}: searchable keys start with "
+                             f"{', '.join(allowed)}")
+        for value in check_dim(key, dim):   # every value must make a valid job
+            job_from_dict(with_values(raw, {key: value}))
+    for name in ("num_samples", "max_concurrent", "workers", "grace_period"):
+        if getattr(sweep, name) < 1:
+            raise RaykdError(f"sweep.{name} must be at least 1, got {getattr(sweep, name)}")
+    if sweep.reduction_factor < 2:
+        raise RaykdError(f"sweep.reduction_factor must be at least 2, got {sweep.reduction_factor}")
+    if sweep.seed is not None and sweep.seed not in spec.seeds:
+        raise RaykdError(f"sweep.seed {sweep.seed} is not one of the job's seeds {spec.seeds}")
+    return sweep
+
+
+# ---- one trial --------------------------------------------------------------------------
+
+def trial_unit(raw: dict, values: dict, sweep: SweepSpec, run_dir: Path, trial_id: str,
+               rows: list[dict], teacher_cache: str | None, fail: bool = False):
+    """The tuned student of one trial, as a unit with its teachers attached (in-process, from
+    the cache): what `raykd run` would train, without the test split."""
+    from raykd.data import load_dataset
+    from raykd.methods import method_class
+    from raykd.plan import plan_units, resolve_teachers
+    from raykd.teacher import TeacherHandle
+
+    spec = job_from_dict(with_values(raw, values))
+    seed = spec.seeds[0] if sweep.seed is None else sweep.seed
+    spec.seeds = [seed]
+    units = {u.key: u for u in plan_units(spec, load_dataset(spec.data))}
+    unit = units[f"seed{seed}-{sweep.method}"]
+    method_class(unit.method_name).prepare(unit, rows)
+    unit.teacher_exports = resolve_teachers(unit, rows)
+    unit.teachers = [TeacherHandle(e, "local", cache_dir=teacher_cache)
+                     for e in unit.teacher_exports]
+    folder = run_dir / SWEEP_DIR / "trials" / trial_id
+    unit.export_path, unit.history_path = str(folder / "model.pt"), str(folder / "metrics.jsonl")
+    unit.diagnostics_dir = ""
+    # every trial starts from the tuned student's own initialisation and batch order, so trials
+    # differ by their configuration only
+    unit.seed_stream = unit.key
+    unit.key, unit.evaluate_test, unit.cpus_per_worker = f"trial-{trial_id}", False, \
+        sweep.cpus_per_worker
+    unit.fail_at_epoch = 1 if fail else None
+    return unit
+
+
+def fill_teacher_cache(unit, splits) -> None:
+    """Store the tuned method's teacher outputs on the training split once, here, so that no
+    trial runs a teacher over the training set (they all read the cache)."""
+    from raykd.methods import MethodContext, build_method
+    from raykd.models import build_model
+    from raykd.models.export import load_export, load_heads
+    from raykd.teacher import LocalTeacher
+    from raykd.teacher.cache import cached_teacher
+
+    if not splits.deterministic or not unit.teachers or not unit.teachers[0].cache_dir:
+        return
+    teachers = [load_export(h.export_path) for h in unit.teachers]
+    c, h, _ = splits.input_shape
+    # the student's architecture (a stitched one has the teacher's stage shapes)
+    student = build_model(unit.model, splits.num_classes, c, h) if unit.model != "stitched" \
+        else teachers[0]
+    method = build_method(unit.method_name, unit.method, MethodContext(
+        student=student, num_classes=splits.num_classes, input_shape=splits.input_shape,
+        teacher=teachers[0], teachers=teachers,
+        heads=load_heads(unit.head_exports) if unit.head_exports else None, shapes_only=True))
+    taps = method.teacher_taps()
+    for handle in unit.teachers if taps else []:
+        cached_teacher(LocalTeacher(handle.export_path), handle.cache_dir, handle.export_path,
+                       unit.data, "train", splits.train, taps, unit.data.eval_batch_size)
+
+
+def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
+               teacher_cache: str | None, fail_when: dict | None):
+    """The Tune function trial (closed over plain, picklable values)."""
+
+    def trial(config: dict) -> None:
+        import ray.train
+        from ray import tune
+        from ray.train.torch import TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from raykd.train.kinds import train_worker
+        from raykd.train.runner import scaling_config
+
+        trial_id = tune.get_context().get_trial_id()
+        fail = bool(fail_when) and all(config.get(k) == v for k, v in fail_when.items())
+        unit = trial_unit(raw, config, sweep, run_dir, trial_id, rows, teacher_cache, fail)
+        scaling = scaling_config(sweep.workers, sweep.cpus_per_worker, sweep.gpus_per_worker > 0)
+        if sweep.gpus_per_worker > 0:
+            scaling.resources_per_worker["GPU"] = sweep.gpus_per_worker
+        TorchTrainer(
+            train_worker, train_loop_config={"unit": unit}, scaling_config=scaling,
+            run_config=ray.train.RunConfig(
+                # named by the trial: a restored trial continues its Train run
+                name=unit.key, storage_path=str(run_dir / SWEEP_DIR / "train"),
+                callbacks=[TuneReportCallback()],
+                failure_config=ray.train.FailureConfig(max_failures=0)),
+        ).fit()
+
+    return trial
+
+
+# ---- the sweep ---------------------------------------------------------------------------
+
+def run_sweep(raw: dict, fail_when: dict | None = None):
+    """Train the prerequisites, search, write the sweep's outputs, then run the best
+    configuration over the job's seeds. `fail_when` ({key: value}) makes matching trials fail
+    after their first epoch, for tests. Returns (sweep table, results table)."""
+    import ray
+    from ray import tune
+
+    from raykd.data import load_dataset
+    from raykd.pipeline import run_job
+    from raykd.plan import plan_units
+    from raykd.results import ResultsTable
+
+    spec = job_from_dict(copy.deepcopy(raw))
+    sweep = check_sweep(raw, spec)
+    run_dir = spec.run_dir
+    folder = run_dir / SWEEP_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = folder / "sweep.yaml"
+    section = yaml.safe_dump(dataclasses.asdict(sweep), sort_keys=True)
+    if stored.exists() and stored.read_text() != section:
+        raise RaykdError(f"{run_dir} holds a sweep with another `sweep:` section; give the job "
+                         "a new name (name=...) or restore the old section")
+    stored.write_text(section)
+    have = ray.cluster_resources().get(TRIAL_RESOURCE, 0)
+    if have < 1:
+        raise RaykdError(f"the Ray cluster offers no '{TRIAL_RESOURCE}' resource, so no trial "
+                         f"could start; add `resources: {{{TRIAL_RESOURCE}: N}}` to the head node")
+
+    seed = spec.seeds[0] if sweep.seed is None else sweep.seed
+    splits = load_dataset(spec.data)
+    target = f"seed{seed}-{sweep.method}"
+    units = {u.key: u for u in plan_units(spec, splits)}
+    before = [k for k in units[target].depends_on]
+    if before:
+        log.info("sweep: training what every trial needs first: %s", ", ".join(sorted(before)))
+        run_job(spec, splits=splits, only=before)
+    rows = ResultsTable(run_dir).rows
+    cache = (spec.teacher.cache_dir or str(Path(spec.output_dir) / "feature_cache")) \
+        if spec.teacher.cache else None
+    fill_teacher_cache(trial_unit(raw, {}, sweep, run_dir, "probe", rows, cache), splits)
+
+    trainable = tune.with_resources(make_trial(raw, sweep, run_dir, rows, cache, fail_when),
+                                    {TRIAL_RESOURCE: 1})
+    experiment = folder / "tune"
+    epochs = units[target].optim.epochs
+    if tune.Tuner.can_restore(str(experiment)):
+        log.info("sweep: resuming %s (finished trials are kept)", experiment)
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=tune_space(sweep.space),
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric, mode="max", num_samples=sweep.num_samples,
+                max_concurrent_trials=min(sweep.max_concurrent, int(have)),
+                scheduler=scheduler(sweep, epochs), search_alg=search_alg(sweep)),
+            run_config=tune.RunConfig(name="tune", storage_path=str(folder), verbose=1))
+    started = time.perf_counter()
+    grid = tuner.fit()
+    table = sweep_table(grid, list(sweep.space), epochs)
+    table.attrs["search_s"] = time.perf_counter() - started   # the trials alone
+    table.to_parquet(run_dir / "sweep.parquet", index=False)
+    plot_sweep(table, list(sweep.space), run_dir / "sweep.png")
+    done = table[table.status == "finished"]
+    log.info("sweep: %d trials (%d finished, %d stopped early, %d failed) in %.0f s",
+             len(table), len(done), int((table.status == "stopped").sum()),
+             int((table.status == "failed").sum()), time.perf_counter() - started)
+    pool = done if len(done) else table[table.status != "failed"]
+    if not len(pool):
+        raise RaykdError(f"every trial failed; see {experiment} for their errors")
+    best = pool.sort_values(["last_val_top1", "best_val_top1"], ascending=False).iloc[0]
+    values = {k: _plain(best[k]) for k in sweep.space}
+    log.info("sweep: best %s (val_top1 %.4f)", values, best["last_val_top1"])
+    best_raw = with_values(raw, values)
+    best_raw.pop("sweep", None)
+    best_raw["methods"] = {sweep.method: best_raw["methods"][sweep.method]}
+    (run_dir / "best.yaml").write_text(yaml.safe_dump(best_raw, sort_keys=False))
+    results = run_job(job_from_dict(copy.deepcopy(best_raw)), splits=splits)
+    return table, results
+
+
+def scheduler(sweep: SweepSpec, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if sweep.scheduler == "fifo":
+        return FIFOScheduler()
+    # time in raykd's reported epochs, which count across resumes
+    return ASHAScheduler(time_attr="epoch", max_t=epochs,
+                         grace_period=min(sweep.grace_period, epochs),
+                         reduction_factor=sweep.reduction_factor)
+
+
+def search_alg(sweep: SweepSpec):
+    if sweep.search == "random":
+        return None
+    if any(d.type == "grid" for d in sweep.space.values()):
+        raise RaykdError("sweep.search optuna cannot take grid dimensions; use choice")
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=0)
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def sweep_table(grid, keys: list[str], epochs: int):
+    """One row per trial: sampled values, best and last val_top1, epochs run, status, wall time."""
+    import pandas as pd
+
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        vals = history["val_top1"] if history is not None and "val_top1" in history else []
+        ran = int(history["epoch"].max()) if len(vals) else 0
+        status = ("failed" if result.error is not None else
+                  "finished" if ran >= epochs else "stopped")
+        rows.append({
+            "trial": (result.metrics or {}).get("trial_id", Path(result.path).name),
+            **{k: _plain(result.config.get(k)) for k in keys},
+            "best_val_top1": float(max(vals)) if len(vals) else float("nan"),
+            "last_val_top1": float(list(vals)[-1]) if len(vals) else float("nan"),
+            "epochs": ran, "status": status,
+            "wall_s": float((result.metrics or {}).get("time_total_s", float("nan"))),
+            "error": "" if result.error is None else str(result.error).strip().splitlines()[-1]})
+    return pd.DataFrame(rows)
+
+
+def plot_sweep(table, keys: list[str], path: Path) -> None:
+    """val_top1 (last epoch) against each searched parameter, stopped trials hollow."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for status, face in (("finished", "#4c72b0"), ("stopped", "none")):
+            part = table[table.status == status]
+            ax.scatter([str(v) if isinstance(v, str) else v for v in part[key]],
+                       part["last_val_top1"], facecolors=face, edgecolors="#4c72b0",
+                       label=status)
+        ax.set_xlabel(key.split(".", 1)[-1], fontsize=8)
+        ax.set_ylabel("val_top1 (last epoch)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,139 @@
+"""`raykd sweep`: Ray Tune trials that are real Ray Train runs, ASHA, failures, resume, and
+one-line errors before any trial starts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raykd.config import job_from_dict, load_job
+from raykd.errors import RaykdError
+from raykd.sweep import check_sweep, run_sweep
+
+from conftest import small_job
+
+RAYKD = str(Path(sys.executable).parent / "raykd")
+
+
+def _sweep_job(tmp_path, name, space, **sweep):
+    job = small_job(tmp_path, name=name, methods={"kd": {"temperature": 4, "alpha": 0.9}})
+    job["sweep"] = {"method": "kd", "space": space, "num_samples": 1, "grace_period": 1,
+                    "max_concurrent": 2, **sweep}
+    return job
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"sweep": None}, "the job has no `sweep:` section"),
+    ({"sweep.method": "dih"}, "sweep.method: no methods entry 'dih'; the job has kd"),
+    ({"sweep.space": {}}, "sweep.space: give at least one dimension"),
+    ({"sweep.space": {"methods.kd.alpha": {"type": "choice", "values": []}}},
+     "sweep.space.methods.kd.alpha: choice needs a non-empty `values` list"),
+    ({"sweep.space": {"methods.kd.alpha": {"type": "uniform", "low": 0.9, "high": 0.1}}},
+     "sweep.space.methods.kd.alpha: low (0.9) must be below high (0.1)"),
+    ({"sweep.space": {"student.train.lr": {"type": "loguniform", "low": 0, "high": 0.1}}},
+     "sweep.space.student.train.lr: loguniform needs low > 0, got 0"),
+    ({"sweep.space": {"methods.kd.temp": {"type": "uniform", "low": 1, "high": 4}}},
+     "unknown key methods.kd.temp; allowed under methods.kd: temperature"),
+    ({"sweep.space": {"methods.kd.alpha": {"type": "uniform", "low": 0.5, "high": 1.5}}},
+     "methods.kd.alpha must be in [0, 1], got 1.5"),
+    ({"sweep.space": {"data.batch_size": {"type": "choice", "values": [32]}}},
+     "sweep.space.data.batch_size: searchable keys start with methods.kd., student.train."),
+    ({"sweep.metric": "test_top1"}, "sweep.metric: unknown 'test_top1'; allowed: val_top1"),
+    ({"sweep.space": {"methods.kd.alpha": {"type": "normal"}}},
+     "sweep.space.methods.kd.alpha.type: unknown 'normal'"),
+    ({"sweep.space": {"methods.kd.alpha": {"low": 0.1}}},
+     "sweep.space.methods.kd.alpha: missing type"),
+])
+def test_bad_sweeps_fail_before_any_trial(tmp_path, change, message):
+    job = _sweep_job(tmp_path, "bad", {"methods.kd.temperature": {"type": "uniform", "low": 1,
+                                                                   "high": 8}})
+    for key, value in change.items():
+        if key == "sweep":
+            job.pop("sweep")
+        else:
+            job["sweep"][key.split(".", 1)[1]] = value
+    with pytest.raises(RaykdError) as err:
+        check_sweep(job, job_from_dict(job))
+    assert message in str(err.value)
+
+
+def test_a_bad_sweep_is_one_line_from_the_command(tmp_path):
+    job = _sweep_job(tmp_path, "cli", {"methods.kd.alpha": {"type": "choice", "values": []}})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    res = subprocess.run([RAYKD, "sweep", str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("raykd: error: sweep.space.methods")
+
+
+def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session, tmp_path):
+    # lr 0.1 and 0.2 first (two at a time); the 1e-4 trials reach epoch 1 far below them and ASHA
+    # stops them; lr 0.05 is made to fail after its first epoch: the sweep goes on
+    job = _sweep_job(tmp_path, "asha", {"student.train.lr": {
+        "type": "grid", "values": [0.2, 0.1, 0.0001, 0.00005, 0.05]}}, reduction_factor=2)
+    table, results = run_sweep(job, fail_when={"student.train.lr": 0.05})
+    assert len(table) == 5
+    status = dict(zip(table["student.train.lr"], table.status))
+    assert status[0.05] == "failed"
+    assert status[0.0001] == status[0.00005] == "stopped"   # ASHA: far below at epoch 1
+    assert "finished" in (status[0.2], status[0.1])
+    run_dir = Path(job["output_dir"]) / "asha"
+    assert (run_dir / "sweep.parquet").is_file() and (run_dir / "sweep.png").stat().st_size > 1000
+    # trials never read the test split
+    for metrics in (run_dir / "sweep" / "trials").glob("*/metrics.jsonl"):
+        assert all("test_top1" not in json.loads(line) for line in metrics.read_text().splitlines())
+    # best.yaml is a job `raykd run` accepts, and it ran over the job's seeds
+    best = load_job(run_dir / "best.yaml")
+    assert best.sweep is None and list(best.methods) == ["kd"]
+    assert status[best.student.train.lr] == "finished"
+    kd = results[results.method == "kd"].iloc[0]
+    assert 0 <= kd.test_top1 <= 1 and kd.role == "student"
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    job = _sweep_job(tmp_path, "killed", {"methods.kd.temperature": {
+        "type": "grid", "values": [1, 4, 8]}}, scheduler="fifo", max_concurrent=1)
+    job["student"]["train"]["epochs"] = 2
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    trials = Path(job["output_dir"]) / "killed" / "sweep" / "trials"
+    driver = subprocess.Popen([RAYKD, "sweep", str(path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(trials.glob("*/model.pt")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)   # the driver and everything it started
+    driver.wait()
+    finished = {p.parent.name: p.parent.joinpath("metrics.jsonl").read_text()
+                for p in trials.glob("*/model.pt")}
+    assert finished, "no trial finished before the kill"
+    res = subprocess.run([RAYKD, "sweep", str(path)], capture_output=True, text=True,
+                         timeout=400)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for trial, history in finished.items():   # not trained again: its history is unchanged
+        assert (trials / trial / "metrics.jsonl").read_text() == history
+    table = pd.read_parquet(Path(job["output_dir"]) / "killed" / "sweep.parquet")
+    assert sorted(table["methods.kd.temperature"]) == [1, 4, 8]
+    assert (table.status == "finished").all()
+
+
+def test_optuna_search_is_built_and_refuses_grids():
+    from optuna import __version__  # noqa: F401  (installed with raykd)
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raykd.specs import SearchDim, SweepSpec
+    from raykd.sweep import search_alg
+
+    spec = SweepSpec(method="kd", search="optuna",
+                     space={"methods.kd.alpha": SearchDim("uniform", 0.1, 0.9)})
+    assert isinstance(search_alg(spec), OptunaSearch)
+    spec.space["methods.kd.k"] = SearchDim("grid", values=[1, 2])
+    with pytest.raises(RaykdError, match="optuna cannot take grid dimensions"):
+        search_alg(spec)
