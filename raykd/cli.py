@@ -91,6 +91,15 @@ def _cmd_results(args) -> int:
     return 0
 
 
+def job_command(sub, name: str, fn, summary: str, description: str, job_help: str,
+                overrides_help: str) -> None:
+    """A command that takes a job file and dotted overrides."""
+    cmd = sub.add_parser(name, help=summary, description=description)
+    cmd.add_argument("job", help=job_help)
+    cmd.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    cmd.set_defaults(fn=fn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="raykd", description="Knowledge distillation on Ray.",
@@ -98,24 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    run = sub.add_parser("run", help="run a job and print its results table",
-                         description="Run a job spec. Re-running the same job resumes it: "
-                         "finished runs are kept, interrupted ones continue from their last "
-                         "checkpoint.")
-    run.add_argument("job", help="job spec (YAML), e.g. jobs/quickstart.yaml")
-    run.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="dotted overrides, e.g. student.train.epochs=5 seeds=[0,1]")
-    run.set_defaults(fn=_cmd_run)
-
-    sw = sub.add_parser("sweep", help="tune a method's parameters with Ray Tune (validation only)",
-                        description="Search the job's `sweep:` section with Ray Tune (ASHA or "
-                        "FIFO; random or Optuna), on the validation split; write sweep.parquet, "
-                        "sweep.png and best.yaml, then run the best configuration over the "
-                        "job's seeds. Re-running the same command resumes the sweep.")
-    sw.add_argument("job", help="job spec (YAML) with a sweep: section, e.g. jobs/sweep_kd.yaml")
-    sw.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="dotted overrides, e.g. sweep.num_samples=16")
-    sw.set_defaults(fn=_cmd_sweep)
+    job_command(sub, "run", _cmd_run, "run a job and print its results table",
+                "Run a job spec. Re-running the same job resumes it: finished runs are kept, "
+                "interrupted ones continue from their last checkpoint.",
+                "job spec (YAML), e.g. jobs/quickstart.yaml",
+                "dotted overrides, e.g. student.train.epochs=5 seeds=[0,1]")
+    job_command(sub, "sweep", _cmd_sweep, "tune a method's parameters with Ray Tune (validation only)",
+                "Search the job's `sweep:` section with Ray Tune (ASHA or FIFO; random or "
+                "Optuna), on the validation split; write sweep.parquet, sweep.png and best.yaml, "
+                "then run the best configuration over the job's seeds. Re-running the same "
+                "command resumes the sweep.",
+                "job spec (YAML) with a sweep: section, e.g. jobs/sweep_kd.yaml",
+                "dotted overrides, e.g. sweep.num_samples=16")
 
     res = sub.add_parser("results", help="print a run's results table",
                          description="Print mean ± std over seeds per role, method and model.")

@@ -12,7 +12,8 @@ def _run(*args, cwd=None):
     return subprocess.run([RAYKD, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["results", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["sweep", "--help"],
+                                  ["results", "--help"]])
 def test_help(args):
     res = _run(*args)
     assert res.returncode == 0 and "usage: raykd" in res.stdout
