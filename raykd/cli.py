@@ -16,13 +16,14 @@ from raykd.errors import RaykdError
 
 
 def _cmd_run(args) -> int:
-    from raykd.config import load_job
+    from raykd.config import check_writable, load_job
     from raykd.data import load_dataset
     from raykd.pipeline import run_job
     from raykd.plan import preflight
     from raykd.ray_env import init_ray
 
     spec = load_job(args.job, args.overrides)
+    check_writable(spec)
     splits = load_dataset(spec.data)  # absent data fails here, before Ray starts
     preflight(spec, splits)
     init_ray(spec.ray.address, spec.ray.num_cpus)
@@ -33,7 +34,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from raykd.config import job_from_dict, load_raw
+    from raykd.config import check_writable, job_from_dict, load_raw
     from raykd.data import load_dataset
     from raykd.plan import preflight
     from raykd.ray_env import init_ray
@@ -42,6 +43,7 @@ def _cmd_sweep(args) -> int:
     raw = load_raw(args.job, args.overrides)
     spec = job_from_dict(raw)
     check_sweep(raw, spec)             # every bad key or range fails here, before Ray starts
+    check_writable(spec)
     preflight(spec, load_dataset(spec.data))
     init_ray(spec.ray.address, spec.ray.num_cpus)
     table, df = run_sweep(raw)

@@ -16,8 +16,29 @@ from raykd.data.registry import check_dataset_name
 from raykd.errors import RaykdError
 from raykd.methods import method_params
 from raykd.models import check_model_name
+from raykd.models.export import read_export
 from raykd.specs import JobSpec
 from raykd.typed import apply_overrides, from_dict
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain YAML
+    keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:     # an unhashable key: let the base loader report it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
@@ -30,9 +51,12 @@ def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
     if not path.is_file():
         raise RaykdError(f"job file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RaykdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        text = path.read_text()
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RaykdError(f"{path}: not valid YAML ({str(e).strip().splitlines()[0]})") from e
+    if raw is None:
+        raise RaykdError(f"{path}: the job file is empty; see jobs/quickstart.yaml for one")
     if not isinstance(raw, dict):
         raise RaykdError(f"{path}: a job must be a YAML mapping")
     raw.setdefault("name", path.stem)
@@ -59,6 +83,18 @@ def validate(spec: JobSpec) -> None:
         spec.teacher.checkpoint = _resolve(spec.teacher.checkpoint)
         if not Path(spec.teacher.checkpoint).is_file():
             raise RaykdError(f"teacher.checkpoint: no such file {spec.teacher.checkpoint}")
+        try:
+            read_export(spec.teacher.checkpoint, "model")
+        except RaykdError as e:
+            raise RaykdError(f"teacher.checkpoint: {e}") from None
+    if spec.data.root is not None and Path(spec.data.root).exists() \
+            and not Path(spec.data.root).is_dir():
+        raise RaykdError(f"data.root: {spec.data.root} is a file; give the folder that holds "
+                         "the dataset")
+    for name in ("batch_size", "eval_batch_size", "train_size", "val_size", "test_size"):
+        value = getattr(spec.data, name)
+        if value is not None and value < 1:
+            raise RaykdError(f"data.{name} must be at least 1, got {value}")
     check_dataset_name(spec.data.dataset)
     for name in [spec.teacher.model, *spec.teacher.models, spec.student.model]:
         check_model_name(name)
@@ -86,5 +122,19 @@ def validate(spec: JobSpec) -> None:
         raise RaykdError(f"teacher.timeout_s must be positive, got {t.timeout_s}")
     if spec.ray.workers < 1:
         raise RaykdError(f"ray.workers must be at least 1, got {spec.ray.workers}")
-    if spec.data.batch_size < 1:
-        raise RaykdError(f"data.batch_size must be at least 1, got {spec.data.batch_size}")
+    for where, value in (("teacher.train.lr", spec.teacher.train.lr),
+                         ("student.train.lr", spec.student.train.lr),
+                         ("heads.train.lr", spec.heads.train.lr)):
+        if value <= 0:
+            raise RaykdError(f"{where} must be positive, got {value}")
+
+
+def check_writable(spec: JobSpec) -> None:
+    """The run folder can be created and written (checked before any Ray work starts)."""
+    try:
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        probe = spec.run_dir / ".raykd-write-check"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RaykdError(f"output_dir: cannot write to {spec.run_dir} ({e.strerror})") from None

@@ -115,6 +115,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
+        if raw.lstrip()[:1] in ("[", "{"):
+            raise RaykdError(f"override {text!r}: unbalanced brackets in the value "
+                             "(write lists as [a, b] and mappings as {k: v})") from None
         value = raw
     return key.split("."), value
 

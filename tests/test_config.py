@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from raykd.config import load_job
 from raykd.errors import RaykdError
@@ -75,3 +77,92 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a list")
     with pytest.raises(RaykdError, match="must be a YAML mapping"):
         load_job(bad)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "the job file is empty"),
+    ("# only a comment\n", "the job file is empty"),
+    ("seeds: [0]\nseeds: [1]\n", "duplicate key 'seeds' (line 2)"),
+    ("student: {train: {epochs: 0}}", "student.train.epochs must be at least 1, got 0"),
+    ("teacher: {train: {epochs: -3}}", "teacher.train.epochs must be at least 1, got -3"),
+    ("data: {batch_size: 0}", "data.batch_size must be at least 1, got 0"),
+    ("data: {train_size: -5}", "data.train_size must be at least 1, got -5"),
+    ("student: {train: {lr: 0}}", "student.train.lr must be positive, got 0.0"),
+    ("methods: {kd: {temperature: 0}}", "methods.kd.temperature must be positive"),
+    ("methods: {kd: {temperature: hot}}", "methods.kd.temperature: expected a number, got 'hot'"),
+    ("methods: {dih: {alpha: -0.1}}", "methods.dih: alpha and alphas must be in [0, 1]"),
+    ("methods: {nd: {method: neighbourhood, alpha: 2}}", "methods.nd.alpha must be in [0, 1]"),
+    ("methods: {nd: {method: neighbourhood, train: {epochs: 0}}}",
+     "methods.nd.train.epochs must be at least 1"),
+])
+def test_bad_job_files_name_the_field(tmp_path, text, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(RaykdError) as err:
+        load_job(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_paths_that_cannot_work_are_refused_before_ray(tmp_path):
+    from raykd.config import check_writable
+
+    a_file = tmp_path / "plain.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(RaykdError, match="data.root: .* is a file"):
+        load_job(_write(tmp_path, {"data": {"dataset": "cifar10", "root": str(a_file)}}))
+    fake = tmp_path / "teacher.pt"
+    fake.write_bytes(b"not a torch file at all")
+    with pytest.raises(RaykdError, match="teacher.checkpoint: .*teacher.pt: not a raykd file"):
+        load_job(_write(tmp_path, {"teacher": {"checkpoint": str(fake)}}))
+    spec = load_job(_write(tmp_path, {"output_dir": str(a_file / "below")}))
+    with pytest.raises(RaykdError, match="output_dir: cannot write to"):
+        check_writable(spec)
+    with pytest.raises(RaykdError, match="unbalanced brackets"):
+        load_job(_write(tmp_path, {}), ["seeds=[0,1"])
+
+
+def test_an_export_carrying_a_pickled_callable_is_refused(tmp_path):
+    import os
+
+    import torch
+
+    marker = tmp_path / "ran"
+
+    class Payload:   # unpickling this would run os.system
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"kind": "model", "arch": Payload()}, bad)
+    from raykd.models.export import load_export
+    with pytest.raises(RaykdError, match="evil.pt: not a raykd file that can be loaded safely"):
+        load_export(bad)
+    assert not marker.exists()
+
+
+@settings(max_examples=150, deadline=None)
+@given(overrides=st.lists(st.text(alphabet="abcdeklmnorstuy._=[]{}:,0123456789- '\"", max_size=30),
+                          max_size=3))
+def test_random_overrides_load_or_fail_with_one_line(tmp_path_factory, overrides):
+    path = tmp_path_factory.mktemp("prop") / "job.yaml"
+    path.write_text("seeds: [0]\n")
+    try:
+        load_job(path, overrides)
+    except RaykdError as e:
+        assert str(e) and "\n" not in str(e)
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc=st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(-2, 2) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["name", "seeds", "data", "student", "teacher", "methods", "train",
+                         "epochs", "lr", "kd", "ray", "heads", "x"]), inner, max_size=4),
+    max_leaves=12))
+def test_random_yaml_loads_or_fails_with_one_line(tmp_path_factory, doc):
+    path = tmp_path_factory.mktemp("prop") / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    try:
+        load_job(path)
+    except RaykdError as e:
+        assert str(e) and "\n" not in str(e)

@@ -50,6 +50,15 @@ class NeighbourhoodParams:
             parse_candidate(c)
         if self.finetune_epochs < 0 or self.scratch_epochs < 0:
             raise RaykdError(f"{where}: finetune_epochs and scratch_epochs must be >= 0")
+        if self.train.epochs < 1:
+            raise RaykdError(f"{where}.train.epochs must be at least 1, got {self.train.epochs}")
+        if self.temperature <= 0:
+            raise RaykdError(f"{where}.temperature must be positive, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise RaykdError(f"{where}.alpha must be in [0, 1], got {self.alpha}")
+        if self.gaussian_samples < 1:
+            raise RaykdError(f"{where}.gaussian_samples must be at least 1, got "
+                             f"{self.gaussian_samples}")
 
 
 @register_method("neighbourhood")
