@@ -97,6 +97,7 @@ def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session,
     assert 0 <= kd.test_top1 <= 1 and kd.role == "student"
 
 
+@pytest.mark.ray   # starts its own Ray instance through `raykd sweep`
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     job = _sweep_job(tmp_path, "killed", {"methods.kd.temperature": {
         "type": "grid", "values": [1, 4, 8]}}, scheduler="fifo", max_concurrent=1)
