@@ -73,7 +73,8 @@ def test_a_bad_sweep_is_one_line_from_the_command(tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith("raykd: error: sweep.space.methods")
 
 
-def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session, tmp_path):
+def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session, tmp_path,
+                                                                    capsys):
     # lr 0.1 and 0.2 first (two at a time); the 1e-4 trials reach epoch 1 far below them and ASHA
     # stops them; lr 0.05 is made to fail after its first epoch: the sweep goes on
     job = _sweep_job(tmp_path, "asha", {"student.train.lr": {
@@ -95,6 +96,11 @@ def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session,
     assert status[best.student.train.lr] == "finished"
     kd = results[results.method == "kd"].iloc[0]
     assert 0 <= kd.test_top1 <= 1 and kd.role == "student"
+    # `raykd results` shows the trials before the results table
+    from raykd.cli import main
+    assert main(["results", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("sweep trials") < out.index("test_top1") and "stopped" in out
 
 
 @pytest.mark.ray   # starts its own Ray instance through `raykd sweep`
