@@ -173,9 +173,7 @@ def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
         trial_id = tune.get_context().get_trial_id()
         fail = bool(fail_when) and all(config.get(k) == v for k, v in fail_when.items())
         unit = trial_unit(raw, config, sweep, run_dir, trial_id, rows, teacher_cache, fail)
-        scaling = scaling_config(sweep.workers, sweep.cpus_per_worker, sweep.gpus_per_worker > 0)
-        if sweep.gpus_per_worker > 0:
-            scaling.resources_per_worker["GPU"] = sweep.gpus_per_worker
+        scaling = scaling_config(sweep.workers, sweep.cpus_per_worker, sweep.gpus_per_worker)
         TorchTrainer(
             train_worker, train_loop_config={"unit": unit}, scaling_config=scaling,
             run_config=ray.train.RunConfig(

@@ -18,11 +18,13 @@ from raykd.train.kinds import train_worker, unit_kind
 from raykd.units import Unit
 
 
-def scaling_config(workers: int, cpus_per_worker: float, use_gpu: bool) -> ScalingConfig:
+def scaling_config(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> ScalingConfig:
+    """Workers with these resources each; a GPU (or a fraction of one) when gpus_per_worker > 0."""
     resources = {"CPU": cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = 1
-    return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources)
+    if gpus_per_worker > 0:
+        resources["GPU"] = gpus_per_worker
+    return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+                         resources_per_worker=resources)
 
 
 def read_history(path: str):
@@ -49,7 +51,7 @@ def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures
     result = TorchTrainer(
         train_worker,
         train_loop_config={"unit": unit},
-        scaling_config=scaling_config(workers, unit.cpus_per_worker, use_gpu),
+        scaling_config=scaling_config(workers, unit.cpus_per_worker, 1.0 if use_gpu else 0.0),
         run_config=RunConfig(
             name=unit.key, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
