@@ -24,6 +24,7 @@ from raykd.results import ResultsTable
 from raykd.scheduler import run_in_order
 from raykd.specs import JobSpec
 from raykd.teacher.pool import TeacherPool
+from raykd.teacher.store import STORE_DIR, TeacherStore
 
 
 def default_parallelism(spec: JobSpec) -> int:
@@ -57,6 +58,14 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
     for key, epoch in (fail_at or {}).items():
         units[key].fail_at_epoch = epoch
     done = {k for k, u in units.items() if table.get(k) and Path(u.export_path).exists()}
+    store = TeacherStore(Path(spec.output_dir) / STORE_DIR, spec.ray.workers) \
+        if spec.teacher.reuse else None
+    reused = [k for k, u in units.items() if store and u.role == "teacher" and k not in done
+              and _take(store, u, table)]
+    if reused:
+        log.info("reusing %d trained teachers from %s: %s", len(reused), store.root,
+                 ", ".join(reused))
+    done |= set(reused)
     if done:
         log.info("%d of %d runs already finished in %s; running the rest", len(done), len(units),
                  run_dir)
@@ -88,6 +97,8 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         pool.release(units[key].teacher_candidates)
         table.add(rows)
         done.add(key)
+        if store and units[key].role == "teacher":
+            store.publish(units[key], rows[0])
         accs = ", ".join(f"{r['method']} val_top1 {r['val_top1']:.4f} test_top1 "
                          f"{r['test_top1']:.4f}" for r in rows)
         log.info("[%d/%d] %s: %s (%.0fs; %.0fs elapsed)", len(done), len(units), key, accs,
@@ -108,3 +119,10 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         raise RaykdError(f"{len(failures)} of {len(units)} runs failed: {names}; finished runs "
                          f"are kept in {run_dir}, re-run the job to resume")
     return table.frame()
+
+
+def _take(store: TeacherStore, unit, table: ResultsTable) -> bool:
+    row = store.fetch(unit)
+    if row:
+        table.add([row])
+    return row is not None

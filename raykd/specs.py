@@ -68,6 +68,7 @@ class TeacherSpec:
     timeout_s: float = 120.0          # a request with no answer by then fails with an error
     cache: bool = True                # store teacher outputs for deterministic inputs
     cache_dir: str | None = None      # default: OUTPUT_DIR/feature_cache (shared across jobs)
+    reuse: bool = True                # take an identical teacher from OUTPUT_DIR/teachers
 
 
 @dataclass

@@ -5,6 +5,7 @@ import pytest
 from raykd.cli import main
 from raykd.config import job_from_dict
 from raykd.errors import RaykdError
+from raykd.files import file_hash
 from raykd.models import count_params
 from raykd.models.export import load_export
 from raykd.pipeline import run_job
@@ -39,6 +40,13 @@ def test_end_to_end_on_digits_then_reuse(ray_session, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "±" in out and "teacher" in out and "kd" in out
     assert (tmp_path / "acc.png").stat().st_size > 1000
+    # another job in the same output folder asking for the same teacher takes it from the store
+    other = run_job(job_from_dict(small_job(tmp_path, name="t2", methods={"ce": {}})))
+    shared = other[other.role == "teacher"].iloc[0]
+    assert shared.reused_from.startswith(str(tmp_path / "teachers"))
+    assert file_hash(shared.export) == file_hash(teacher.export)
+    assert shared.test_top1 == teacher.test_top1
+    assert not (tmp_path / "t2" / "metrics" / "seed0-teacher.parquet").exists(), "not trained"
 
 
 def test_interrupted_run_resumes_from_its_last_checkpoint(ray_session, tmp_path):
