@@ -2,6 +2,7 @@
 
     raykd run JOB.yaml [key=value ...]   run a job; prints the results table at the end
     raykd sweep JOB.yaml [key=value ...] Ray Tune search from the job's `sweep:` section
+    raykd search LIBRARY --teacher T ... architecture search over distilled neighbourhoods
     raykd results RUN_DIR [--plot F.png] print a run's results table (mean ± std over seeds)
 
 Bad input ends with a one-line error and a non-zero exit, never a traceback.
@@ -52,6 +53,32 @@ def _cmd_sweep(args) -> int:
     print_sweep(table)
     print(f"\nthe best configuration over seeds {spec.seeds}:")
     print_report(spec.run_dir, df)
+    return 0
+
+
+def _cmd_search(args) -> int:
+    from raykd.ray_env import init_ray
+    from raykd.search import SearchRequest, library_entries, positions, run_search
+
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise RaykdError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2") \
+            from None
+    request = SearchRequest(args.library, args.teacher, args.max_params, args.max_macs,
+                            args.max_latency_ms, args.top, args.proxy, args.finetune_epochs,
+                            seeds, args.out)
+    request.check()
+    positions(library_entries(request)[0])   # a bad library fails here, before Ray starts
+    init_ray(None, None)
+    table, results = run_search(request)
+    shown = table.drop(columns=["positions"])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    out = request.out or f"{args.library}/search"
+    print(f"\nPareto table: {out}/pareto.parquet (plot: pareto.png); chosen student: "
+          f"{out}/student.pt; ready-to-run job: {out}/student.yaml")
+    if results is not None:
+        print_report(f"{out}/finetune", results)
     return 0
 
 
@@ -121,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
                 "command resumes the sweep.",
                 "job spec (YAML) with a sweep: section, e.g. jobs/sweep_kd.yaml",
                 "dotted overrides, e.g. sweep.num_samples=16")
+
+    search = sub.add_parser(
+        "search", help="architecture search over a neighbourhood library",
+        description="Choose one distilled candidate per teacher position under parameter, MAC "
+        "and latency budgets (exact integer program), score the top K stitched students on "
+        "the validation split in parallel Ray tasks, write a Pareto table and plot, export the "
+        "best with a ready-to-run job, and fine-tune it with KD. No neighbourhood is retrained.")
+    search.add_argument("library", help="a neighbourhood library folder (holds catalog.parquet)")
+    search.add_argument("--teacher", required=True,
+                        help="the teacher's export (or its weights hash from the catalog)")
+    search.add_argument("--max-params", type=int, help="parameter budget of the student")
+    search.add_argument("--max-macs", type=int, help="multiply-accumulates per image budget")
+    search.add_argument("--max-latency-ms", type=float,
+                        help="batch-1 CPU latency budget (one thread), milliseconds")
+    search.add_argument("--top", type=int, default=5, help="distinct solutions to score (5)")
+    search.add_argument("--proxy", default="recon", choices=["recon", "swap"],
+                        help="recon: summed reconstruction error; swap: summed drop of the "
+                        "teacher's val accuracy with each part swapped in (default recon)")
+    search.add_argument("--finetune-epochs", type=int, default=4,
+                        help="KD fine-tuning epochs of the chosen student (0: none; default 4)")
+    search.add_argument("--seeds", default="0", help="fine-tuning seeds, e.g. 0,1,2 (0)")
+    search.add_argument("--out", help="output folder (default LIBRARY/search)")
+    search.set_defaults(fn=_cmd_search)
 
     res = sub.add_parser("results", help="print a run's results table",
                          description="Print mean ± std over seeds per role, method and model.")

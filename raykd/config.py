@@ -79,14 +79,19 @@ def validate(spec: JobSpec) -> None:
     spec.output_dir = _resolve(spec.output_dir)
     spec.data.root = _resolve(spec.data.root)
     spec.teacher.cache_dir = _resolve(spec.teacher.cache_dir)
-    if spec.teacher.checkpoint is not None:
-        spec.teacher.checkpoint = _resolve(spec.teacher.checkpoint)
-        if not Path(spec.teacher.checkpoint).is_file():
-            raise RaykdError(f"teacher.checkpoint: no such file {spec.teacher.checkpoint}")
+    for part in (spec.teacher, spec.student):
+        where = "teacher" if part is spec.teacher else "student"
+        if part.checkpoint is None:
+            continue
+        part.checkpoint = _resolve(part.checkpoint)
+        if not Path(part.checkpoint).is_file():
+            raise RaykdError(f"{where}.checkpoint: no such file {part.checkpoint}")
         try:
-            read_export(spec.teacher.checkpoint, "model")
+            read_export(part.checkpoint, "model")
         except RaykdError as e:
-            raise RaykdError(f"teacher.checkpoint: {e}") from None
+            raise RaykdError(f"{where}.checkpoint: {e}") from None
+    if spec.student.reinit and not spec.student.checkpoint:
+        raise RaykdError("student.reinit needs student.checkpoint (the architecture to re-train)")
     if spec.data.root is not None and Path(spec.data.root).exists() \
             and not Path(spec.data.root).is_dir():
         raise RaykdError(f"data.root: {spec.data.root} is a file; give the folder that holds "

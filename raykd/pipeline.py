@@ -43,6 +43,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
 
     `fail_at` (unit key -> epoch) injects a failure after that epoch's checkpoint, for tests.
     """
+    from raykd.train.kinds import unit_kind
     from raykd.train.runner import fit_unit
 
     run_dir = spec.run_dir
@@ -85,6 +86,10 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         if unit.method_name:
             method_class(unit.method_name).prepare(unit, table.rows)
         unit.teacher_exports = resolve_teachers(unit, table.rows)
+        stored = unit_kind(unit.kind).stored(unit)
+        if stored:
+            log.info("took %s from %s (trained before)", key, stored[0]["reused_from"])
+            return ray.put(stored)
         handles = pool.handles_for(unit.teacher_exports)
         if handles is None:
             return None   # its teacher service must wait for CPUs
@@ -99,6 +104,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         done.add(key)
         if store and units[key].role == "teacher":
             store.publish(units[key], rows[0])
+        unit_kind(units[key].kind).store(units[key], rows)
         accs = ", ".join(f"{r['method']} val_top1 {r['val_top1']:.4f} test_top1 "
                          f"{r['test_top1']:.4f}" for r in rows)
         log.info("[%d/%d] %s: %s (%.0fs; %.0fs elapsed)", len(done), len(units), key, accs,

@@ -81,6 +81,7 @@ class SeedPlan:
             fields = dict(
                 role="student", label=name, method_name=method_name, method=parameters,
                 model=self.spec.student.model, optim=self.spec.student.train,
+                init_from=self.spec.student.checkpoint, reinit=self.spec.student.reinit,
                 diagnostics_dir=str(self.spec.run_dir / "diagnostics" / f"seed{self.seed}-{name}"),
                 teacher_candidates=teachers, teacher_mode=mode,
                 depends_on=deps + list(depends_on) + extra.pop("depends_on", []))
@@ -90,6 +91,8 @@ class SeedPlan:
 
 
 def student_architecture(spec: JobSpec, splits) -> StagedModel:
+    if spec.student.checkpoint:
+        return load_export(spec.student.checkpoint)
     c, h, _ = splits.input_shape
     return build_model(spec.student.model, splits.num_classes, c, h)
 

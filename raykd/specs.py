@@ -75,6 +75,9 @@ class TeacherSpec:
 class StudentSpec:
     model: str = "cnn_small"
     train: OptimSpec = field(default_factory=OptimSpec)
+    checkpoint: str | None = None     # start from this raykd model export (e.g. a searched
+                                      # stitched student) instead of building `model`
+    reinit: bool = False              # with checkpoint: its architecture, fresh weights
 
 
 @dataclass

@@ -36,6 +36,7 @@ class NeighbourhoodPart:
     inputs: Inputs
     gaussian_samples: int
     input_shape: tuple[int, int, int]
+    library: str = ""             # the neighbourhood library it is kept in ("" none)
 
 
 @dataclass
@@ -74,7 +75,8 @@ class Unit:
     neighbourhood: NeighbourhoodPart | None = None  # kind neighbourhood: what to distil
     stitch_from: list[str] = field(default_factory=list)   # a stitched student's part units
     stitch: StitchPlan | None = None   # chosen at launch from the parts' rows
-    reinit: bool = False          # train the stitched architecture from a fresh initialisation
+    init_from: str | None = None  # a model export to start from (student.checkpoint)
+    reinit: bool = False          # train the stitched / init_from architecture from fresh weights
     evaluate_test: bool = True    # False while searching (sweep trials): test is never read
     fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint
 

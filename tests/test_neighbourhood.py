@@ -38,9 +38,14 @@ def test_candidates_keep_the_neighbourhoods_shapes_and_bad_groups_are_errors():
     teacher = build_model("cnn_wide", 10, 1, 28)
     shapes = block_shapes(teacher, (1, 28, 28))
     for name, a, b in neighbourhoods(teacher, []):
-        for spec in ("w0.25d1", "w1d2"):
+        sizes = {}
+        for spec in ("w0.25d1", "w1d2", "w0.5d1", "dw1d1", "dw2d2"):
             cand = Candidate(spec, shapes[a][0], shapes[b - 1][1])
             assert tuple(cand(torch.randn(2, *shapes[a][0])).shape[1:]) == shapes[b - 1][1]
+            sizes[spec] = count_params(cand)
+        # the families trade differently: depthwise-separable is far smaller at equal width
+        assert sizes["dw1d1"] < sizes["w0.5d1"] < sizes["w1d2"]
+        assert sizes["w0.25d1"] < sizes["w0.5d1"]
     with pytest.raises(RaykdError, match="unknown neighbourhood 'stage7'"):
         neighbourhoods(teacher, ["stage7"])
     with pytest.raises(RaykdError, match="unknown candidate 'half'"):

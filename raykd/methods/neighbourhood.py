@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch.nn.functional as F
 
@@ -26,6 +27,8 @@ from raykd.models.stitch import neighbourhoods, parse_candidate
 from raykd.selection import choose_one_per_group
 from raykd.specs import OptimSpec
 from raykd.units import Inputs, NeighbourhoodPart, StitchPlan
+
+LIBRARY_DIR = "neighbourhoods"   # the default library, inside the job's output folder
 
 
 @dataclass
@@ -42,6 +45,7 @@ class NeighbourhoodParams:
                                         # end-to-end KD for this many epochs (the baseline)
     temperature: float = 4.0
     alpha: float = 0.9
+    library: str | None = None          # neighbourhood library (default OUTPUT_DIR/neighbourhoods)
 
     def check(self, where: str) -> None:
         if not self.candidates:
@@ -70,6 +74,7 @@ class NeighbourhoodDistillation(DistillMethod):
         """One unit per (neighbourhood, candidate), all independent; then per chain link a
         student stitched from the best parts (and, with `scratch_epochs`, the same architecture
         trained from scratch)."""
+        library = params.library or str(Path(plan.spec.output_dir) / LIBRARY_DIR)
         parts = []
         for name, start, stop in neighbourhoods(plan.teacher_arch, params.groups):
             for cand in params.candidates:
@@ -77,9 +82,10 @@ class NeighbourhoodDistillation(DistillMethod):
                     f"seed{plan.seed}-{label}-{name}-{cand}", role="neighbourhood",
                     kind="neighbourhood", label=f"{label}:{name}:{cand}", model=cand,
                     optim=params.train, teacher_candidates=plan.exports[:1],
-                    depends_on=plan.first_teacher, neighbourhood=NeighbourhoodPart(
+                    depends_on=plan.first_teacher, seed_stream=f"neighbourhood-{name}-{cand}",
+                    neighbourhood=NeighbourhoodPart(
                         name, start, stop, cand, params.inputs, params.gaussian_samples,
-                        tuple(plan.input_shape)))))
+                        tuple(plan.input_shape), library=library))))
         students = plan.students(label, cls.name, entry, params, cls,
                                  depends_on=[p.key for p in parts], model="stitched",
                                  stitch_from=[p.key for p in parts])

@@ -8,6 +8,7 @@ so no code ever depends on a model's module layout or positional indices.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Iterable
 
@@ -159,3 +160,38 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     finally:
         model.train(was_training)
     return int(counter.get_total_flops()) // 2
+
+
+class BlockRange(nn.Module):
+    """Blocks [start, stop) of a staged model as one module (to measure a neighbourhood)."""
+
+    def __init__(self, model: StagedModel, start: int, stop: int):
+        super().__init__()
+        self.model, self.start, self.stop = model, start, stop
+
+    def forward(self, x):
+        return self.model.run_blocks(x, self.start, self.stop)
+
+
+@torch.no_grad()
+def latency_ms(module: nn.Module, input_shape: tuple[int, ...], runs: int = 30) -> float:
+    """Median CPU latency of one forward pass on one input, on one thread, in milliseconds: the
+    deployment-style number a search budget needs (batch 1), not training throughput."""
+    import copy
+    import statistics
+
+    module = copy.deepcopy(module).cpu().eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.zeros(1, *input_shape)
+        for _ in range(5):
+            module(x)
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            module(x)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)

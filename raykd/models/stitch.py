@@ -1,8 +1,13 @@
 """Neighbourhoods of a staged teacher, student candidates for them, and stitching.
 
 A neighbourhood is a contiguous range of the teacher's blocks. A candidate replaces it with the
-same input and output shapes: `w0.5d1` is a residual unit of depth 1 whose inner width is half the
-neighbourhood's output channels. A stitched student is the teacher's own blocks (stem, classifier,
+same input and output shapes. Two families, each with a width and a depth:
+- `w<width>d<depth>`: a residual unit of `depth` 3x3 convolutions whose inner width is `width`
+  times the neighbourhood's output channels (`w0.5d1`, `w0.25d1`, `w1d2`, ...);
+- `dw<width>d<depth>`: a MobileNet-style depthwise-separable unit: a 1x1 expansion to `width`
+  times the output channels, `depth` depthwise 3x3 convolutions, a 1x1 projection (`dw1d1`,
+  `dw2d1`): far fewer parameters and MACs for the same width.
+A stitched student is the teacher's own blocks (stem, classifier,
 anything between) with chosen candidates in place of their neighbourhoods.
 """
 from __future__ import annotations
@@ -16,19 +21,28 @@ from torch import nn
 from raykd.errors import RaykdError
 from raykd.models.staged import StagedModel, tap_shapes
 
-_CANDIDATE = re.compile(r"^w(\d+(?:\.\d+)?)d(\d+)$")
+_CANDIDATE = re.compile(r"^(w|dw)(\d+(?:\.\d+)?)d(\d+)$")
+FAMILIES = {"w": "conv", "dw": "depthwise"}
 
 
-def parse_candidate(spec: str) -> tuple[float, int]:
+def parse_candidate(spec: str) -> tuple[str, float, int]:
+    """(family, width, depth) of a candidate spec."""
     m = _CANDIDATE.match(spec)
-    if not m or float(m.group(1)) <= 0 or int(m.group(2)) < 1:
-        raise RaykdError(f"unknown candidate {spec!r}; write w<width>d<depth>, e.g. w0.5d1 "
-                         "(inner width = 0.5 x output channels, 1 unit deep)")
-    return float(m.group(1)), int(m.group(2))
+    if not m or float(m.group(2)) <= 0 or int(m.group(3)) < 1:
+        raise RaykdError(f"unknown candidate {spec!r}; write w<width>d<depth> (residual 3x3 "
+                         "convolutions, e.g. w0.5d1) or dw<width>d<depth> (depthwise-separable, "
+                         "e.g. dw1d1)")
+    return FAMILIES[m.group(1)], float(m.group(2)), int(m.group(3))
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list:
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 class Candidate(nn.Module):
-    """conv3x3-BN-ReLU x depth, then 1x1 conv-BN to the output channels, plus a projected
+    """The family's body (conv: conv3x3-BN-ReLU x depth; depthwise: 1x1 expand, depthwise
+    conv3x3-BN-ReLU x depth), then 1x1 conv-BN to the output channels, plus a projected
     shortcut, then a ReLU only if the neighbourhood's output is post-activation. The output is
     resized to the neighbourhood's output size when strides can't match it exactly (e.g. 7x7 ->
     3x3 after a floor max-pool)."""
@@ -36,17 +50,20 @@ class Candidate(nn.Module):
     def __init__(self, spec: str, in_shape: tuple[int, int, int], out_shape: tuple[int, int, int],
                  relu_out: bool = True):
         super().__init__()
-        width, depth = parse_candidate(spec)
+        family, width, depth = parse_candidate(spec)
         self.relu_out = relu_out   # only where the teacher's boundary is itself post-ReLU
         (cin, hin, _), (cout, hout, _) = in_shape, out_shape
         self.spec, self.in_shape, self.out_shape = spec, tuple(in_shape), tuple(out_shape)
         stride = max(1, round(hin / max(hout, 1)))
         inner = max(1, round(width * cout))
-        layers: list[nn.Module] = [nn.Conv2d(cin, inner, 3, stride, 1, bias=False),
-                                   nn.BatchNorm2d(inner), nn.ReLU(inplace=True)]
-        for _ in range(depth - 1):
-            layers += [nn.Conv2d(inner, inner, 3, 1, 1, bias=False), nn.BatchNorm2d(inner),
-                       nn.ReLU(inplace=True)]
+        if family == "conv":
+            layers = _conv_bn_relu(cin, inner, 3, stride)
+            for _ in range(depth - 1):
+                layers += _conv_bn_relu(inner, inner, 3)
+        else:   # the strided step is the first depthwise convolution
+            layers = _conv_bn_relu(cin, inner, 1)
+            for i in range(depth):
+                layers += _conv_bn_relu(inner, inner, 3, stride if i == 0 else 1, groups=inner)
         layers += [nn.Conv2d(inner, cout, 1, bias=False), nn.BatchNorm2d(cout)]
         self.body = nn.Sequential(*layers)
         self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),

@@ -55,8 +55,9 @@ class ModelTrainer(UnitTrainer):
         unit, device = self.unit, self.device
         torch.manual_seed(unit.random_seed)
         self.splits = splits = load_dataset(unit.data)
-        if unit.stitch:
-            model = build_stitched(dataclasses.asdict(unit.stitch))   # teacher's stem and head
+        if unit.stitch or unit.init_from:
+            model = (build_stitched(dataclasses.asdict(unit.stitch)) if unit.stitch  # teacher's
+                     else load_export(unit.init_from))                           # stem and head
             if unit.reinit:             # same architecture, fresh weights (the baseline)
                 for m in model.modules():
                     if hasattr(m, "reset_parameters"):
@@ -68,7 +69,7 @@ class ModelTrainer(UnitTrainer):
         self.initial = {
             f"initial_{name}": evaluate(model.to(device), part, unit.data.eval_batch_size, device)
             for name, part in (("val_top1", splits.val), ("test_top1", splits.test))
-        } if unit.stitch and not unit.reinit else {}
+        } if (unit.stitch or unit.init_from) and not unit.reinit else {}
         architectures = [load_export(h.export_path) for h in unit.teachers]
         self.method = build_method(unit.method_name, unit.method, MethodContext(
             student=model, num_classes=splits.num_classes, input_shape=splits.input_shape,
@@ -156,14 +157,17 @@ class ModelTrainer(UnitTrainer):
     def rows(cls, unit, metrics, common, num_classes, input_shape):
         """A zoo model's row; a stitched student also gets a row for before its fine-tuning."""
         model = load_export(unit.export_path)    # what was trained and exported, counted
-        name = ("stitched:" + "+".join(candidate_spec(p) for _a, _b, p in unit.stitch.parts)
-                if unit.stitch else unit.model)
+        parts = (unit.stitch.parts if unit.stitch else
+                 (getattr(model, "stitch_info", None) or {}).get("parts", []))
+        name = ("stitched:" + "+".join(candidate_spec(p) for _a, _b, p in parts) if parts
+                else getattr(model, "arch", unit.model))
         row = {**common, "method": unit.label, "model": name, "val_top1": metrics.get("val_top1"),
                "test_top1": metrics.get("test_top1"), "params": count_params(model),
                "macs": count_macs(model, input_shape)}
-        if not unit.stitch or unit.reinit:
+        if not (unit.stitch or unit.init_from) or unit.reinit:
             return [row]
-        before = {**row, "method": f"{unit.label}.stitched", "epochs": 0,
+        before = {**row, "method": f"{unit.label}.{'stitched' if unit.stitch else 'start'}",
+                  "epochs": 0,
                   "val_top1": metrics["initial_val_top1"],
                   "test_top1": metrics["initial_test_top1"]}
         return [before] if unit.optim.epochs == 0 else [before, row]

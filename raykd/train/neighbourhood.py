@@ -10,15 +10,21 @@ this neighbourhood swapped for the candidate.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
+
 import torch
 from torch.utils.data import DataLoader
 
 from raykd.data import load_dataset
+from raykd.files import atomic_write, file_hash
+from raykd.library import NeighbourhoodLibrary, recipe_digest
 from raykd.losses import neighbourhood_loss
-from raykd.models import count_params
+from raykd.models import count_macs, count_params
 from raykd.models.export import save_candidate
-from raykd.models.staged import nonnegative_taps
-from raykd.models.stitch import Candidate, block_shapes, stitch
+from raykd.models.staged import BlockRange, latency_ms, nonnegative_taps
+from raykd.models.stitch import Candidate, block_shapes, parse_candidate, stitch
 from raykd.teacher import LocalTeacher
 from raykd.teacher.access import open_teachers
 from raykd.train.batches import WithIndex, epoch_order, evaluate, with_teacher
@@ -38,6 +44,11 @@ class GaussianBoundary:
 
     def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return self.mean + self.std * torch.randn(n, *self.shape, generator=gen)
+
+
+LIBRARY_COSTS = ["macs", "latency_ms", "replaced_macs", "replaced_latency_ms", "teacher_params",
+                 "teacher_macs", "teacher_latency_ms", "teacher_hash"]
+LIBRARY_ONLY = ["checkpoint", "checkpoint_hash", "added"]   # catalog columns, not result rows
 
 
 @register_kind
@@ -116,15 +127,33 @@ class NeighbourhoodTrainer(UnitTrainer):
             metrics.update(candidate_params=count_params(self.candidate), replaced_params=sum(
                 count_params(teacher.model.blocks[n])
                 for n in teacher.model.block_names[nb.start:nb.stop]))
+            metrics.update(self.costs())
             if not self.synthetic:
                 # the teacher with just this neighbourhood swapped: a local quality signal
                 eval_batch = self.unit.data.eval_batch_size
                 swapped = stitch(teacher.model, [(nb.start, nb.stop, self.candidate.cpu())])
                 swapped = swapped.to(self.device)
                 metrics["val_top1"] = evaluate(swapped, self.splits.val, eval_batch, self.device)
+                metrics["teacher_val_top1"] = evaluate(teacher.model.to(self.device),
+                                                       self.splits.val, eval_batch, self.device)
                 metrics["test_top1"] = evaluate(swapped, self.splits.test, eval_batch, self.device)
                 self.candidate.to(self.device)
         return metrics
+
+    def costs(self) -> dict:
+        """What a search budget adds up: MACs and batch-1 CPU latency of the candidate, of the
+        teacher blocks it replaces, and of the whole teacher; the teacher's identity."""
+        nb, teacher = self.unit.neighbourhood, self.teacher.model
+        in_shape = self.candidate.in_shape
+        replaced = BlockRange(teacher, nb.start, nb.stop)
+        return {"macs": count_macs(self.candidate, in_shape),
+                "latency_ms": latency_ms(self.candidate, in_shape),
+                "replaced_macs": count_macs(replaced, in_shape),
+                "replaced_latency_ms": latency_ms(replaced, in_shape),
+                "teacher_params": count_params(teacher),
+                "teacher_macs": count_macs(teacher, nb.input_shape),
+                "teacher_latency_ms": latency_ms(teacher, nb.input_shape),
+                "teacher_hash": file_hash(self.unit.teachers[0].export_path)}
 
     def summary(self, metrics):
         return f"relative val error {metrics['recon_val']:.4f}"
@@ -137,8 +166,36 @@ class NeighbourhoodTrainer(UnitTrainer):
         nb = unit.neighbourhood
         return [{**common, "method": unit.label, "model": nb.candidate,
                  "neighbourhood": nb.name, "nb_start": nb.start, "nb_stop": nb.stop,
+                 "candidate": nb.candidate,
                  # the teacher's accuracy with just this neighbourhood swapped (data inputs only)
                  "val_top1": metrics.get("val_top1", float("nan")),
                  "test_top1": metrics.get("test_top1", float("nan")),
                  "recon_val": metrics["recon_val"], "params": metrics["candidate_params"],
-                 "replaced_params": metrics["replaced_params"]}]
+                 "replaced_params": metrics["replaced_params"],
+                 **{k: metrics[k] for k in LIBRARY_COSTS},
+                 "teacher_val_top1": metrics.get("teacher_val_top1", float("nan")),
+                 "family": parse_candidate(nb.candidate)[0], "inputs": nb.inputs,
+                 "recipe": recipe_digest(unit), "teacher_export": unit.teacher_exports[0],
+                 "data": json.dumps(dataclasses.asdict(unit.data), default=str)}]
+
+    @classmethod
+    def stored(cls, unit):
+        """This part's rows from the neighbourhood library, its checkpoint placed at the unit's
+        export path; None when the library does not have it."""
+        nb = unit.neighbourhood
+        if not nb.library:
+            return None
+        found = NeighbourhoodLibrary(nb.library).find(
+            file_hash(unit.teacher_exports[0]), nb.start, nb.stop, nb.candidate,
+            recipe_digest(unit))
+        if found is None:
+            return None
+        atomic_write(unit.export_path, lambda tmp: shutil.copyfile(found["checkpoint"], tmp))
+        row = {k: v for k, v in found.items() if k not in LIBRARY_ONLY}
+        return [{**row, "unit": unit.key, "method": unit.label, "export": unit.export_path,
+                 "teacher_export": unit.teacher_exports[0], "reused_from": found["checkpoint"]}]
+
+    @classmethod
+    def store(cls, unit, rows) -> None:
+        if unit.neighbourhood.library and not rows[0].get("reused_from"):
+            NeighbourhoodLibrary(unit.neighbourhood.library).add(rows[0], unit.export_path)

@@ -74,6 +74,16 @@ class UnitTrainer:
         """The results rows of a finished unit, from its final metrics."""
         raise NotImplementedError
 
+    @classmethod
+    def stored(cls, unit: Unit) -> list[dict] | None:
+        """Rows of an identical unit trained before (by any job), its export placed at the
+        unit's export path; None to train it. Called at launch, teachers resolved."""
+        return None
+
+    @classmethod
+    def store(cls, unit: Unit, rows: list[dict]) -> None:
+        """Keep a freshly finished unit for reuse by later jobs (called on the driver)."""
+
 
 UNIT_KINDS: dict[str, type[UnitTrainer]] = {}
 

@@ -1,0 +1,288 @@
+"""`raykd search`: architecture search over a neighbourhood library, no neighbourhood retrained.
+
+n distilled candidates at each of L positions give n^L stitched students for n*L small
+trainings. The search picks one candidate per position minimising an additive proxy (each
+part's relative reconstruction error, or the drop of the teacher's val accuracy with only that
+part swapped in) under additive budgets (parameters, MACs, batch-1 CPU latency: the teacher's
+total minus what is replaced plus what replaces it), exactly, with the integer program of
+raykd.selection, for the top K distinct solutions. Their stitched students are scored on the
+validation split in parallel Ray tasks, a Pareto table is written, and the best by val accuracy
+is exported with a ready-to-run job that fine-tunes it with KD (run here as Ray Train runs when
+`--finetune-epochs` > 0).
+
+Outputs in OUT (default LIBRARY/search): pareto.parquet, pareto.png, student.pt, student.yaml,
+and the fine-tuning run's folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from raykd.errors import RaykdError
+from raykd.files import file_hash
+from raykd.library import NeighbourhoodLibrary
+from raykd.log import log
+from raykd.selection import best_choices
+
+PROXIES = {"recon": "relative reconstruction error on held-out inputs",
+           "swap": "drop of the teacher's val accuracy with only this part swapped in"}
+BUDGETS = {"params": ("params", "replaced_params", "teacher_params"),
+           "macs": ("macs", "replaced_macs", "teacher_macs"),
+           "latency_ms": ("latency_ms", "replaced_latency_ms", "teacher_latency_ms")}
+
+
+@dataclass
+class SearchRequest:
+    library: str
+    teacher: str                     # the teacher's export path, or its weights hash
+    max_params: int | None = None
+    max_macs: int | None = None
+    max_latency_ms: float | None = None
+    top: int = 5
+    proxy: str = "recon"
+    finetune_epochs: int = 4
+    seeds: tuple[int, ...] = (0,)
+    out: str | None = None
+
+    def check(self) -> None:
+        for name in ("max_params", "max_macs", "max_latency_ms"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise RaykdError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.top < 1:
+            raise RaykdError(f"--top must be at least 1, got {self.top}")
+        if self.finetune_epochs < 0:
+            raise RaykdError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
+        if self.proxy not in PROXIES:
+            raise RaykdError(f"--proxy {self.proxy!r}: choose {' or '.join(PROXIES)}")
+
+    @property
+    def budgets(self) -> dict[str, float]:
+        given = {"params": self.max_params, "macs": self.max_macs,
+                 "latency_ms": self.max_latency_ms}
+        return {k: v for k, v in given.items() if v is not None}
+
+
+def library_entries(request: SearchRequest) -> tuple[pd.DataFrame, str]:
+    """The library's parts distilled from the requested teacher (one per position and candidate:
+    the best by the proxy), each checkpoint verified; and the teacher's export path."""
+    library = NeighbourhoodLibrary(request.library)
+    if not Path(request.library).is_dir():
+        raise RaykdError(f"no neighbourhood library at {request.library}")
+    catalog = library.read()
+    if not len(catalog):
+        raise RaykdError(f"{library.catalog_path} holds no neighbourhoods; build the library with "
+                         "`raykd run` on a job with a neighbourhood method (README: Search)")
+    wanted = file_hash(request.teacher) if Path(request.teacher).is_file() else request.teacher
+    mine = catalog[catalog.teacher_hash.str.startswith(wanted)]
+    if not len(mine):
+        held = ", ".join(f"{h} ({e})" for h, e in catalog.groupby("teacher_hash")
+                         .teacher_export.first().items())
+        raise RaykdError(f"{library.catalog_path} has no neighbourhoods of teacher {wanted} "
+                         f"({request.teacher}); it was built from: {held}")
+    for row in mine.itertuples():
+        path = Path(row.checkpoint)
+        if not path.is_file():
+            raise RaykdError(f"{library.catalog_path} names {path}, which is missing")
+        if file_hash(path) != row.checkpoint_hash:
+            raise RaykdError(f"{path} does not match the hash recorded in "
+                             f"{library.catalog_path} (corrupted or replaced)")
+    mine = mine.assign(cost=proxy_cost(mine, request.proxy))
+    best = (mine.sort_values("cost").groupby(["nb_start", "nb_stop", "candidate"], as_index=False)
+            .first().sort_values(["nb_start", "cost"]))
+    teacher = Path(mine.teacher_export.iloc[0])
+    if Path(request.teacher).is_file():
+        teacher = Path(request.teacher)
+    if not teacher.is_file():
+        raise RaykdError(f"the library's teacher export {teacher} is missing; pass --teacher "
+                         "with its path")
+    return best.reset_index(drop=True), str(teacher)
+
+
+def proxy_cost(rows: pd.DataFrame, proxy: str) -> pd.Series:
+    if proxy == "recon":
+        return rows.recon_val.astype(float)
+    if rows.val_top1.isna().any():
+        raise RaykdError("--proxy swap needs parts distilled on data (inputs: gaussian parts "
+                         "have no swapped accuracy); use --proxy recon")
+    return rows.teacher_val_top1.astype(float) - rows.val_top1.astype(float)
+
+
+def positions(entries: pd.DataFrame) -> list[pd.DataFrame]:
+    groups = [g.reset_index(drop=True) for _, g in entries.groupby(["nb_start", "nb_stop"])]
+    ranges = [(int(g.nb_start[0]), int(g.nb_stop[0])) for g in groups]
+    for (a, b), (c, d) in zip(ranges, ranges[1:]):
+        if c < b:
+            raise RaykdError(f"the library holds overlapping positions (blocks {a}-{b} and "
+                             f"{c}-{d}) for this teacher; search one grouping at a time")
+    return groups
+
+
+def solve(groups: list[pd.DataFrame], request: SearchRequest) -> list[list[dict]]:
+    """The top-K distinct choices under the budgets, best proxy first."""
+    budgets, sizes, limits = request.budgets, [], []
+    for name, limit in budgets.items():
+        own, replaced, total = BUDGETS[name]
+        sizes.append([list(g[own] - g[replaced]) for g in groups])
+        limits.append(limit - float(groups[0][total][0]))
+    costs = [list(g.cost) for g in groups]
+    try:
+        picks = best_choices(costs, sizes, limits, request.top)
+    except RaykdError:
+        smallest = {name: float(groups[0][BUDGETS[name][2]][0]) + sum(min(s) for s in size)
+                    for name, size in zip(budgets, sizes)}
+        raise RaykdError("no stitched student fits the budget (" + ", ".join(
+            f"--max-{n.replace('_', '-')} {budgets[n]:g}: the smallest has {smallest[n]:g}"
+            for n in budgets) + ")") from None
+    return [[g.iloc[i].to_dict() for g, i in zip(groups, choice)] for choice in picks]
+
+
+def stitch_info(teacher: str, solution: list[dict]) -> dict:
+    return {"teacher": teacher,
+            "parts": [[int(r["nb_start"]), int(r["nb_stop"]), r["checkpoint"]] for r in solution]}
+
+
+def score_students(infos: list[dict], data: dict) -> list[dict]:
+    """Val accuracy, parameters, MACs and measured latency of each stitched student, one Ray
+    task each (no training)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def score(info: dict) -> dict:
+        from raykd.data import load_dataset
+        from raykd.models import count_macs, count_params
+        from raykd.models.export import build_stitched
+        from raykd.models.staged import latency_ms
+        from raykd.train.batches import evaluate
+
+        spec = data_spec(data)
+        splits = load_dataset(spec)
+        model = build_stitched(info).eval()
+        return {"val_top1": evaluate(model, splits.val, spec.eval_batch_size, "cpu"),
+                "params": count_params(model), "macs": count_macs(model, splits.input_shape),
+                "latency_ms": latency_ms(model, splits.input_shape)}
+
+    return ray.get([score.remote(info) for info in infos])
+
+
+def data_spec(data: dict):
+    from raykd.config import job_from_dict
+
+    return job_from_dict({"name": "search", "data": dict(data), "methods": {"ce": {}}}).data
+
+
+def pareto_front(table: pd.DataFrame) -> pd.Series:
+    """True where no other student is at least as good on every axis (fewer or equal params,
+    MACs and latency, higher or equal val accuracy) and better on one."""
+    axes = table[["params", "macs", "latency_ms"]].to_numpy(float)
+    acc = table.val_top1.to_numpy(float)
+    out = []
+    for i in range(len(table)):
+        dominated = any(
+            (axes[j] <= axes[i]).all() and acc[j] >= acc[i]
+            and ((axes[j] < axes[i]).any() or acc[j] > acc[i])
+            for j in range(len(table)) if j != i)
+        out.append(not dominated)
+    return pd.Series(out, index=table.index)
+
+
+def plot_pareto(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2), sharey=True)
+    for ax, axis in zip(axes, ("params", "macs", "latency_ms")):
+        front = table[table.pareto]
+        ax.scatter(table[axis], table.val_top1, facecolors="none", edgecolors="#4c72b0",
+                   label="top-K solutions")
+        ax.scatter(front[axis], front.val_top1, color="#4c72b0", label="Pareto front")
+        chosen = table[table.chosen]
+        ax.scatter(chosen[axis], chosen.val_top1, marker="*", s=160, color="#dd8452",
+                   label="chosen")
+        ax.set_xlabel(axis)
+    axes[0].set_ylabel("val_top1 (stitched, before fine-tuning)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_search(request: SearchRequest):
+    """Solve, score, write the Pareto table and the chosen student; fine-tune it. Returns
+    (pareto table, fine-tuning results or None)."""
+    from raykd.models.export import build_stitched, save_export
+
+    request.check()
+    started = time.perf_counter()
+    entries, teacher = library_entries(request)
+    groups = positions(entries)
+    out = Path(request.out or Path(request.library) / "search")
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("search: %d positions x %s candidates (%d stitched students possible), proxy %s",
+             len(groups), "/".join(str(len(g)) for g in groups),
+             _product(len(g) for g in groups), request.proxy)
+    solutions = solve(groups, request)
+    log.info("search: %d solutions under %s; scoring them on val in parallel Ray tasks",
+             len(solutions), request.budgets or "no budget")
+    infos = [stitch_info(teacher, s) for s in solutions]
+    data = json.loads(solutions[0][0]["data"])
+    scores = score_students(infos, data)
+    table = pd.DataFrame([{
+        "rank": i + 1, "candidates": "+".join(r["candidate"] for r in s),
+        "positions": "+".join(str(r["neighbourhood"]) for r in s),
+        "proxy": float(sum(r["cost"] for r in s)), **score,
+        "estimated_latency_ms": float(s[0]["teacher_latency_ms"]) + sum(
+            float(r["latency_ms"]) - float(r["replaced_latency_ms"]) for r in s)}
+        for i, (s, score) in enumerate(zip(solutions, scores))])
+    table["pareto"] = pareto_front(table)
+    best = int(table.val_top1.idxmax())
+    table["chosen"] = table.index == best
+    search_s = time.perf_counter() - started
+    table.attrs["search_s"] = search_s
+    table.to_parquet(out / "pareto.parquet", index=False)
+    plot_pareto(table, out / "pareto.png")
+    splits_spec = data_spec(data)
+    from raykd.data import load_dataset
+    splits = load_dataset(splits_spec)
+    chosen = build_stitched(infos[best])
+    save_export(chosen, out / "student.pt", splits.num_classes, splits.in_channels,
+                splits.image_size)
+    job = finetune_job(request, out, teacher, data)
+    (out / "student.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+    log.info("search: chose %s (val_top1 %.4f, %d params) in %.1f s; wrote %s",
+             table.candidates[best], table.val_top1[best], table.params[best], search_s, out)
+    results = None
+    if request.finetune_epochs:
+        from raykd.config import job_from_dict
+        from raykd.pipeline import run_job
+
+        log.info("search: fine-tuning the chosen student with KD (%d epochs, seeds %s)",
+                 request.finetune_epochs, list(request.seeds))
+        results = run_job(job_from_dict(job))
+    return table, results
+
+
+def finetune_job(request: SearchRequest, out: Path, teacher: str, data: dict) -> dict:
+    """A ready-to-run job: the chosen stitched student fine-tuned with KD from its teacher."""
+    defaults = dataclasses.asdict(data_spec({"dataset": data["dataset"]}))
+    keep = {k: v for k, v in data.items() if v is not None and
+            (k == "dataset" or v != defaults.get(k))}
+    return {"name": "finetune", "output_dir": str(out), "seeds": list(request.seeds),
+            "data": keep, "teacher": {"checkpoint": teacher},
+            "student": {"checkpoint": str(out / "student.pt"),
+                        "train": {"epochs": max(1, request.finetune_epochs), "lr": 0.05}},
+            "methods": {"kd": {"temperature": 4.0, "alpha": 0.9}}}
+
+
+def _product(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
