@@ -58,7 +58,7 @@ def _cmd_sweep(args) -> int:
 
 def _cmd_search(args) -> int:
     from raykd.ray_env import init_ray
-    from raykd.search import SearchRequest, library_entries, positions, run_search
+    from raykd.search import SearchRequest, library_entries, positions, run_search, solve
 
     try:
         seeds = tuple(int(s) for s in args.seeds.split(","))
@@ -69,7 +69,8 @@ def _cmd_search(args) -> int:
                             args.max_latency_ms, args.top, args.proxy, args.finetune_epochs,
                             seeds, args.out)
     request.check()
-    positions(library_entries(request)[0])   # a bad library fails here, before Ray starts
+    # a bad library or an impossible budget fails here, before Ray starts
+    solve(positions(library_entries(request)[0]), request)
     init_ray(None, None)
     table, results = run_search(request)
     shown = table.drop(columns=["positions"])
