@@ -99,6 +99,18 @@ def check_sweep(raw: dict, spec: JobSpec) -> SweepSpec:
     return sweep
 
 
+def absolute_paths(raw: dict, spec: JobSpec) -> dict:
+    """The raw job with every path as the driver resolved it."""
+    out = copy.deepcopy(raw)
+    for key, value in (("output_dir", spec.output_dir), ("data.root", spec.data.root),
+                       ("teacher.cache_dir", spec.teacher.cache_dir),
+                       ("teacher.checkpoint", spec.teacher.checkpoint),
+                       ("student.checkpoint", spec.student.checkpoint)):
+        if value is not None:
+            set_key(out, key.split("."), value, key)
+    return out
+
+
 # ---- one trial --------------------------------------------------------------------------
 
 def trial_unit(raw: dict, values: dict, sweep: SweepSpec, run_dir: Path, trial_id: str,
@@ -202,6 +214,7 @@ def run_sweep(raw: dict, fail_when: dict | None = None):
 
     spec = job_from_dict(copy.deepcopy(raw))
     sweep = check_sweep(raw, spec)
+    raw = absolute_paths(raw, spec)   # trials run in Tune's own working directories
     run_dir = spec.run_dir
     folder = run_dir / SWEEP_DIR
     folder.mkdir(parents=True, exist_ok=True)

@@ -108,11 +108,12 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     job = _sweep_job(tmp_path, "killed", {"methods.kd.temperature": {
         "type": "grid", "values": [1, 4, 8]}}, scheduler="fifo", max_concurrent=1)
     job["student"]["train"]["epochs"] = 2
+    job["output_dir"] = "relative_out"   # resolved by the driver, not in Tune's trial folders
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    trials = Path(job["output_dir"]) / "killed" / "sweep" / "trials"
+    trials = tmp_path / "relative_out" / "killed" / "sweep" / "trials"
     driver = subprocess.Popen([RAYKD, "sweep", str(path)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+                              stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path)
     deadline = time.monotonic() + 240
     while not list(trials.glob("*/model.pt")) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -122,11 +123,11 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
                 for p in trials.glob("*/model.pt")}
     assert finished, "no trial finished before the kill"
     res = subprocess.run([RAYKD, "sweep", str(path)], capture_output=True, text=True,
-                         timeout=400)
+                         timeout=400, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     for trial, history in finished.items():   # not trained again: its history is unchanged
         assert (trials / trial / "metrics.jsonl").read_text() == history
-    table = pd.read_parquet(Path(job["output_dir"]) / "killed" / "sweep.parquet")
+    table = pd.read_parquet(tmp_path / "relative_out" / "killed" / "sweep.parquet")
     assert sorted(table["methods.kd.temperature"]) == [1, 4, 8]
     assert (table.status == "finished").all()
 
