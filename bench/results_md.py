@@ -31,6 +31,28 @@ def write_section(name: str, body: str) -> None:
     RESULTS.write_text(text)
 
 
+def markdown_table(frame) -> str:
+    """A DataFrame as a Markdown table (floats to 4 significant digits)."""
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
+             "|" + " --- |" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_readme_block(name: str, body: str) -> None:
+    """Replace the README's `<!-- NAME -->` ... `<!-- /NAME -->` block with `body`."""
+    readme = RESULTS.parent.parent / "README.md"
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    text = readme.read_text()
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {start} ... {end} block to rewrite")
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text))
+
+
 def fresh_workdir(name: str) -> Path:
     """bench/runs/NAME, emptied: every benchmark starts from nothing."""
     import shutil

@@ -11,7 +11,6 @@ Selection reads val only; the table's test column is the best configuration's te
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from results_md import write_readme_block
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = "runs/study"
@@ -28,8 +29,6 @@ SWEEPS = {"KD": "jobs/sweep_kd.yaml", "CD+GKD": "jobs/sweep_cd_gkd.yaml",
           "CD+GKD+EDT": "jobs/sweep_cd.yaml", "DIH": "jobs/sweep_dih.yaml",
           "FEED (2 teachers)": "jobs/sweep_feed.yaml", "KD-topk": "jobs/sweep_tang.yaml",
           "ND (KD fine-tuning)": "jobs/sweep_nd.yaml"}
-README = ROOT / "README.md"
-MARK = ("<!-- study -->", "<!-- /study -->")
 
 
 def raykd(*args: str) -> float:
@@ -85,15 +84,6 @@ def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def write_readme(body: str) -> None:
-    text = README.read_text()
-    block = f"{MARK[0]}\n{body}\n{MARK[1]}"
-    pattern = re.compile(re.escape(MARK[0]) + ".*?" + re.escape(MARK[1]), re.S)
-    if not pattern.search(text):
-        sys.exit(f"README.md has no {MARK[0]} ... {MARK[1]} block to rewrite")
-    README.write_text(pattern.sub(lambda _: block, text))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated table labels of the sweeps to run "
@@ -112,7 +102,7 @@ def main() -> int:
         print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
     body = table()
     print(body)
-    write_readme(body)
+    write_readme_block("study", body)
     return 0
 
 

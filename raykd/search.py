@@ -10,8 +10,8 @@ validation split in parallel Ray tasks, a Pareto table is written, and the best 
 is exported with a ready-to-run job that fine-tunes it with KD (run here as Ray Train runs when
 `--finetune-epochs` > 0).
 
-Outputs in OUT (default LIBRARY/search): pareto.parquet, pareto.png, student.pt, student.yaml,
-and the fine-tuning run's folder.
+Outputs in OUT (default LIBRARY/search): pareto.parquet, pareto.png, solutions/rankK.pt (every
+scored student), student.pt (the chosen one), student.yaml, and the fine-tuning run's folder.
 """
 from __future__ import annotations
 
@@ -251,9 +251,11 @@ def run_search(request: SearchRequest):
     splits_spec = data_spec(data)
     from raykd.data import load_dataset
     splits = load_dataset(splits_spec)
-    chosen = build_stitched(infos[best])
-    save_export(chosen, out / "student.pt", splits.num_classes, splits.in_channels,
-                splits.image_size)
+    for i, info in enumerate(infos):   # every solution, ready to train or deploy
+        save_export(build_stitched(info), out / "solutions" / f"rank{i + 1}.pt",
+                    splits.num_classes, splits.in_channels, splits.image_size)
+    save_export(build_stitched(infos[best]), out / "student.pt", splits.num_classes,
+                splits.in_channels, splits.image_size)
     job = finetune_job(request, out, teacher, data)
     (out / "student.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
     log.info("search: chose %s (val_top1 %.4f, %d params) in %.1f s; wrote %s",
