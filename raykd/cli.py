@@ -3,6 +3,7 @@
     raykd run JOB.yaml [key=value ...]   run a job; prints the results table at the end
     raykd sweep JOB.yaml [key=value ...] Ray Tune search from the job's `sweep:` section
     raykd search LIBRARY --teacher T ... architecture search over distilled neighbourhoods
+    raykd submit JOB.yaml --address URL  run a job on a Ray cluster (Jobs SDK), stream its logs
     raykd results RUN_DIR [--plot F.png] print a run's results table (mean ± std over seeds)
 
 Bad input ends with a one-line error and a non-zero exit, never a traceback.
@@ -31,7 +32,50 @@ def _cmd_run(args) -> int:
     df = run_job(spec, splits=splits)
     print(f"\nresults: {spec.run_dir / 'results.parquet'}")
     print_report(spec.run_dir, df)
+    if args.emit_results:
+        from raykd.submit import emit_results
+        emit_results(df)
     return 0
+
+
+def _cmd_submit(args) -> int:
+    from pathlib import Path
+
+    from raykd.config import load_job
+    from raykd.files import atomic_write
+    from raykd.submit import Cluster, job_path_in_project, results_from_logs
+
+    if args.stop or args.follow:
+        if args.job:
+            raise RaykdError("give a job file or --follow/--stop JOB_ID, not both")
+        cluster = Cluster(args.address, args.token_file)
+        if args.stop:
+            cluster.call("stop_job", args.stop)
+            print(f"asked {cluster.address} to stop {args.stop}")
+            return 0
+        job_id, local = args.follow, Path(args.results_dir or "runs") / args.follow
+    else:
+        if not args.job:
+            raise RaykdError("give a job file to submit, or --follow JOB_ID / --stop JOB_ID")
+        spec = load_job(args.job, args.overrides)   # a bad job fails here, not on the cluster
+        project = Path.cwd()
+        relative = job_path_in_project(args.job, project)
+        cluster = Cluster(args.address, args.token_file)
+        job_id = cluster.submit(relative, args.overrides, project)
+        local = Path(args.results_dir) / spec.name if args.results_dir else spec.run_dir
+        print(f"submitted {job_id} to {cluster.address}", flush=True)
+        if args.no_wait:
+            print(f"follow: raykd submit --follow {job_id} --address {cluster.address}\n"
+                  f"stop:   raykd submit --stop {job_id} --address {cluster.address}")
+            return 0
+    status, logs = cluster.follow(job_id)
+    table = results_from_logs(logs)
+    if table is not None:
+        path = local / "results.parquet"
+        atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+        print(f"results table of {job_id}: {path}")
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def _cmd_sweep(args) -> int:
@@ -142,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "interrupted ones continue from their last checkpoint.",
                 "job spec (YAML), e.g. jobs/quickstart.yaml",
                 "dotted overrides, e.g. student.train.epochs=5 seeds=[0,1]")
+    sub.choices["run"].add_argument(
+        "--emit-results", action="store_true",
+        help="also print the results table (base64 Parquet between marker lines) for "
+        "`raykd submit` to save locally")
     job_command(sub, "sweep", _cmd_sweep, "tune a method's parameters with Ray Tune (validation only)",
                 "Search the job's `sweep:` section with Ray Tune (ASHA or FIFO; random or "
                 "Optuna), on the validation split; write sweep.parquet, sweep.png and best.yaml, "
@@ -172,6 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seeds", default="0", help="fine-tuning seeds, e.g. 0,1,2 (0)")
     search.add_argument("--out", help="output folder (default LIBRARY/search)")
     search.set_defaults(fn=_cmd_search)
+
+    submit = sub.add_parser(
+        "submit", help="run a job on a Ray cluster through the Jobs SDK",
+        description="Submit a job to a Ray cluster with this folder as working_dir, stream its "
+        "logs, and save its results table locally; exit non-zero if it fails or is stopped. "
+        "Plain Ray equivalent: ray job submit --address URL --working-dir . -- python -m "
+        "raykd run JOB.yaml")
+    submit.add_argument("job", nargs="?", help="job spec (YAML) inside this folder")
+    submit.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    submit.add_argument("--address", help="the head's dashboard URL, e.g. http://127.0.0.1:8265 "
+                        "(default: RAY_ADDRESS)")
+    submit.add_argument("--token-file", help="the cluster's auth token (default: RAY_AUTH_TOKEN, "
+                        "RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.add_argument("--follow", metavar="JOB_ID", help="stream a submitted job's logs")
+    submit.add_argument("--stop", metavar="JOB_ID", help="stop a submitted job")
+    submit.add_argument("--results-dir", help="where the results table goes locally (default: "
+                        "the job's output_dir, or runs/JOB_ID with --follow)")
+    submit.set_defaults(fn=_cmd_submit)
 
     res = sub.add_parser("results", help="print a run's results table",
                          description="Print mean ± std over seeds per role, method and model.")

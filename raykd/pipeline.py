@@ -23,6 +23,7 @@ from raykd.plan import needed_by, plan_units, preflight, resolve_teachers
 from raykd.results import ResultsTable
 from raykd.scheduler import run_in_order
 from raykd.specs import JobSpec
+from raykd.storage import check_shared_storage
 from raykd.teacher.pool import TeacherPool
 from raykd.teacher.store import STORE_DIR, TeacherStore
 
@@ -48,6 +49,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
 
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_storage(spec.output_dir)   # multi-node clusters only
     (run_dir / "job.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
     splits = splits or load_dataset(spec.data)   # absent data fails here, before any run
     preflight(spec, splits)
@@ -96,7 +98,8 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         unit.teachers = handles
         log.info("started %s (%s, %s, %d epochs)", key, unit.role, unit.model, unit.optim.epochs)
         return fit_unit.remote(unit, str(run_dir / "ray"), spec.ray.workers, spec.ray.use_gpu,
-                               spec.ray.max_failures, splits.num_classes, splits.input_shape)
+                               spec.ray.max_failures, splits.num_classes, splits.input_shape,
+                               spec.ray.resources_per_worker)
 
     def finished(key: str, rows: list[dict]) -> None:
         pool.release(units[key].teacher_candidates)

@@ -5,9 +5,6 @@ import os
 
 # Set before ray.init so that every Ray process inherits them.
 _DEFAULTS = {
-    # Ray 2.60 turns token auth on and writes ~/.ray/auth_token on first init; later local job
-    # submissions then fail without the token. Local use needs none of it.
-    "RAY_AUTH_MODE": "disabled",
     # faster Train teardown on small machines (measured: fit() 12 s -> 7.5 s)
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -24,6 +21,11 @@ _DEFAULTS = {
 def set_ray_env() -> None:
     for k, v in _DEFAULTS.items():
         os.environ.setdefault(k, v)
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local instance (loopback only) needs no token: Ray 2.60 would otherwise turn token
+        # auth on and write ~/.ray/auth_token on the first init. Inside a job submitted to a
+        # cluster (RAY_ADDRESS set) the cluster's own mode, inherited from its raylet, applies.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,

@@ -98,6 +98,8 @@ class RaySpec:
     use_gpu: bool = False
     max_parallel: int | None = None   # runs in flight at once (None: as resources allow)
     max_failures: int = 1             # retries of a run, each resuming from its last checkpoint
+    resources_per_worker: dict[str, float] = field(default_factory=dict)   # custom resources
+                                      # each Train worker needs, e.g. {gpu_node: 1} (a node type)
 
 
 @dataclass

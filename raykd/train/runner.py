@@ -18,9 +18,11 @@ from raykd.train.kinds import train_worker, unit_kind
 from raykd.units import Unit
 
 
-def scaling_config(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> ScalingConfig:
-    """Workers with these resources each; a GPU (or a fraction of one) when gpus_per_worker > 0."""
-    resources = {"CPU": cpus_per_worker}
+def scaling_config(workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                   extra: dict[str, float] | None = None) -> ScalingConfig:
+    """Workers with these resources each; a GPU (or a fraction of one) when gpus_per_worker > 0;
+    `extra`: custom resources (e.g. to pin runs to one node type)."""
+    resources = {**(extra or {}), "CPU": cpus_per_worker}
     if gpus_per_worker > 0:
         resources["GPU"] = gpus_per_worker
     return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
@@ -42,7 +44,8 @@ def read_history(path: str):
 
 @ray.remote(num_cpus=0)
 def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures: int,
-             num_classes: int, input_shape: tuple[int, int, int]) -> list[dict]:
+             num_classes: int, input_shape: tuple[int, int, int],
+             resources: dict[str, float] | None = None) -> list[dict]:
     """Train one unit to completion (resuming if it ran before); return its results rows."""
     quiet_ray_logs()
     kind = unit_kind(unit.kind)
@@ -51,7 +54,8 @@ def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures
     result = TorchTrainer(
         train_worker,
         train_loop_config={"unit": unit},
-        scaling_config=scaling_config(workers, unit.cpus_per_worker, 1.0 if use_gpu else 0.0),
+        scaling_config=scaling_config(workers, unit.cpus_per_worker, 1.0 if use_gpu else 0.0,
+                                      resources),
         run_config=RunConfig(
             name=unit.key, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -69,7 +73,7 @@ def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures
         # when the workers actually trained (first epoch's start, last epoch's end)
         "trained_from": float(history["epoch_started_at"].min()) if history is not None else None,
         "trained_until": float(history["epoch_finished_at"].max()) if history is not None else None,
-        "epochs": metrics.get("epoch"), "workers": workers,
+        "epochs": metrics.get("epoch"), "workers": workers, "node": metrics.get("node"),
         "resumed_from": metrics.get("resumed_from", 0), "export": unit.export_path,
         "teachers": ",".join(Path(e).stem for e in unit.teacher_exports),
     }

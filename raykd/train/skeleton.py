@@ -130,7 +130,8 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit) -> None:
         # wall-clock span of the epoch's training, as the worker saw it
         metrics.update(epoch=epoch + 1, epochs=epochs, resumed_from=start_epoch,
                        lr=optimizer.param_groups[0]["lr"], epoch_s=train_s,
-                       epoch_started_at=started_at, epoch_finished_at=started_at + train_s)
+                       epoch_started_at=started_at, epoch_finished_at=started_at + train_s,
+                       node=ray.get_runtime_context().get_node_id())
         metrics.update(trainer.evaluate(epoch, epoch == epochs - 1, seen))
         if rank == 0:
             parts = "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()

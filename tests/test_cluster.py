@@ -1,0 +1,205 @@
+"""Running on a Ray cluster: cluster.yaml checked by Ray's validator, `raykd submit` against a
+real head with token auth, address pitfalls, and a two-node cluster sharing output_dir.
+
+The heads here are `ray start --head --block` subprocesses on loopback with their own ports and
+temp dirs, stopped by their own pid (never `ray stop`, which would kill every Ray here)."""
+import copy
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raykd.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+RAYKD, RAY = str(BIN / "raykd"), str(BIN / "ray")
+
+
+# ---- cluster.yaml ---------------------------------------------------------------------------
+
+def test_cluster_yaml_passes_rays_validator_and_is_safe():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))
+    types = raw["available_node_types"]
+    head = types[raw["head_node_type"]]
+    assert head["resources"]["raykd_trial"] >= 1, "sweep trial drivers need the custom resource"
+    gpu = [t for t in types.values() if t.get("resources", {}).get("GPU")]
+    assert gpu and all(t["max_workers"] >= 1 for t in gpu), "an autoscaling GPU worker type"
+    assert raw["max_workers"] >= max(t.get("max_workers", 0) for t in types.values())
+    assert "ray-ml" not in raw["docker"]["image"] and raw["docker"]["image"].startswith(
+        "rayproject/ray:2.60")
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "0.0.0.0" not in text and "--dashboard-host=127.0.0.1" in text, "dashboard on loopback"
+    starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert any("pip install" in c and "raykd" in c for c in raw["setup_commands"])
+    assert any("/mnt/raykd" in c for c in raw["initialization_commands"]), "shared storage"
+
+
+# ---- addresses and bad input: errors before anything is sent --------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_line_error(capsys, *args) -> str:
+    capsys.readouterr()
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_address_pitfalls_are_one_line_errors(capsys, monkeypatch):
+    job = str(ROOT / "jobs" / "quickstart.yaml")
+    assert "give the dashboard URL with its scheme, e.g. http://127.0.0.1:8265" in \
+        one_line_error(capsys, "submit", job, "--address", "127.0.0.1:8265")
+    started = time.monotonic()
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert "cannot reach the Ray dashboard at" in one_line_error(capsys, "submit", job,
+                                                                 "--address", dead)
+    assert time.monotonic() - started < 15, "an unreachable head fails fast, never hangs"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert "give the cluster's dashboard address" in one_line_error(capsys, "submit", job)
+    assert "unknown key student.foo" in one_line_error(
+        capsys, "submit", job, "student.foo=1", "--address", dead)   # checked before sending
+    assert "give a job file to submit" in one_line_error(capsys, "submit", "--address", dead)
+
+
+# ---- a real head ------------------------------------------------------------------------------
+
+class Head:
+    """`ray start --head --block` on loopback, optionally with token auth; a worker node may join."""
+
+    def __init__(self, tmp: Path, token: str | None, cpus: int = 2, resources: str = "{}"):
+        self.port, self.dash = free_port(), free_port()
+        self.temp = tempfile.mkdtemp(prefix="rk", dir="/tmp")   # short: socket paths are limited
+        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+                    "RAY_AUTH_MODE": "token" if token else "disabled", "HOME": str(tmp)}
+        self.env.pop("RAY_ADDRESS", None)
+        if token:
+            self.env["RAY_AUTH_TOKEN"] = token
+        self.procs = [self._start(["--head", f"--port={self.port}", f"--num-cpus={cpus}",
+                                   f"--dashboard-port={self.dash}", "--dashboard-host=127.0.0.1",
+                                   "--include-dashboard=true", f"--temp-dir={self.temp}",
+                                   f"--resources={resources}"], tmp / "head.log")]
+        self.url = f"http://127.0.0.1:{self.dash}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.dash), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError("the test head did not start: " + (tmp / "head.log").read_text()[-2000:])
+
+    def _start(self, args, log: Path):
+        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args],
+                                env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def add_node(self, tmp: Path, cpus: int, resources: str) -> None:
+        self.procs.append(self._start([f"--address=127.0.0.1:{self.port}", f"--num-cpus={cpus}",
+                                       f"--resources={resources}"], tmp / "node.log"))
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            os.killpg(proc.pid, signal.SIGTERM)   # its handler stops its own children
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def tiny_job(path: Path, out: Path, teacher: Path, **extra) -> Path:
+    job = {"name": "tiny", "output_dir": str(out), "seeds": [0],
+           "data": {"dataset": "digits", "batch_size": 64},
+           "teacher": {"checkpoint": str(teacher)},
+           "student": {"model": "cnn_small", "train": {"epochs": 1, "lr": 0.1}},
+           "methods": {"kd": {}}, "ray": {"workers": 1, "max_failures": 0}, **extra}
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+@pytest.mark.ray
+def test_submit_with_token_auth_streams_logs_and_brings_the_results_back(tmp_path,
+                                                                        digits_teacher):
+    token = secrets.token_hex(16)
+    head = Head(tmp_path, token)
+    try:
+        project = tmp_path / "project"
+        project.mkdir()
+        job = tiny_job(project / "tiny.yaml", tmp_path / "cluster_out", digits_teacher)
+        client_env = {**os.environ, "HOME": str(tmp_path / "client"), "RAY_AUTH_MODE": "disabled"}
+        client_env.pop("RAY_AUTH_TOKEN", None)
+        # no token: refused, one line, nothing submitted
+        refused = subprocess.run([RAYKD, "submit", job.name, "--address", head.url],
+                                 cwd=project, env=client_env, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode == 2 and "refused the request" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        # the token from a file; RAY_ADDRESS pointing elsewhere does not override the flag
+        (tmp_path / "token").write_text(token)
+        local = tmp_path / "local"
+        ok = subprocess.run(
+            [RAYKD, "submit", job.name, "--address", head.url, "--token-file",
+             str(tmp_path / "token"), "--results-dir", str(local)], cwd=project,
+            env={**client_env, "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}"},
+            capture_output=True, text=True, timeout=400)
+        assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
+        assert "submitted raysubmit_" in ok.stdout and "SUCCEEDED" in ok.stdout
+        assert "seed0-kd" in ok.stdout, "the job's log is streamed"
+        assert "RAYKD-RESULTS" not in ok.stdout, "the results block is not shown"
+        rows = pd.read_parquet(local / "tiny" / "results.parquet")
+        assert list(rows.method) == ["kd"] and 0 <= rows.test_top1[0] <= 1
+        # a job that fails on the cluster (its data is absent there): non-zero, status named
+        bad = tiny_job(project / "bad.yaml", tmp_path / "cluster_out", digits_teacher,
+                       data={"dataset": "cifar10", "root": str(tmp_path / "no_cifar")})
+        failed = subprocess.run(
+            [RAYKD, "submit", bad.name, "--address", head.url, "--token-file",
+             str(tmp_path / "token"), "--results-dir", str(local)], cwd=project,
+            env=client_env, capture_output=True, text=True, timeout=300)
+        assert failed.returncode == 1 and "FAILED" in failed.stdout, failed.stdout[-2000:]
+    finally:
+        head.stop()
+
+
+@pytest.mark.ray
+def test_two_nodes_share_output_dir_and_units_run_on_the_second(tmp_path, digits_teacher):
+    head = Head(tmp_path, None, cpus=1)
+    try:
+        head.add_node(tmp_path, 2, '{"second_node": 2}')
+        job = tiny_job(tmp_path / "tiny.yaml", tmp_path / "out", digits_teacher)
+        run = subprocess.run(
+            [RAYKD, "run", str(job), f"ray.address=127.0.0.1:{head.port}",
+             "ray.resources_per_worker={second_node: 1}"],
+            env={**head.env, "HOME": os.environ.get("HOME", "/root")}, capture_output=True,
+            text=True, timeout=400)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        assert "shared storage: all 2 nodes read and write" in run.stderr
+        rows = pd.read_parquet(tmp_path / "out" / "tiny" / "results.parquet")
+        assert Path(rows.export[0]).is_file()
+        assert list((tmp_path / "out" / "tiny" / "ray" / "seed0-kd").glob("checkpoint_*"))
+        nodes = subprocess.run(
+            [sys.executable, "-c", "import ray, json; ray.init(address='127.0.0.1:%d'); "
+             "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and "
+             "'second_node' in n['Resources']]))" % head.port],
+            env=head.env, capture_output=True, text=True, timeout=120)
+        assert rows.node[0] in nodes.stdout, "the unit ran on the node with the resource"
+    finally:
+        head.stop()
