@@ -55,3 +55,20 @@ def file_hash(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def remove_stale_temps(path: str | Path, max_age_s: float = 3600.0) -> int:
+    """Delete temporary siblings of `path` that `atomic_write` left when its process was killed
+    mid-write (older than `max_age_s`, so a live writer's file is never touched)."""
+    import time
+
+    path = Path(path)
+    removed = 0
+    for tmp in path.parent.glob(f".{path.name}.*") if path.parent.is_dir() else []:
+        try:
+            if time.time() - tmp.stat().st_mtime > max_age_s:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from raykd.errors import RaykdError
-from raykd.files import atomic_write
+from raykd.files import atomic_write, remove_stale_temps
 
 RESULTS_FILE = "results.parquet"
 REQUIRED_COLUMNS = ["method", "role", "model", "dataset", "seed", "val_top1", "test_top1",
@@ -21,6 +21,7 @@ ROLE_ORDER = {"teacher": 0, "head": 1, "neighbourhood": 2, "student": 3}
 class ResultsTable:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / RESULTS_FILE
+        remove_stale_temps(self.path)
         self.rows: list[dict] = []
         if self.path.exists():
             self.rows = pd.read_parquet(self.path).to_dict("records")

@@ -228,3 +228,49 @@ def test_large_entries_span_several_files(tmp_path):
     big = {"feat": torch.randn(20000, 3, 2, 2)}   # spans several Parquet files
     cache.store("big", big)
     assert torch.equal(cache.load("big")["feat"], big["feat"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
+def test_a_damaged_cache_entry_is_discarded_and_recomputed_with_a_warning(tmp_path, caplog,
+                                                                          damage):
+    _, path = _export(tmp_path, "cnn", 1, 8)
+    spec = DataSpec(dataset="digits", train_size=300)
+    train = load_dataset(spec).train
+    teacher = CountingTeacher(path)
+    cache_dir = tmp_path / "cache"
+    good = cached_teacher(teacher, cache_dir, str(path), spec, "train", train, ["logits"], 128,
+                          log=lambda m: None).stored["logits"]
+    key = cache_key(str(path), spec, "train", ["logits"])
+    entry = cache_dir / key
+    part = entry / "part-00000.parquet"
+    data = part.read_bytes()
+    if damage == "truncate":
+        part.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":       # same size, one byte changed: only the hash can tell
+        middle = len(data) // 2
+        part.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    else:
+        (entry / "manifest.json").write_text("{not json")
+    CountingTeacher.calls = 0
+    with caplog.at_level("WARNING", logger="raykd"):
+        again = cached_teacher(teacher, cache_dir, str(path), spec, "train", train, ["logits"],
+                               128, log=lambda m: None)
+    assert "is damaged" in caplog.text and "computing it again" in caplog.text
+    assert CountingTeacher.calls == 3, "recomputed from the teacher"
+    assert torch.allclose(again.stored["logits"], good, atol=1e-6)
+    assert FeatureCache(cache_dir).load(key) is not None, "and stored again, intact"
+
+
+def test_stale_private_folders_of_killed_writers_are_removed(tmp_path):
+    import os
+    import time
+
+    cache = FeatureCache(tmp_path)
+    old, young = tmp_path / ".tmp-old-1", tmp_path / ".tmp-young-2"
+    for folder in (old, young):
+        folder.mkdir()
+        (folder / "part-00000.parquet").write_bytes(b"half")
+    hour_ago = time.time() - 3700
+    os.utime(old, (hour_ago, hour_ago))
+    assert cache.remove_stale() == 1
+    assert not old.exists() and young.exists(), "a live writer's folder is left alone"

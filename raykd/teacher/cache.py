@@ -4,7 +4,9 @@ An entry holds the requested taps for every sample of one split, in the split's 
 the teacher export's hash, the dataset and its split parameters, the split name and the taps. A
 changed key (new teacher weights, another split) is another entry, so stale data is never served.
 Writers build an entry in a private folder and rename it into place: concurrent writers cannot
-corrupt one, and the first to finish wins.
+corrupt one, and the first to finish wins. The manifest records each file's hash: an entry
+damaged afterwards (truncated, altered) is detected on load, discarded with a warning and
+computed again. Private folders left by a killed writer are removed once they are an hour old.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from raykd.teacher.local import Done
 
 ROWS_PER_FILE = 8192
 MANIFEST = "manifest.json"
+STALE_S = 3600.0     # a writer's private folder older than this was left by a killed writer
 
 
 def cache_key(teacher_export: str, data_spec, split: str, taps: list[str]) -> str:
@@ -47,13 +50,49 @@ class FeatureCache:
         return self.root / key
 
     def load(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors; None if absent, or if damaged (then it is discarded)."""
         entry = self.path(key)
-        manifest = entry / MANIFEST
-        if not manifest.is_file():
+        if not entry.exists():
             return None
-        meta = json.loads(manifest.read_text())
-        parts = [pq.read_table(entry / name) for name in meta["files"]]
-        table = pa.concat_tables(parts)
+        try:
+            return self._read(entry)
+        except Exception as e:   # truncated, altered, half-deleted: never serve it
+            log.warning("teacher cache entry %s is damaged (%s); discarding it and computing "
+                        "it again", entry, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self.discard(key)
+            return None
+
+    def discard(self, key: str) -> None:
+        aside = self.root / f".tmp-discard-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.path(key), aside)   # atomically out of readers' way
+        except OSError:
+            return
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def remove_stale(self, max_age_s: float = STALE_S) -> int:
+        """Remove private folders of writers killed mid-write; return how many."""
+        import time
+
+        removed = 0
+        for tmp in self.root.glob(".tmp-*") if self.root.is_dir() else []:
+            try:
+                if time.time() - tmp.stat().st_mtime > max_age_s:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    removed += 1
+            except OSError:
+                continue
+        return removed
+
+    @staticmethod
+    def _read(entry: Path) -> dict[str, torch.Tensor]:
+        meta = json.loads((entry / MANIFEST).read_text())
+        for name, digest in meta.get("hashes", {}).items():
+            if file_hash(entry / name) != digest:
+                raise ValueError(f"{name} does not match its recorded hash")
+        table = pa.concat_tables([pq.read_table(entry / name) for name in meta["files"]])
+        if len(table) != meta["rows"]:
+            raise ValueError(f"{len(table)} rows, the manifest says {meta['rows']}")
         out = {}
         for tap, shape in meta["taps"].items():
             col = table.column(tap).combine_chunks()
@@ -81,6 +120,7 @@ class FeatureCache:
                 pq.write_table(pa.table(cols), tmp / name)
                 files.append(name)
             meta = {"rows": n, "files": files,
+                    "hashes": {name: file_hash(tmp / name) for name in files},
                     "taps": {tap: list(t.shape[1:]) for tap, t in tensors.items()}}
             (tmp / MANIFEST).write_text(json.dumps(meta))
             try:
@@ -118,6 +158,7 @@ def cached_teacher(teacher, cache_dir: str, export_path: str, data_spec, split: 
                    taps: list[str], batch_size: int, log=log.info) -> CachedTeacher:
     """Load the entry for (teacher, data, split, taps), computing and storing it if absent."""
     cache = FeatureCache(cache_dir)
+    cache.remove_stale()
     key = cache_key(export_path, data_spec, split, taps)
     stored = cache.load(key)
     if stored is None:
