@@ -29,13 +29,25 @@ def _cmd_run(args) -> int:
     splits = load_dataset(spec.data)  # absent data fails here, before Ray starts
     preflight(spec, splits)
     init_ray(spec.ray.address, spec.ray.num_cpus)
-    df = run_job(spec, splits=splits)
+    df = run_job(spec, splits=splits, fail_at=injected_failures())
     print(f"\nresults: {spec.run_dir / 'results.parquet'}")
     print_report(spec.run_dir, df)
     if args.emit_results:
         from raykd.submit import emit_results
         emit_results(df)
     return 0
+
+
+def injected_failures() -> dict[str, int] | None:
+    """Fault injection for tests of the command itself: RAYKD_FAIL_AT="seed0-kd:1,..." makes
+    those runs fail after that epoch's checkpoint (every attempt)."""
+    text = os.environ.get("RAYKD_FAIL_AT", "").strip()
+    if not text:
+        return None
+    try:
+        return {key: int(epoch) for key, epoch in (item.rsplit(":", 1) for item in text.split(","))}
+    except ValueError:
+        raise RaykdError(f"RAYKD_FAIL_AT={text!r}: write UNIT:EPOCH[,UNIT:EPOCH]") from None
 
 
 def _cmd_submit(args) -> int:

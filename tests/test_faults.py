@@ -1,0 +1,184 @@
+"""Real faults injected into running jobs: a Ray Train worker SIGKILLed mid-epoch, the `raykd run`
+driver SIGKILLed mid-job, and a run failing through the command (its dependants not run)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from raykd.cli import main
+from raykd.config import job_from_dict
+from raykd.files import torch_load
+from raykd.pipeline import run_job
+
+from conftest import small_job
+
+RAYKD = str(Path(sys.executable).parent / "raykd")
+
+
+def slow_job(tmp_path, teacher, name, **sections):
+    """digits in batches of 8: about a second per epoch, so a kill lands inside one."""
+    job = small_job(tmp_path, name=name, methods={"ce": {}},
+                    data={"dataset": "digits", "batch_size": 8},
+                    student={"model": "cnn_small", "train": {"epochs": 4, "lr": 0.02}},
+                    ray={"workers": 1, "max_failures": 1})
+    job["teacher"] = {"checkpoint": str(teacher)}
+    job.update(sections)
+    return job
+
+
+def epochs_done(history: Path) -> int:
+    if not history.is_file():
+        return 0
+    return max([json.loads(line)["epoch"] for line in history.read_text().splitlines()] or [0])
+
+
+def test_a_worker_killed_mid_epoch_resumes_to_bit_identical_weights(ray_session, tmp_path,
+                                                                    digits_teacher):
+    from ray.util.state import list_actors
+
+    plain = run_job(job_from_dict(slow_job(tmp_path, digits_teacher, "plain")))
+    spec = job_from_dict(slow_job(tmp_path, digits_teacher, "killed"))
+    history = spec.run_dir / "metrics" / "seed0-ce.jsonl"
+    killed = []
+
+    def kill_in_epoch_three():
+        deadline = time.monotonic() + 300
+        while epochs_done(history) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)   # into the third epoch
+        for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                          ("state", "=", "ALIVE")]):
+            os.kill(actor.pid, signal.SIGKILL)
+            killed.append(actor.pid)
+
+    killer = threading.Thread(target=kill_in_epoch_three)
+    killer.start()
+    resumed = run_job(spec)
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    row = resumed[resumed.unit == "seed0-ce"].iloc[0]
+    assert row.resumed_from == 2 and row.epochs == 4, "resumed after epoch 2, within max_failures"
+    a = torch_load(plain[plain.unit == "seed0-ce"].export.iloc[0])["state_dict"]
+    b = torch_load(row.export)["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:   # model, optimizer state, scheduler and batch order all came back exactly
+        assert torch.equal(a[name], b[name]), name
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.ray   # starts its own Ray instance through `raykd run`
+def test_a_killed_driver_leaves_nothing_running_and_the_rerun_finishes(tmp_path, digits_teacher):
+    job = slow_job(tmp_path, digits_teacher, "driver", methods={"ce": {}, "kd": {}})
+    job["teacher"] = {"model": "cnn", "train": {"epochs": 2, "lr": 0.1}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    run_dir = tmp_path / "driver"
+    driver = subprocess.Popen([RAYKD, "run", str(path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (
+            (run_dir / "results.parquet").is_file()
+            and epochs_done(run_dir / "metrics" / "seed0-ce.jsonl") >= 1):
+        time.sleep(0.1)
+    family = descendants(driver.pid)
+    os.killpg(driver.pid, signal.SIGKILL)     # the driver and every process it started
+    driver.wait()
+    finished = pd.read_parquet(run_dir / "results.parquet")
+    assert list(finished.unit) == ["seed0-teacher"]
+    time.sleep(2)
+    left = [p for p in family if alive(p)]
+    assert not left, f"processes of the killed job still running: {left}"
+    started = time.monotonic()
+    rerun = subprocess.run([RAYKD, "run", str(path)], capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert time.monotonic() - started < 300
+    rows = pd.read_parquet(run_dir / "results.parquet")
+    assert sorted(rows.unit) == ["seed0-ce", "seed0-kd", "seed0-teacher"], "one row per unit"
+    teacher = rows[rows.unit == "seed0-teacher"].iloc[0]
+    assert teacher.wall_s == finished.wall_s.iloc[0], "the finished teacher was not retrained"
+    assert rows[rows.unit == "seed0-ce"].resumed_from.iloc[0] >= 1, "resumed from its checkpoint"
+
+
+def test_the_command_reports_a_failed_run_and_its_dependants_then_resumes(
+        ray_session, tmp_path, digits_teacher, capsys, monkeypatch):
+    job = small_job(tmp_path, name="cli", methods={"ce": {}, "born": {"method": "kd", "chain": 2}},
+                    ray={"workers": 1, "max_failures": 0})
+    job["teacher"] = {"checkpoint": str(digits_teacher)}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    monkeypatch.setenv("RAYKD_FAIL_AT", "seed0-born.1:1")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 3 runs failed: seed0-born.1 (" in err and "seed0-born.2 (not run: " \
+        "seed0-born.1 failed)" in err and "re-run the job to resume" in err
+    kept = pd.read_parquet(tmp_path / "cli" / "results.parquet")
+    assert list(kept.unit) == ["seed0-ce"], "the run that could finish did"
+    monkeypatch.delenv("RAYKD_FAIL_AT")
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "born.2" in out and "results: " in out
+    rows = pd.read_parquet(tmp_path / "cli" / "results.parquet")
+    assert sorted(rows.unit) == ["seed0-born.1", "seed0-born.2", "seed0-ce"]
+    assert rows[rows.unit == "seed0-born.1"].resumed_from.iloc[0] == 1
+
+
+def test_a_teacher_re_exported_to_the_same_path_is_never_served_stale(ray_session, tmp_path):
+    """Two jobs distil from the same teacher path; between them the file is replaced by another
+    teacher. The second job's students see the new teacher's outputs, not the cached old ones."""
+    from raykd.models import build_model
+    from raykd.models.export import save_export
+
+    teacher = tmp_path / "teacher.pt"
+
+    def export(seed):
+        torch.manual_seed(seed)
+        save_export(build_model("cnn", 10, 1, 8), teacher, 10, 1, 8)
+
+    def first_batch_confidence(name):
+        job = small_job(tmp_path, name=name, methods={"kd": {}},
+                        student={"model": "cnn_small", "train": {"epochs": 1, "lr": 0.1}})
+        job["teacher"] = {"checkpoint": str(teacher), "placement": "local", "cache": True}
+        run_job(job_from_dict(job))
+        diag = pd.read_parquet(tmp_path / name / "diagnostics" / "seed0-kd" / "epoch-0001.parquet")
+        return diag.teacher_true_conf.to_numpy()
+
+    export(0)
+    old = first_batch_confidence("before")
+    export(1)                       # re-trained, re-exported to the same path
+    new = first_batch_confidence("after")
+    entries = [p for p in (tmp_path / "feature_cache").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 2, "the replaced teacher is a new cache entry"
+    assert not (abs(old - new) < 1e-6).all(), "the second job saw the new teacher"
