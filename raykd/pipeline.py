@@ -45,7 +45,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
     `fail_at` (unit key -> epoch) injects a failure after that epoch's checkpoint, for tests.
     """
     from raykd.train.kinds import unit_kind
-    from raykd.train.runner import fit_unit
+    from raykd.train.runner import fit_units
 
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,20 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         run_cpus=spec.ray.workers * spec.ray.cpus_per_worker)
     started = time.perf_counter()
 
-    def launch(key: str):
+    def shape(unit):
+        """Units with equal shapes may share a run (one per worker); None: never packed."""
+        if spec.ray.pack == "off" or (spec.ray.workers > 1 and unit_kind(unit.kind).data_parallel):
+            return None
+        return unit.kind, unit.optim.epochs, unit.cpus_per_worker
+
+    def group(key: str, others: list[str], room: int) -> list[str]:
+        mine = shape(units[key])
+        if mine is None:
+            return [key]
+        return [key] + [k for k in others if shape(units[k]) == mine][:max(0, room - 1)]
+
+    def ready_unit(key: str):
+        """Resolve the unit's teachers; its stored rows, its unit, or None (not yet)."""
         unit = units[key]
         if unit.method_name:
             method_class(unit.method_name).prepare(unit, table.rows)
@@ -91,15 +104,26 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         stored = unit_kind(unit.kind).stored(unit)
         if stored:
             log.info("took %s from %s (trained before)", key, stored[0]["reused_from"])
-            return ray.put(stored)
+            return stored
         handles = pool.handles_for(unit.teacher_exports)
         if handles is None:
             return None   # its teacher service must wait for CPUs
         unit.teachers = handles
-        log.info("started %s (%s, %s, %d epochs)", key, unit.role, unit.model, unit.optim.epochs)
-        return fit_unit.remote(unit, str(run_dir / "ray"), spec.ray.workers, spec.ray.use_gpu,
-                               spec.ray.max_failures, splits.num_classes, splits.input_shape,
-                               spec.ray.resources_per_worker)
+        return unit
+
+    def launch(keys: list[str]):
+        first = ready_unit(keys[0])
+        if first is None:
+            return None
+        if isinstance(first, list):
+            return ray.put({keys[0]: first}), [keys[0]]
+        pack = [first] + [u for u in map(ready_unit, keys[1:]) if isinstance(u, type(first))]
+        for unit in pack:
+            log.info("started %s (%s, %s, %d epochs%s)", unit.key, unit.role, unit.model,
+                     unit.optim.epochs, f", packed with {len(pack) - 1} more" if pack[1:] else "")
+        return fit_units.remote(pack, str(run_dir / "ray"), spec.ray.workers, spec.ray.use_gpu,
+                                spec.ray.max_failures, splits.num_classes, splits.input_shape,
+                                spec.ray.resources_per_worker), [u.key for u in pack]
 
     def finished(key: str, rows: list[dict]) -> None:
         pool.release(units[key].teacher_candidates)
@@ -120,7 +144,8 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
 
     try:
         failures = run_in_order({k: u.depends_on for k, u in units.items()}, launch, finished,
-                                failed, spec.ray.max_parallel or default_parallelism(spec), done)
+                                failed, spec.ray.max_parallel or default_parallelism(spec), done,
+                                group=group)
     finally:
         pool.stop_all()
     if failures:

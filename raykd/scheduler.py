@@ -5,6 +5,12 @@ done, at most `limit` at a time, those that most others wait on first (the criti
 `launch(key)` returns an ObjectRef, or None for "not yet" (e.g. a teacher service needs CPUs that
 another run holds): the task is offered again after the next completion. A task whose result
 raises is failed, and so is everything that depends on it ("not run: X failed"); the others go on.
+
+Grouping: with `group(key, others, room)`, a launch may start several ready tasks at once (one
+Ray Train run whose workers each train one unit): `group` picks the keys to start together
+(`key` first, at most `room`, which counts tasks against `limit`), `launch` receives that list and
+returns a reference (or `(reference, keys it really started)`, or None), and the reference's value
+is {key: value}, where an exception instance fails just that key.
 Nothing here knows what a task is.
 """
 from __future__ import annotations
@@ -19,10 +25,12 @@ def one_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[str], Any],
+def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
                  on_done: Callable[[str, Any], None] = lambda key, value: None,
                  on_failed: Callable[[str, str], None] = lambda key, reason: None,
-                 limit: int = 1, done: Iterable[str] = ()) -> dict[str, str]:
+                 limit: int = 1, done: Iterable[str] = (),
+                 group: Callable[[str, list[str], int], list[str]] | None = None
+                 ) -> dict[str, str]:
     """Run `tasks` (key -> dependency keys) to completion; return {key: reason} for the failed
     and the not-run. Keys in `done` count as finished already."""
     done = set(done)
@@ -31,12 +39,15 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[str], Any],
     for deps in tasks.values():
         for dep in deps:
             dependents[dep] = dependents.get(dep, 0) + 1
-    in_flight: dict[Any, str] = {}
+    in_flight: dict[Any, list[str]] = {}
     failed: dict[str, str] = {}
 
     def fail(key: str, reason: str) -> None:
         failed[key] = reason
         on_failed(key, reason)
+
+    def busy() -> int:
+        return sum(len(keys) for keys in in_flight.values())
 
     while pending or in_flight:
         for key in list(pending):
@@ -47,25 +58,40 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[str], Any],
         ready = sorted((k for k in pending if all(d in done for d in tasks[k])),
                        key=lambda k: -dependents.get(k, 0))
         for key in ready:
-            if len(in_flight) >= limit:
+            if busy() >= limit:
                 break
-            ref = launch(key)
-            if ref is None:
+            if key not in pending:      # started with an earlier key's group
                 continue
-            in_flight[ref] = key
-            pending.remove(key)
+            if group is None:
+                keys, started = [key], launch(key)
+            else:
+                others = [k for k in ready if k != key and k in pending]
+                keys = group(key, others, limit - busy())
+                started = launch(keys)
+            if started is None:
+                continue
+            ref, keys = started if isinstance(started, tuple) else (started, keys)
+            in_flight[ref] = list(keys)
+            for k in keys:
+                pending.remove(k)
         if not in_flight:
             for key in list(pending):   # nothing runs and nothing can start: never drop silently
                 pending.remove(key)
                 fail(key, "not run: it could not be launched (dependencies or resources)")
             break
         [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        key = in_flight.pop(ref)
+        keys = in_flight.pop(ref)
         try:
             value = ray.get(ref)
         except Exception as exc:   # the task failed (after any retries of its own)
-            fail(key, one_line(exc))
+            for key in keys:
+                fail(key, one_line(exc))
             continue
-        done.add(key)
-        on_done(key, value)
+        values = value if group is not None else {keys[0]: value}
+        for key in keys:
+            if isinstance(values[key], BaseException):
+                fail(key, one_line(values[key]))
+            else:
+                done.add(key)
+                on_done(key, values[key])
     return failed

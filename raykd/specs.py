@@ -12,6 +12,7 @@ from typing import Any, Literal
 Optimizer = Literal["sgd", "adam"]
 Placement = Literal["auto", "local", "actors"]
 HeadLayout = Literal["together", "separate"]
+Pack = Literal["auto", "off"]
 
 
 @dataclass
@@ -98,6 +99,8 @@ class RaySpec:
     use_gpu: bool = False
     max_parallel: int | None = None   # runs in flight at once (None: as resources allow)
     max_failures: int = 1             # retries of a run, each resuming from its last checkpoint
+    pack: Pack = "auto"               # auto: ready units of the same shape share one Ray Train
+                                      # run, one unit per worker; off: one run per unit
     resources_per_worker: dict[str, float] = field(default_factory=dict)   # custom resources
                                       # each Train worker needs, e.g. {gpu_node: 1} (a node type)
 

@@ -187,7 +187,7 @@ def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
         unit = trial_unit(raw, config, sweep, run_dir, trial_id, rows, teacher_cache, fail)
         scaling = scaling_config(sweep.workers, sweep.cpus_per_worker, sweep.gpus_per_worker)
         TorchTrainer(
-            train_worker, train_loop_config={"unit": unit}, scaling_config=scaling,
+            train_worker, train_loop_config={"units": [unit]}, scaling_config=scaling,
             run_config=ray.train.RunConfig(
                 # named by the trial: a restored trial continues its Train run
                 name=unit.key, storage_path=str(run_dir / SWEEP_DIR / "train"),

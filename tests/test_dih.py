@@ -141,9 +141,10 @@ def test_a_chain_works_with_the_method_taken_from_the_label(tmp_path):
     preflight(spec, load_dataset(spec.data))
 
 
-def test_heads_as_separate_runs_equal_heads_trained_together(ray_session, tmp_path, teacher_export):
+def test_heads_packed_as_workers_of_one_run_equal_heads_trained_together(ray_session, tmp_path,
+                                                                         teacher_export):
     from raykd.teacher import TeacherHandle
-    from raykd.train.runner import fit_unit
+    from raykd.train.runner import fit_units
 
     together = _dih_job(tmp_path, teacher_export, "together", "together")
     separate = _dih_job(tmp_path, teacher_export, "separate", "separate")
@@ -154,8 +155,11 @@ def test_heads_as_separate_runs_equal_heads_trained_together(ray_session, tmp_pa
         assert len(units) == (1 if spec is together else 2)
         for u in units:
             u.teachers = [TeacherHandle(str(teacher_export), "local")]
-        ray.get([fit_unit.remote(u, str(spec.run_dir / "ray"), 1, False, 0, 10, splits.input_shape)
-                 for u in units])
+        # the separate heads as one pack: one run, one head per worker, no gradient exchange
+        rows = ray.get(fit_units.remote(units, str(spec.run_dir / "ray"), 1, False, 0, 10,
+                                        splits.input_shape))
+        assert all(not isinstance(r, BaseException) for r in rows.values()), rows
+        assert {r[0]["packed"] for r in rows.values()} == {len(units)}
         weights[spec.name] = load_heads([u.export_path for u in units])
     for stage in ("stage1", "stage3"):
         a = weights["together"][stage].state_dict()

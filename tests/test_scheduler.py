@@ -63,3 +63,27 @@ def test_not_yet_is_offered_again_and_done_keys_are_skipped(ray_session):
 def test_nothing_launchable_is_reported_not_dropped(ray_session):
     failures = run_in_order({"a": []}, lambda k: None)
     assert failures == {"a": "not run: it could not be launched (dependencies or resources)"}
+
+
+@ray.remote(num_cpus=0)
+def several(keys: list[str], broken: str = ""):
+    time.sleep(0.2)
+    return {k: (ValueError(f"{k} broke") if k == broken else (k, time.time())) for k in keys}
+
+
+def test_grouped_launches_start_ready_tasks_together_and_fail_one_by_one(ray_session):
+    tasks = {"a": [], "b": [], "c": [], "d": ["a"], "e": ["b"]}
+    groups, done = [], []
+
+    def group(key, others, room):
+        return [key] + [k for k in others if k in "abc"][:room - 1]
+
+    def launch(keys):
+        groups.append(sorted(keys))
+        return several.remote(keys, broken="b")
+
+    failures = run_in_order(tasks, launch, on_done=lambda k, v: done.append(k), limit=2,
+                            group=group)
+    assert groups[0] == ["a", "b"], "two ready tasks, room for two: one launch"
+    assert failures == {"b": "b broke", "e": "not run: b failed"}
+    assert sorted(done) == ["a", "c", "d"], "a's group-mate failing does not fail a"

@@ -16,6 +16,13 @@ def unit_kind(name: str) -> type[UnitTrainer]:
 
 
 def train_worker(config: dict) -> None:
-    """The Ray Train worker function (config: {"unit": Unit})."""
-    unit = config["unit"]
-    run_epochs(unit_kind(unit.kind), unit)
+    """The Ray Train worker function (config: {"units": [Unit, ...]}): one unit, on this worker
+    alone or data-parallel over all of them; or a pack, where worker i trains unit i alone."""
+    import ray.train
+
+    units = config["units"]
+    if len(units) == 1:
+        run_epochs(unit_kind(units[0].kind), units[0])
+        return
+    unit = units[ray.train.get_context().get_world_rank()]
+    run_epochs(unit_kind(unit.kind), unit, alone=True)

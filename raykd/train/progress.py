@@ -17,15 +17,18 @@ import torch
 from raykd.files import torch_load
 from raykd.log import log
 
-STATE_FILE = "state.pt"
+
+def state_file(key: str) -> str:
+    """A unit's file in a run's checkpoint (a pack's workers' files are merged into one)."""
+    return f"state-{key}.pt"
 
 
-def report(metrics: dict, state: dict | None, rank: int) -> None:
+def report(key: str, metrics: dict, state: dict | None, rank: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0 and state is not None:
-            torch.save(state, os.path.join(d, STATE_FILE))
-            with open(os.path.join(d, "metrics.json"), "w") as f:
+            torch.save(state, os.path.join(d, state_file(key)))
+            with open(os.path.join(d, f"metrics-{key}.json"), "w") as f:
                 json.dump(metrics, f)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -40,10 +43,17 @@ class Progress:
     def restore(self) -> int:
         """Load the latest checkpoint, if any; return the epoch to start from."""
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                return self._load(os.path.join(d, state_file(self.unit.key)))
+        if self.unit.resume_dir:   # the last checkpoint of the pack it was trained in
+            return self._load(os.path.join(self.unit.resume_dir, state_file(self.unit.key)))
+        return 0
+
+    def _load(self, path: str) -> int:
+        if not os.path.isfile(path):
             return 0
-        with checkpoint.as_directory() as d:
-            state = torch_load(os.path.join(d, STATE_FILE), map_location=self.device)
+        state = torch_load(path, map_location=self.device)
         self.module.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -64,7 +74,7 @@ class Progress:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        report(metrics, self.state(epoch, metrics), self.rank)
+        report(self.unit.key, metrics, self.state(epoch, metrics), self.rank)
         self.last = metrics
         if self.unit.fail_at_epoch is not None and epoch + 1 == self.unit.fail_at_epoch:
             raise RuntimeError(f"injected failure after epoch {epoch + 1} of {self.unit.key}")
@@ -73,4 +83,4 @@ class Progress:
         """A run that had already finished reports its final state again, so the fit's result
         carries its metrics."""
         if 0 < epochs <= start_epoch:
-            report(self.last, self.state(epochs - 1, self.last), self.rank)
+            report(self.unit.key, self.last, self.state(epochs - 1, self.last), self.rank)

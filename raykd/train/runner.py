@@ -1,8 +1,13 @@
-"""Launch one `Unit` as a Ray Train run (a `TorchTrainer`), from a lightweight Ray task.
+"""Launch units as Ray Train runs (a `TorchTrainer` each), from a lightweight Ray task.
 
-Each run gets its own name under the job's storage folder, so re-running the job resumes it from
-its last checkpoint. Several units run concurrently: the driver task itself takes no CPU, the
-Train workers take what the spec asks for, and Ray queues the rest.
+A run trains one unit (on one worker, or data-parallel on several), or a *pack*: several units
+of the same shape, one per worker, with no gradient exchange between them, so they share one
+run's fixed start-up (controller, placement group, worker processes importing torch). Every unit
+keeps its own state file in the run's checkpoints, so a failure restarts the group and each unit
+resumes from its own last epoch. If a pack still fails, the units whose worker raised fail, and
+the others go on alone from the pack's last checkpoint, so one bad unit never takes its pack-mates
+down with it. Each run is named after its units under the job's storage folder, so re-running the
+job resumes it. Several runs go concurrently: the launching task takes no CPU.
 """
 from __future__ import annotations
 
@@ -42,28 +47,85 @@ def read_history(path: str):
     return history
 
 
+def latest_state(storage: str, key: str) -> str | None:
+    """The newest checkpoint folder, of any run under `storage`, that holds this unit's state:
+    a unit resumes even when it is packed differently than before (or not at all)."""
+    found = sorted(Path(storage).glob(f"*/checkpoint_*/state-{key}.pt"),
+                   key=lambda p: p.stat().st_mtime)
+    return str(found[-1].parent) if found else None
+
+
+def run_name(units: list[Unit]) -> str:
+    return units[0].key if len(units) == 1 else "+".join(u.key for u in units)
+
+
 @ray.remote(num_cpus=0)
-def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures: int,
-             num_classes: int, input_shape: tuple[int, int, int],
-             resources: dict[str, float] | None = None) -> list[dict]:
-    """Train one unit to completion (resuming if it ran before); return its results rows."""
+def fit_units(units: list[Unit], storage: str, workers: int, use_gpu: bool, max_failures: int,
+              num_classes: int, input_shape: tuple[int, int, int],
+              resources: dict[str, float] | None = None) -> dict[str, list[dict] | Exception]:
+    """Train these units to completion (resuming if they ran before), one run; return each
+    unit's results rows, or the exception that failed it."""
     quiet_ray_logs()
-    kind = unit_kind(unit.kind)
-    workers = workers if kind.data_parallel else 1   # small units: one worker each
+    for u in units:
+        u.resume_dir = u.resume_dir or latest_state(storage, u.key)
+    kind = unit_kind(units[0].kind)
+    if len(units) > 1:
+        workers = len(units)                          # one unit per worker
+    elif not kind.data_parallel:
+        workers = 1                                   # small units: one worker each
     started, started_at = time.perf_counter(), time.time()
     result = TorchTrainer(
         train_worker,
-        train_loop_config={"unit": unit},
-        scaling_config=scaling_config(workers, unit.cpus_per_worker, 1.0 if use_gpu else 0.0,
-                                      resources),
+        train_loop_config={"units": units},
+        scaling_config=scaling_config(workers, units[0].cpus_per_worker,
+                                      1.0 if use_gpu else 0.0, resources),
         run_config=RunConfig(
-            name=unit.key, storage_path=storage,
+            name=run_name(units), storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=max_failures)),
     ).fit()
+    last = result.checkpoint.path if result.checkpoint is not None else None
     if result.error is not None:
-        raise result.error
-    metrics = result.metrics or {}
+        if len(units) == 1:
+            return {units[0].key: result.error}
+        return _rescue(units, result.error, last, storage, use_gpu, max_failures, num_classes,
+                       input_shape, resources)
+    finals = final_metrics(last, units)
+    ddp = workers if len(units) == 1 else 1
+    return {u.key: unit_rows(u, finals[u.key], started, started_at, ddp, len(units),
+                             num_classes, input_shape) for u in units}
+
+
+def _rescue(units, error, checkpoint, storage, use_gpu, max_failures, num_classes, input_shape,
+            resources) -> dict:
+    """A pack failed: the units whose worker raised fail; the others run on alone, from the
+    pack's last checkpoint."""
+    blamed = getattr(error, "worker_failures", None) or {r: error for r in range(len(units))}
+    out = {units[rank].key: exc for rank, exc in blamed.items() if rank < len(units)}
+    innocent = [u for u in units if u.key not in out]
+    for u in innocent:
+        u.resume_dir = checkpoint
+    if innocent:
+        refs = [fit_units.remote([u], storage, 1, use_gpu, max_failures, num_classes,
+                                 input_shape, resources) for u in innocent]
+        for values in ray.get(refs):
+            out.update(values)
+    return out
+
+
+def final_metrics(checkpoint: str | None, units: list[Unit]) -> dict[str, dict]:
+    """Each unit's metrics at its last epoch, from the run's latest checkpoint."""
+    import json
+
+    out = {}
+    for u in units:
+        path = Path(checkpoint or "") / f"metrics-{u.key}.json"
+        out[u.key] = json.loads(path.read_text()) if checkpoint and path.is_file() else {}
+    return out
+
+
+def unit_rows(unit: Unit, metrics: dict, started: float, started_at: float, workers: int,
+              packed: int, num_classes: int, input_shape) -> list[dict]:
     history = read_history(unit.history_path)
     common = {
         "unit": unit.key, "role": unit.role, "dataset": unit.data.dataset, "seed": unit.seed,
@@ -73,8 +135,9 @@ def fit_unit(unit: Unit, storage: str, workers: int, use_gpu: bool, max_failures
         # when the workers actually trained (first epoch's start, last epoch's end)
         "trained_from": float(history["epoch_started_at"].min()) if history is not None else None,
         "trained_until": float(history["epoch_finished_at"].max()) if history is not None else None,
-        "epochs": metrics.get("epoch"), "workers": workers, "node": metrics.get("node"),
+        "epochs": metrics.get("epoch"), "workers": workers,
+        "packed": packed, "node": metrics.get("node"),   # units that shared the run
         "resumed_from": metrics.get("resumed_from", 0), "export": unit.export_path,
         "teachers": ",".join(Path(e).stem for e in unit.teacher_exports),
     }
-    return kind.rows(unit, metrics, common, num_classes, input_shape)
+    return unit_kind(unit.kind).rows(unit, metrics, common, num_classes, input_shape)

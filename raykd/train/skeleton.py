@@ -93,12 +93,14 @@ def register_kind(cls: type[UnitTrainer]) -> type[UnitTrainer]:
     return cls
 
 
-def run_epochs(kind: type[UnitTrainer], unit: Unit) -> None:
-    """Train `unit` with the trainer `kind` inside a Ray Train worker."""
+def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False) -> None:
+    """Train `unit` with the trainer `kind` inside a Ray Train worker; `alone`: this worker is
+    one of a pack and trains its unit by itself (rank 0 of 1 for the unit; the run's other
+    workers train other units, and every report is still a barrier across all of them)."""
     setup_logging()
     quiet_ray_logs()
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = (0, 1) if alone else (ctx.get_world_rank(), ctx.get_world_size())
     torch.set_num_threads(max(1, int(unit.cpus_per_worker)))
     trainer = kind(unit, rank, world, ray.train.torch.get_device())
     module = trainer.build()
@@ -142,7 +144,7 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit) -> None:
         progress.end_epoch(epoch, metrics)
     if epochs == 0:
         metrics = {"epoch": 0, "epochs": 0, "resumed_from": 0, **trainer.untrained_metrics()}
-        report(metrics, progress.state(-1, metrics), rank)
+        report(unit.key, metrics, progress.state(-1, metrics), rank)
     progress.finish(start_epoch, epochs)
     if rank == 0:
         trainer.export()
