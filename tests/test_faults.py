@@ -25,10 +25,10 @@ RAYKD = str(Path(sys.executable).parent / "raykd")
 
 
 def slow_job(tmp_path, teacher, name, **sections):
-    """digits in batches of 8: about a second per epoch, so a kill lands inside one."""
+    """digits in batches of 4 (about half a second per epoch), so a kill lands inside one."""
     job = small_job(tmp_path, name=name, methods={"ce": {}},
-                    data={"dataset": "digits", "batch_size": 8},
-                    student={"model": "cnn_small", "train": {"epochs": 4, "lr": 0.02}},
+                    data={"dataset": "digits", "batch_size": 4},
+                    student={"model": "cnn_small", "train": {"epochs": 6, "lr": 0.01}},
                     ray={"workers": 1, "max_failures": 1})
     job["teacher"] = {"checkpoint": str(teacher)}
     job.update(sections)
@@ -52,9 +52,8 @@ def test_a_worker_killed_mid_epoch_resumes_to_bit_identical_weights(ray_session,
 
     def kill_in_epoch_three():
         deadline = time.monotonic() + 300
-        while epochs_done(history) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)   # into the third epoch
+        while epochs_done(history) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)   # epoch 2's checkpoint is stored; epoch 3's is on its way
         for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
                                           ("state", "=", "ALIVE")]):
             os.kill(actor.pid, signal.SIGKILL)
@@ -66,7 +65,7 @@ def test_a_worker_killed_mid_epoch_resumes_to_bit_identical_weights(ray_session,
     killer.join()
     assert killed, "no training worker was found to kill"
     row = resumed[resumed.unit == "seed0-ce"].iloc[0]
-    assert row.resumed_from == 2 and row.epochs == 4, "resumed after epoch 2, within max_failures"
+    assert row.resumed_from >= 2 and row.epochs == 6, "resumed from a checkpoint, within max_failures"
     a = torch_load(plain[plain.unit == "seed0-ce"].export.iloc[0])["state_dict"]
     b = torch_load(row.export)["state_dict"]
     assert a.keys() == b.keys()
@@ -109,17 +108,18 @@ def test_a_killed_driver_leaves_nothing_running_and_the_rerun_finishes(tmp_path,
     driver = subprocess.Popen([RAYKD, "run", str(path)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (
-            (run_dir / "results.parquet").is_file()
-            and epochs_done(run_dir / "metrics" / "seed0-ce.jsonl") >= 1):
-        time.sleep(0.1)
+    while time.monotonic() < deadline and epochs_done(run_dir / "metrics" / "seed0-kd.jsonl") < 2:
+        time.sleep(0.1)    # the student that needs the teacher is past a checkpoint
     family = descendants(driver.pid)
     os.killpg(driver.pid, signal.SIGKILL)     # the driver and every process it started
     driver.wait()
     finished = pd.read_parquet(run_dir / "results.parquet")
-    assert list(finished.unit) == ["seed0-teacher"]
-    time.sleep(2)
-    left = [p for p in family if alive(p)]
+    assert "seed0-teacher" in set(finished.unit) and "seed0-kd" not in set(finished.unit)
+    deadline = time.monotonic() + 30   # Ray's workers notice their raylet is gone, and exit
+    while any(alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = {p: Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")[:100]
+            for p in family if alive(p)}
     assert not left, f"processes of the killed job still running: {left}"
     started = time.monotonic()
     rerun = subprocess.run([RAYKD, "run", str(path)], capture_output=True, text=True, timeout=400)
@@ -127,9 +127,13 @@ def test_a_killed_driver_leaves_nothing_running_and_the_rerun_finishes(tmp_path,
     assert time.monotonic() - started < 300
     rows = pd.read_parquet(run_dir / "results.parquet")
     assert sorted(rows.unit) == ["seed0-ce", "seed0-kd", "seed0-teacher"], "one row per unit"
-    teacher = rows[rows.unit == "seed0-teacher"].iloc[0]
-    assert teacher.wall_s == finished.wall_s.iloc[0], "the finished teacher was not retrained"
-    assert rows[rows.unit == "seed0-ce"].resumed_from.iloc[0] >= 1, "resumed from its checkpoint"
+    for row in finished.itertuples():   # finished before the kill: not trained again
+        assert rows[rows.unit == row.unit].wall_s.iloc[0] == row.wall_s, row.unit
+    # the interrupted student resumed: no epoch before its last checkpoint ran twice (its worker
+    # may outlive the driver by a moment and reach a later checkpoint, never an earlier one)
+    epochs = [json.loads(line)["epoch"] for line in
+              (run_dir / "metrics" / "seed0-kd.jsonl").read_text().splitlines()]
+    assert sorted(set(epochs)) == list(range(1, 7)) and len(epochs) <= 7, epochs
 
 
 def test_the_command_reports_a_failed_run_and_its_dependants_then_resumes(

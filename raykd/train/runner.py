@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
 from raykd.log import quiet_ray_logs
@@ -74,7 +74,7 @@ def fit_units(units: list[Unit], storage: str, workers: int, use_gpu: bool, max_
     elif not kind.data_parallel:
         workers = 1                                   # small units: one worker each
     started, started_at = time.perf_counter(), time.time()
-    result = TorchTrainer(
+    trainer = TorchTrainer(
         train_worker,
         train_loop_config={"units": units},
         scaling_config=scaling_config(workers, units[0].cpus_per_worker,
@@ -82,29 +82,33 @@ def fit_units(units: list[Unit], storage: str, workers: int, use_gpu: bool, max_
         run_config=RunConfig(
             name=run_name(units), storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=max_failures)),
-    ).fit()
-    last = result.checkpoint.path if result.checkpoint is not None else None
-    if result.error is not None:
+            failure_config=FailureConfig(max_failures=max_failures)))
+    try:
+        result = trainer.fit()
+        error = result.error
+    except TrainingFailedError as e:   # Train V2 raises once max_failures are spent
+        result, error = None, e
+    if error is not None:
         if len(units) == 1:
-            return {units[0].key: result.error}
-        return _rescue(units, result.error, last, storage, use_gpu, max_failures, num_classes,
+            return {units[0].key: error}
+        return _rescue(units, error, storage, use_gpu, max_failures, num_classes,
                        input_shape, resources)
+    last = result.checkpoint.path if result.checkpoint is not None else None
     finals = final_metrics(last, units)
     ddp = workers if len(units) == 1 else 1
     return {u.key: unit_rows(u, finals[u.key], started, started_at, ddp, len(units),
                              num_classes, input_shape) for u in units}
 
 
-def _rescue(units, error, checkpoint, storage, use_gpu, max_failures, num_classes, input_shape,
+def _rescue(units, error, storage, use_gpu, max_failures, num_classes, input_shape,
             resources) -> dict:
-    """A pack failed: the units whose worker raised fail; the others run on alone, from the
-    pack's last checkpoint."""
+    """A pack failed: the units whose worker raised fail; the others run on alone, each from its
+    newest state (the pack's last checkpoint)."""
     blamed = getattr(error, "worker_failures", None) or {r: error for r in range(len(units))}
     out = {units[rank].key: exc for rank, exc in blamed.items() if rank < len(units)}
     innocent = [u for u in units if u.key not in out]
     for u in innocent:
-        u.resume_dir = checkpoint
+        u.resume_dir = latest_state(storage, u.key)
     if innocent:
         refs = [fit_units.remote([u], storage, 1, use_gpu, max_failures, num_classes,
                                  input_shape, resources) for u in innocent]
