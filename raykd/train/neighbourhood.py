@@ -175,7 +175,7 @@ class NeighbourhoodTrainer(UnitTrainer):
                  **{k: metrics[k] for k in LIBRARY_COSTS},
                  "teacher_val_top1": metrics.get("teacher_val_top1", float("nan")),
                  "family": parse_candidate(nb.candidate)[0], "inputs": nb.inputs,
-                 "recipe": recipe_digest(unit), "teacher_export": unit.teacher_exports[0],
+                 "recipe": recipe_digest(unit), "teacher_export": unit.teachers[0].export_path,
                  "data": json.dumps(dataclasses.asdict(unit.data), default=str)}]
 
     @classmethod
