@@ -85,12 +85,15 @@ def test_address_pitfalls_are_one_line_errors(capsys, monkeypatch):
 class Head:
     """`ray start --head --block` on loopback, optionally with token auth; a worker node may join."""
 
-    def __init__(self, tmp: Path, token: str | None, cpus: int = 2, resources: str = "{}"):
+    def __init__(self, tmp: Path, token: str | None, cpus: int = 2, resources: str = "{}",
+                 multi_node: bool = False):
         self.port, self.dash = free_port(), free_port()
         self.temp = tempfile.mkdtemp(prefix="rk", dir="/tmp")   # short: socket paths are limited
         self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
                     "RAY_AUTH_MODE": "token" if token else "disabled", "HOME": str(tmp)}
         self.env.pop("RAY_ADDRESS", None)
+        # Ray refuses to let a second raylet join unless this is 1 (its loopback-only mode is 0)
+        self.env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1" if multi_node else "0"
         if token:
             self.env["RAY_AUTH_TOKEN"] = token
         self.procs = [self._start(["--head", f"--port={self.port}", f"--num-cpus={cpus}",
@@ -115,6 +118,16 @@ class Head:
     def add_node(self, tmp: Path, cpus: int, resources: str) -> None:
         self.procs.append(self._start([f"--address=127.0.0.1:{self.port}", f"--num-cpus={cpus}",
                                        f"--resources={resources}"], tmp / "node.log"))
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:   # until the head lists the second node as alive
+            listed = subprocess.run(
+                [sys.executable, "-c", "import ray; ray.init(address='127.0.0.1:%d', "
+                 "log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))" % self.port],
+                env=self.env, capture_output=True, text=True, timeout=60)
+            if listed.stdout.strip().endswith("2"):
+                return
+            time.sleep(1)
+        raise AssertionError("the second node did not join: " + (tmp / "node.log").read_text()[-2000:])
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -181,7 +194,7 @@ def test_submit_with_token_auth_streams_logs_and_brings_the_results_back(tmp_pat
 
 @pytest.mark.ray
 def test_two_nodes_share_output_dir_and_units_run_on_the_second(tmp_path, digits_teacher):
-    head = Head(tmp_path, None, cpus=1)
+    head = Head(tmp_path, None, cpus=1, multi_node=True)
     try:
         head.add_node(tmp_path, 2, '{"second_node": 2}')
         job = tiny_job(tmp_path / "tiny.yaml", tmp_path / "out", digits_teacher)
