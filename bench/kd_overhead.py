@@ -62,7 +62,7 @@ def main() -> None:
     import ray
 
     from raykd.ray_env import init_ray
-    from raykd.train.runner import fit_unit
+    from raykd.train.runner import fit_units
 
     torch.set_num_threads(1)
     work = fresh_workdir("kd_overhead")
@@ -82,7 +82,7 @@ def main() -> None:
                 teacher_candidates=[str(teacher_path)],
                 # same work as the plain loop: the teacher runs every step (no output cache)
                 teachers=[TeacherHandle(str(teacher_path), "local", cache_dir=None)])
-    row = ray.get(fit_unit.remote(unit, str(work / "ray"), 1, False, 0, 10, (1, 28, 28)))
+    [row] = ray.get(fit_units.remote([unit], str(work / "ray"), 1, False, 0, 10, (1, 28, 28)))["kd"]
     import pandas as pd
     history = pd.read_parquet(work / "metrics" / "kd.parquet")
     raykd_epoch = float(history.epoch_s.median())
