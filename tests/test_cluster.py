@@ -139,8 +139,8 @@ class Head:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def tiny_job(path: Path, out: Path, teacher: Path, **extra) -> Path:
-    job = {"name": "tiny", "output_dir": str(out), "seeds": [0],
+def tiny_job(path: Path, out: Path, teacher: Path, name: str = "tiny", **extra) -> Path:
+    job = {"name": name, "output_dir": str(out), "seeds": [0],
            "data": {"dataset": "digits", "batch_size": 64},
            "teacher": {"checkpoint": str(teacher)},
            "student": {"model": "cnn_small", "train": {"epochs": 1, "lr": 0.1}},
@@ -188,6 +188,24 @@ def test_submit_with_token_auth_streams_logs_and_brings_the_results_back(tmp_pat
              str(tmp_path / "token"), "--results-dir", str(local)], cwd=project,
             env=client_env, capture_output=True, text=True, timeout=300)
         assert failed.returncode == 1 and "FAILED" in failed.stdout, failed.stdout[-2000:]
+        # --no-wait prints the id and returns; --stop stops it; --follow then reports STOPPED
+        auth = ["--address", head.url, "--token-file", str(tmp_path / "token")]
+        slow = tiny_job(project / "slow.yaml", tmp_path / "cluster_out", digits_teacher,
+                        name="slow", student={"model": "cnn_small",
+                                              "train": {"epochs": 200, "lr": 0.1}})
+        queued = subprocess.run([RAYKD, "submit", slow.name, "--no-wait", *auth], cwd=project,
+                                env=client_env, capture_output=True, text=True, timeout=120)
+        assert queued.returncode == 0, queued.stderr[-2000:]
+        job_id = queued.stdout.split("submitted ", 1)[1].split()[0]
+        assert f"raykd submit --follow {job_id}" in queued.stdout
+        stop = subprocess.run([RAYKD, "submit", "--stop", job_id, *auth], cwd=project,
+                              env=client_env, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0 and f"stop {job_id}" in stop.stdout, stop.stderr[-2000:]
+        follow = subprocess.run([RAYKD, "submit", "--follow", job_id, *auth, "--results-dir",
+                                 str(local)], cwd=project, env=client_env, capture_output=True,
+                                text=True, timeout=300)
+        assert follow.returncode == 1 and f"job {job_id}: STOPPED" in follow.stdout, \
+            follow.stdout[-2000:]
     finally:
         head.stop()
 
