@@ -31,6 +31,11 @@ def write_section(name: str, body: str) -> None:
     RESULTS.write_text(text)
 
 
+def pm(values) -> str:
+    """mean ± std (over seeds) of a Series of accuracies."""
+    return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+
+
 def markdown_table(frame) -> str:
     """A DataFrame as a Markdown table (floats to 4 significant digits)."""
     def cell(v):

@@ -24,15 +24,12 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import machine, markdown_table, write_readme_block, write_section  # noqa: E402
+from results_md import machine, markdown_table, pm, write_readme_block, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "search_demo"
 MAX_PARAMS, TOP, FINETUNE, E2E_EPOCHS = 250_000, 5, 4, 8
 
-
-def pm(values) -> str:
-    return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
 
 
 def main() -> int:

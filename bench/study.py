@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from results_md import write_readme_block
+from results_md import pm, write_readme_block
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = "runs/study"
@@ -43,9 +43,6 @@ def student_rows(run_dir: Path, label: str) -> pd.DataFrame:
     df = pd.read_parquet(run_dir / "results.parquet")
     return df[(df.role == "student") & (df.method == label)].sort_values("seed")
 
-
-def pm(values) -> str:
-    return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
 
 
 def table() -> str:

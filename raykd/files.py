@@ -27,6 +27,23 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def atomic_copy(source: str | Path, target: str | Path, link: bool = False) -> Path:
+    """Place a copy of `source` at `target` atomically; `link`: a hard link when both are on one
+    file system (no bytes copied; safe because raykd replaces files, never rewrites them)."""
+    import shutil
+
+    def place(tmp: str) -> None:
+        if link:
+            os.unlink(tmp)
+            try:
+                os.link(source, tmp)
+                return
+            except OSError:
+                pass
+        shutil.copyfile(source, tmp)
+    return atomic_write(target, place)
+
+
 def torch_save(payload, path: str | Path) -> Path:
     import torch
 

@@ -13,7 +13,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from raykd.errors import RaykdError
-from raykd.files import atomic_write, file_hash
+from raykd.files import atomic_copy, atomic_write, file_hash
 
 CATALOG = "catalog.parquet"
 KEY = ["teacher_hash", "nb_start", "nb_stop", "candidate", "recipe"]
@@ -82,7 +81,7 @@ class NeighbourhoodLibrary:
         same key)."""
         name = f"{row['neighbourhood']}-{row['candidate']}-{row['recipe']}.pt"
         target = self.root / "parts" / row["teacher_hash"] / name
-        atomic_write(target, lambda tmp: shutil.copyfile(export_path, tmp))
+        atomic_copy(export_path, target)
         entry = {**row, "checkpoint": str(target), "checkpoint_hash": file_hash(target),
                  "added": time.strftime("%Y-%m-%d %H:%M:%S")}
         with self._locked():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +228,7 @@ def run_search(request: SearchRequest):
     out.mkdir(parents=True, exist_ok=True)
     log.info("search: %d positions x %s candidates (%d stitched students possible), proxy %s",
              len(groups), "/".join(str(len(g)) for g in groups),
-             _product(len(g) for g in groups), request.proxy)
+             math.prod(len(g) for g in groups), request.proxy)
     solutions = solve(groups, request)
     log.info("search: %d solutions under %s; scoring them on val in parallel Ray tasks",
              len(solutions), request.budgets or "no budget")
@@ -282,9 +283,3 @@ def finetune_job(request: SearchRequest, out: Path, teacher: str, data: dict) ->
                         "train": {"epochs": max(1, request.finetune_epochs), "lr": 0.05}},
             "methods": {"kd": {"temperature": 4.0, "alpha": 0.9}}}
 
-
-def _product(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shlex
 import socket
 import sys
 import time
@@ -122,8 +123,8 @@ class Cluster:
             raise RaykdError(self._explain(e)) from None
 
     def submit(self, job_path: str, overrides: list[str], project: Path) -> str:
-        entry = " ".join(["python", "-m", "raykd", "run", _quote(job_path),
-                          *map(_quote, overrides), "--emit-results"])
+        entry = " ".join(["python", "-m", "raykd", "run", shlex.quote(job_path),
+                          *map(shlex.quote, overrides), "--emit-results"])
         return self.call("submit_job", entrypoint=entry, runtime_env={
             "working_dir": str(project),
             "excludes": [".venv/", "runs/", "bench/runs/", ".git/", "*.pt", "*.parquet"]})
@@ -143,12 +144,6 @@ class Cluster:
             if status in TERMINAL:
                 return status, logs
             time.sleep(poll_s)
-
-
-def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
 
 
 def job_path_in_project(job: str, project: Path) -> str:

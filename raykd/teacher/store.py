@@ -12,11 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
-from raykd.files import atomic_write, file_hash
+from raykd.files import atomic_copy, atomic_write, file_hash
 from raykd.log import log
 from raykd.units import Unit
 
@@ -54,16 +52,7 @@ class TeacherStore:
         if stored.get("hash") != file_hash(export):
             log.warning("teacher store: %s does not match its record; training it again", export)
             return None
-        target = Path(unit.export_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-
-        def place(tmp: str) -> None:
-            os.unlink(tmp)
-            try:
-                os.link(export, tmp)        # same file system: no copy
-            except OSError:
-                shutil.copyfile(export, tmp)
-        atomic_write(target, place)
+        target = atomic_copy(export, unit.export_path, link=True)
         return {**stored["row"], "unit": unit.key, "export": str(target),
                 "reused_from": str(export)}
 
@@ -72,7 +61,7 @@ class TeacherStore:
         the record finds the export)."""
         export, meta = self._paths(unit)
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write(export, lambda tmp: shutil.copyfile(unit.export_path, tmp))
+        atomic_copy(unit.export_path, export)
         record = {"row": {k: v for k, v in row.items() if k != "reused_from"},
                   "hash": file_hash(export)}
         atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(record, default=_plain)))

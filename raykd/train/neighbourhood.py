@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 
 import torch
 from torch.utils.data import DataLoader
 
 from raykd.data import load_dataset
-from raykd.files import atomic_write, file_hash
+from raykd.files import atomic_copy, file_hash
 from raykd.library import NeighbourhoodLibrary, recipe_digest
 from raykd.losses import neighbourhood_loss
 from raykd.models import count_macs, count_params
@@ -190,7 +189,7 @@ class NeighbourhoodTrainer(UnitTrainer):
             recipe_digest(unit))
         if found is None:
             return None
-        atomic_write(unit.export_path, lambda tmp: shutil.copyfile(found["checkpoint"], tmp))
+        atomic_copy(found["checkpoint"], unit.export_path)
         row = {k: v for k, v in found.items() if k not in LIBRARY_ONLY}
         return [{**row, "unit": unit.key, "method": unit.label, "export": unit.export_path,
                  "teacher_export": unit.teacher_exports[0], "reused_from": found["checkpoint"]}]
