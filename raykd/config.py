@@ -127,6 +127,8 @@ def validate(spec: JobSpec) -> None:
         raise RaykdError(f"teacher.timeout_s must be positive, got {t.timeout_s}")
     if spec.ray.workers < 1:
         raise RaykdError(f"ray.workers must be at least 1, got {spec.ray.workers}")
+    if spec.ray.pack_max < 1:
+        raise RaykdError(f"ray.pack_max must be at least 1, got {spec.ray.pack_max}")
     for where, value in (("teacher.train.lr", spec.teacher.train.lr),
                          ("student.train.lr", spec.student.train.lr),
                          ("heads.train.lr", spec.heads.train.lr)):

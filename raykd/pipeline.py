@@ -83,17 +83,22 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         run_cpus=spec.ray.workers * spec.ray.cpus_per_worker)
     started = time.perf_counter()
 
-    def shape(unit):
-        """Units with equal shapes may share a run (one per worker); None: never packed."""
-        if spec.ray.pack == "off" or (spec.ray.workers > 1 and unit_kind(unit.kind).data_parallel):
-            return None
-        return unit.kind, unit.optim.epochs, unit.cpus_per_worker
+    def packable(unit) -> bool:
+        """May this unit share a run with others (each in a lane, no gradient exchange)?
+        Not when packing is off, nor when it is to train data-parallel over several workers."""
+        return spec.ray.pack != "off" and not (
+            spec.ray.workers > 1 and unit_kind(unit.kind).data_parallel)
 
-    def group(key: str, others: list[str], room: int) -> list[str]:
-        mine = shape(units[key])
-        if mine is None:
-            return [key]
-        return [key] + [k for k in others if shape(units[k]) == mine][:max(0, room - 1)]
+    def group(key: str, others: list[str], room: int) -> tuple[list[str], int]:
+        """Every ready unit that can share a run with `key` (same CPUs per worker), on as many
+        lanes as there are free slots; a lane trains its units one after another."""
+        mine = units[key]
+        if not packable(mine):
+            return [key], 1
+        keys = [key] + [k for k in others if packable(units[k])
+                        and units[k].cpus_per_worker == mine.cpus_per_worker]
+        keys = keys[:spec.ray.pack_max]
+        return keys, max(1, min(room, len(keys)))
 
     def ready_unit(key: str):
         """Resolve the unit's teachers; its stored rows, its unit, or None (not yet)."""
@@ -111,19 +116,23 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         unit.teachers = handles
         return unit
 
-    def launch(keys: list[str]):
+    def launch(keys: list[str], lanes: int):
         first = ready_unit(keys[0])
         if first is None:
             return None
         if isinstance(first, list):
             return ray.put({keys[0]: first}), [keys[0]]
         pack = [first] + [u for u in map(ready_unit, keys[1:]) if isinstance(u, type(first))]
-        for unit in pack:
-            log.info("started %s (%s, %s, %d epochs%s)", unit.key, unit.role, unit.model,
-                     unit.optim.epochs, f", packed with {len(pack) - 1} more" if pack[1:] else "")
+        lanes = min(lanes, len(pack))
+        if pack[1:]:
+            log.info("started a run of %d units on %d worker%s: %s", len(pack), lanes,
+                     "s" if lanes > 1 else "", ", ".join(u.key for u in pack))
+        else:
+            log.info("started %s (%s, %s, %d epochs)", first.key, first.role, first.model,
+                     first.optim.epochs)
         return fit_units.remote(pack, str(run_dir / "ray"), spec.ray.workers, spec.ray.use_gpu,
                                 spec.ray.max_failures, splits.num_classes, splits.input_shape,
-                                spec.ray.resources_per_worker), [u.key for u in pack]
+                                spec.ray.resources_per_worker, lanes), [u.key for u in pack]
 
     def finished(key: str, rows: list[dict]) -> None:
         pool.release(units[key].teacher_candidates)

@@ -7,10 +7,11 @@ another run holds): the task is offered again after the next completion. A task 
 raises is failed, and so is everything that depends on it ("not run: X failed"); the others go on.
 
 Grouping: with `group(key, others, room)`, a launch may start several ready tasks at once (one
-Ray Train run whose workers each train one unit): `group` picks the keys to start together
-(`key` first, at most `room`, which counts tasks against `limit`), `launch` receives that list and
-returns a reference (or `(reference, keys it really started)`, or None), and the reference's value
-is {key: value}, where an exception instance fails just that key.
+Ray Train run whose workers train them): `group` picks the keys to start together (`key` first)
+and how many of the `room` free slots they take (`(keys, slots)`; a plain list takes a slot a
+key), `launch(keys, slots)` returns a reference (or `(reference, keys it really started)`, or
+None), and the reference's value is {key: value}, where an exception instance fails just that
+key. Slots, not keys, count against `limit`: a group of ten tasks on two workers takes two.
 Nothing here knows what a task is.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
         for dep in deps:
             dependents[dep] = dependents.get(dep, 0) + 1
     in_flight: dict[Any, list[str]] = {}
+    slots: dict[Any, int] = {}          # what each launch in flight counts against `limit`
     failed: dict[str, str] = {}
 
     def fail(key: str, reason: str) -> None:
@@ -47,7 +49,7 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
         on_failed(key, reason)
 
     def busy() -> int:
-        return sum(len(keys) for keys in in_flight.values())
+        return sum(slots.values())
 
     while pending or in_flight:
         for key in list(pending):
@@ -63,15 +65,17 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
             if key not in pending:      # started with an earlier key's group
                 continue
             if group is None:
-                keys, started = [key], launch(key)
+                keys, width, started = [key], 1, launch(key)
             else:
                 others = [k for k in ready if k != key and k in pending]
-                keys = group(key, others, limit - busy())
-                started = launch(keys)
+                picked = group(key, others, limit - busy())
+                keys, width = picked if isinstance(picked, tuple) else (picked, len(picked))
+                started = launch(keys, width)
             if started is None:
                 continue
             ref, keys = started if isinstance(started, tuple) else (started, keys)
             in_flight[ref] = list(keys)
+            slots[ref] = max(1, min(width, len(keys)))
             for k in keys:
                 pending.remove(k)
         if not in_flight:
@@ -81,6 +85,7 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
             break
         [ref], _ = ray.wait(list(in_flight), num_returns=1)
         keys = in_flight.pop(ref)
+        slots.pop(ref)
         try:
             value = ray.get(ref)
         except Exception as exc:   # the task failed (after any retries of its own)

@@ -99,8 +99,9 @@ class RaySpec:
     use_gpu: bool = False
     max_parallel: int | None = None   # runs in flight at once (None: as resources allow)
     max_failures: int = 1             # retries of a run, each resuming from its last checkpoint
-    pack: Pack = "auto"               # auto: ready units of the same shape share one Ray Train
-                                      # run, one unit per worker; off: one run per unit
+    pack: Pack = "auto"               # auto: ready units share one Ray Train run, spread over
+                                      # its workers as lanes; off: one run per unit
+    pack_max: int = 16                # most units in one run (its rows arrive when it ends)
     resources_per_worker: dict[str, float] = field(default_factory=dict)   # custom resources
                                       # each Train worker needs, e.g. {gpu_node: 1} (a node type)
 

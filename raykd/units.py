@@ -78,7 +78,8 @@ class Unit:
     init_from: str | None = None  # a model export to start from (student.checkpoint)
     reinit: bool = False          # train the stitched / init_from architecture from fresh weights
     evaluate_test: bool = True    # False while searching (sweep trials): test is never read
-    resume_dir: str | None = None      # a pack's checkpoint folder to resume from, run alone
+    resume_dir: str | None = None      # a checkpoint folder of an earlier run to resume from
+    state_dir: str = ""           # packed: the unit's own checkpoint folder ("" report to Ray Train)
     fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint
 
     @property

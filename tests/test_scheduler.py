@@ -78,7 +78,7 @@ def test_grouped_launches_start_ready_tasks_together_and_fail_one_by_one(ray_ses
     def group(key, others, room):
         return [key] + [k for k in others if k in "abc"][:room - 1]
 
-    def launch(keys):
+    def launch(keys, slots):
         groups.append(sorted(keys))
         return several.remote(keys, broken="b")
 
@@ -87,3 +87,24 @@ def test_grouped_launches_start_ready_tasks_together_and_fail_one_by_one(ray_ses
     assert groups[0] == ["a", "b"], "two ready tasks, room for two: one launch"
     assert failures == {"b": "b broke", "e": "not run: b failed"}
     assert sorted(done) == ["a", "c", "d"], "a's group-mate failing does not fail a"
+
+
+def test_a_group_counts_its_slots_not_its_keys_against_the_limit(ray_session):
+    """Five tasks packed on two slots leave no room under limit 2; a group on one slot leaves
+    room for one more launch beside it."""
+    tasks = {k: [] for k in "abcdefg"}
+    launches = []
+
+    def group(key, others, room):
+        keys = [key] + others[:4]
+        return keys, min(room, 2 if len(launches) == 0 else 1)
+
+    def launch(keys, slots):
+        launches.append((sorted(keys), slots))
+        return several.remote(keys)
+
+    failures = run_in_order(tasks, launch, limit=3, group=group)
+    assert failures == {}
+    assert launches[0] == (["a", "b", "c", "d", "e"], 2)
+    assert launches[1] == (["f", "g"], 1), "one slot was left beside the first group"
+    assert len(launches) == 2

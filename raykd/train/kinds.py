@@ -2,11 +2,18 @@
 Ray Train worker function for any unit."""
 from __future__ import annotations
 
+import gc
+import os
+
 from raykd.errors import RaykdError
+from raykd.log import log
 from raykd.train import heads as _heads  # noqa: F401  (registers heads)
 from raykd.train import model as _model  # noqa: F401  (registers model)
 from raykd.train import neighbourhood as _neighbourhood  # noqa: F401  (registers neighbourhood)
 from raykd.train.skeleton import UNIT_KINDS, UnitTrainer, run_epochs
+from raykd.units import Unit
+
+FAILED = "failed.txt"   # in a packed unit's state_dir: why its last attempt failed
 
 
 def unit_kind(name: str) -> type[UnitTrainer]:
@@ -16,13 +23,37 @@ def unit_kind(name: str) -> type[UnitTrainer]:
 
 
 def train_worker(config: dict) -> None:
-    """The Ray Train worker function (config: {"units": [Unit, ...]}): one unit, on this worker
-    alone or data-parallel over all of them; or a pack, where worker i trains unit i alone."""
+    """The Ray Train worker function. config {"units": [unit]}: one unit, on this worker alone or
+    data-parallel over all of them. config {"lanes": [[unit, ...], ...], "retries": N}: a pack,
+    where worker i trains the units of lane i one after another, each by itself."""
     import ray.train
 
-    units = config["units"]
-    if len(units) == 1:
-        run_epochs(unit_kind(units[0].kind), units[0])
+    if "lanes" not in config:
+        [unit] = config["units"]
+        run_epochs(unit_kind(unit.kind), unit)
         return
-    unit = units[ray.train.get_context().get_world_rank()]
-    run_epochs(unit_kind(unit.kind), unit, alone=True)
+    lane = config["lanes"][ray.train.get_context().get_world_rank()]
+    for unit in lane:
+        train_in_lane(unit, config["retries"])
+
+
+def train_in_lane(unit: Unit, retries: int) -> None:
+    """Train one unit of a lane, retrying it from its own last epoch `retries` times; a unit that
+    still fails leaves its reason in its folder and the lane goes on with the next unit, so one
+    bad unit never costs its lane-mates their run."""
+    failed = os.path.join(unit.state_dir, FAILED)
+    if os.path.exists(failed):
+        os.unlink(failed)          # an earlier attempt's failure; this one starts afresh
+    for attempt in range(retries + 1):
+        try:
+            run_epochs(unit_kind(unit.kind), unit, alone=True)
+            return
+        except Exception as exc:   # the unit's own failure (a lost worker restarts the pack)
+            reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[-1]
+            log.warning("[%s] failed (attempt %d of %d): %s", unit.key, attempt + 1,
+                        retries + 1, reason)
+        finally:
+            gc.collect()           # the next unit starts from a clean slate
+    os.makedirs(unit.state_dir, exist_ok=True)
+    with open(failed, "w") as f:
+        f.write(reason)

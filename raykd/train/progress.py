@@ -1,9 +1,12 @@
 """What every training loop does at an epoch's end, and at its start after a failure.
 
-Each epoch: append the metrics to the unit's history, checkpoint the trainable state with
-`ray.train.report` (every rank calls it: it is a barrier; rank 0 attaches the checkpoint), and
-raise an injected failure if a test asked for one. On start: resume from the run's latest
-checkpoint, which Ray Train hands back when a run of the same name is fitted again.
+Each epoch: append the metrics to the unit's history, checkpoint the trainable state, and raise
+an injected failure if a test asked for one. A unit that has its run to itself checkpoints with
+`ray.train.report` (every rank calls it: it is a barrier; rank 0 attaches the checkpoint), so
+Tune sees every epoch and Ray Train hands the checkpoint back when the run is fitted again. A unit
+in a lane of a pack (`unit.state_dir` set) writes its state file into its own folder instead:
+the lanes of a pack train different units at different speeds, and a report would make every
+lane wait for the slowest at each epoch.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import tempfile
 import ray.train
 import torch
 
-from raykd.files import torch_load
+from raykd.files import atomic_write, torch_load, torch_save
 from raykd.log import log
 
 
@@ -34,6 +37,14 @@ def report(key: str, metrics: dict, state: dict | None, rank: int) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def save_in_folder(folder: str, key: str, metrics: dict, state: dict) -> None:
+    """A packed unit's checkpoint: its state file, then its metrics (each renamed into place,
+    metrics last, so metrics never name an epoch whose state is missing)."""
+    torch_save(state, os.path.join(folder, state_file(key)))
+    atomic_write(os.path.join(folder, f"metrics-{key}.json"),
+                 lambda tmp: open(tmp, "w").write(json.dumps(metrics)))
+
+
 class Progress:
     def __init__(self, unit, module: torch.nn.Module, optimizer, scheduler, device, rank: int):
         self.unit, self.module, self.optimizer, self.scheduler = unit, module, optimizer, scheduler
@@ -42,7 +53,10 @@ class Progress:
 
     def restore(self) -> int:
         """Load the latest checkpoint, if any; return the epoch to start from."""
-        checkpoint = ray.train.get_checkpoint()
+        own = self.unit.state_dir and os.path.join(self.unit.state_dir, state_file(self.unit.key))
+        if own and os.path.isfile(own):    # a packed unit after a retry or a restart of its pack
+            return self._load(own)
+        checkpoint = None if self.unit.state_dir else ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 return self._load(os.path.join(d, state_file(self.unit.key)))
@@ -74,13 +88,21 @@ class Progress:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        report(self.unit.key, metrics, self.state(epoch, metrics), self.rank)
+        self.save(epoch, metrics)
         self.last = metrics
         if self.unit.fail_at_epoch is not None and epoch + 1 == self.unit.fail_at_epoch:
             raise RuntimeError(f"injected failure after epoch {epoch + 1} of {self.unit.key}")
 
+    def save(self, epoch: int, metrics: dict) -> None:
+        if self.unit.state_dir:
+            if self.rank == 0:
+                save_in_folder(self.unit.state_dir, self.unit.key, metrics,
+                               self.state(epoch, metrics))
+        else:
+            report(self.unit.key, metrics, self.state(epoch, metrics), self.rank)
+
     def finish(self, start_epoch: int, epochs: int) -> None:
         """A run that had already finished reports its final state again, so the fit's result
-        carries its metrics."""
-        if 0 < epochs <= start_epoch:
-            report(self.unit.key, self.last, self.state(epochs - 1, self.last), self.rank)
+        carries its metrics (a packed unit's folder holds them already)."""
+        if 0 < epochs <= start_epoch and not self.unit.state_dir:
+            self.save(epochs - 1, self.last)

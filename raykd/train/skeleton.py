@@ -18,7 +18,7 @@ from torch import nn
 
 from raykd.log import log, quiet_ray_logs, setup_logging
 from raykd.train.optim import make_optimizer, make_scheduler
-from raykd.train.progress import Progress, report
+from raykd.train.progress import Progress
 from raykd.units import Unit
 
 
@@ -95,8 +95,8 @@ def register_kind(cls: type[UnitTrainer]) -> type[UnitTrainer]:
 
 def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False) -> None:
     """Train `unit` with the trainer `kind` inside a Ray Train worker; `alone`: this worker is
-    one of a pack and trains its unit by itself (rank 0 of 1 for the unit; the run's other
-    workers train other units, and every report is still a barrier across all of them)."""
+    a lane of a pack and trains its unit by itself (rank 0 of 1 for the unit; the run's other
+    workers train other units, and nothing here waits for them)."""
     setup_logging()
     quiet_ray_logs()
     ctx = ray.train.get_context()
@@ -144,7 +144,7 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False) -> None
         progress.end_epoch(epoch, metrics)
     if epochs == 0:
         metrics = {"epoch": 0, "epochs": 0, "resumed_from": 0, **trainer.untrained_metrics()}
-        report(unit.key, metrics, progress.state(-1, metrics), rank)
+        progress.save(-1, metrics)
     progress.finish(start_epoch, epochs)
     if rank == 0:
         trainer.export()
