@@ -32,7 +32,7 @@ def main() -> None:
     from raykd.plan import plan_units
     from raykd.ray_env import init_ray
     from raykd.teacher import TeacherHandle
-    from raykd.train.runner import fit_unit
+    from raykd.train.runner import fit_units
 
     work = ROOT / "bench" / "runs" / "neighbourhood"
     shutil.rmtree(work, ignore_errors=True)
@@ -75,7 +75,7 @@ def main() -> None:
         started = time.perf_counter()
         refs, done = [], []
         for u in units:   # at most `parallel` runs in flight
-            refs.append(fit_unit.remote(u, str(s.run_dir / "ray"), 1, False, 0, 10, splits.input_shape))
+            refs.append(fit_units.remote([u], str(s.run_dir / "ray"), 1, False, 0, 10, splits.input_shape))
             if len(refs) >= parallel:
                 ready, refs = ray.wait(refs, num_returns=1)
                 done += ready

@@ -14,9 +14,31 @@ HEADER = ("# Benchmark results\n\nRatios are measured side by side in one run on
 def machine() -> str:
     import os
 
+    import ray
     import torch
-    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, ray {ray.__version__}, "
             f"measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def alternating(runs: dict, repeats: int) -> dict[str, list]:
+    """Run each of `runs` (name -> function returning a measurement) `repeats` times, in
+    alternating order (A B, B A, A B, ...), so drift on the machine hits both sides alike."""
+    names = list(runs)
+    out: dict[str, list] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            out[name].append(runs[name]())
+            print(f"  {name} #{len(out[name])}: {out[name][-1]}", flush=True)
+    return out
+
+
+def median_spread(values, unit: str = "s", digits: int = 1) -> str:
+    """`median (min-max)` of repeated measurements."""
+    import statistics
+
+    return (f"{statistics.median(values):.{digits}f} {unit} "
+            f"({min(values):.{digits}f}-{max(values):.{digits}f})")
 
 
 def write_section(name: str, body: str) -> None:

@@ -73,6 +73,54 @@ def test_a_worker_killed_mid_epoch_resumes_to_bit_identical_weights(ray_session,
         assert torch.equal(a[name], b[name]), name
 
 
+def kill_training_workers_when(done, killed: list) -> threading.Thread:
+    """A thread that SIGKILLs every live Ray Train worker once `done()` is true."""
+    from ray.util.state import list_actors
+
+    def run():
+        deadline = time.monotonic() + 300
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                          ("state", "=", "ALIVE")]):
+            os.kill(actor.pid, signal.SIGKILL)
+            killed.append(actor.pid)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_packed_lane_killed_mid_unit_resumes_each_unit_from_its_own_epoch(
+        ray_session, tmp_path, digits_teacher):
+    """Two units packed in one lane (one worker trains them one after the other); the worker is
+    SIGKILLed in the second unit's third epoch. The pack restarts: the finished first unit is not
+    trained again, the second resumes from its own last epoch to the same weights as an
+    unpacked, uninterrupted run."""
+    plain = run_job(job_from_dict(slow_job(tmp_path, digits_teacher, "alone",
+                                           methods={"ce2": {"method": "ce"}})))
+    spec = job_from_dict(slow_job(tmp_path, digits_teacher, "lane",
+                                  methods={"ce": {}, "ce2": {"method": "ce"}},
+                                  ray={"workers": 1, "max_failures": 1, "max_parallel": 1}))
+    metrics = spec.run_dir / "metrics"
+    killed: list = []
+    killer = kill_training_workers_when(lambda: epochs_done(metrics / "seed0-ce2.jsonl") >= 3,
+                                        killed)
+    rows = run_job(spec).set_index("unit")
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    assert (rows.packed == 2).all(), "both units shared one run"
+    first = [json.loads(line)["epoch"] for line in
+             (metrics / "seed0-ce.jsonl").read_text().splitlines()]
+    assert first == list(range(1, 7)), "the finished unit was not trained again"
+    second = rows.loc["seed0-ce2"]
+    assert second.resumed_from >= 2 and second.epochs == 6
+    a = torch_load(plain.export.iloc[0])["state_dict"]
+    b = torch_load(second.export)["state_dict"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):

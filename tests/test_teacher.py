@@ -1,5 +1,6 @@
 """The teacher service: shard actors chained, replicas, faults, timeouts; and the feature cache."""
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -11,7 +12,7 @@ from raykd.models import build_model
 from raykd.models.export import save_export
 from raykd.specs import DataSpec
 from raykd.teacher import LocalTeacher
-from raykd.teacher.cache import FeatureCache, cache_key, cached_teacher
+from raykd.teacher.cache import EntryWriter, FeatureCache, cache_key, cached_teacher
 from raykd.teacher.service import TeacherClient, TeacherService, shard_name
 from raykd.teacher.shard import partition_blocks
 
@@ -270,7 +271,7 @@ def test_a_writer_killed_mid_write_leaves_no_entry(tmp_path):
     writer = mp.get_context("spawn").Process(target=_store_forever, args=(str(tmp_path),))
     writer.start()
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".tmp-j-*/part-*")) and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".tmp-j-*/tap-*")) and time.monotonic() < deadline:
         time.sleep(0.01)
     os.kill(writer.pid, signal.SIGKILL)   # mid-write: some parts on disk, no manifest
     writer.join()
@@ -282,11 +283,31 @@ def test_a_writer_killed_mid_write_leaves_no_entry(tmp_path):
     assert torch.equal(cache.load("j")["feat"], fresh["feat"])
 
 
-def test_large_entries_span_several_files(tmp_path):
+def test_entries_are_memory_mapped_not_read_into_memory(tmp_path):
+    """A 200 MB entry loads without 200 MB of this process's memory: reading a batch's rows
+    touches only their pages; the rows come back exact."""
+    import resource
+
+    def rss_mb() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     cache = FeatureCache(tmp_path)
-    big = {"feat": torch.randn(20000, 3, 2, 2)}   # spans several Parquet files
-    cache.store("big", big)
-    assert torch.equal(cache.load("big")["feat"], big["feat"])
+    rows = 50_000
+    writer = EntryWriter(cache, "big", rows)
+    for lo in range(0, rows, 5_000):     # streamed in, never whole in memory
+        writer.write(lo, {"feat": torch.arange(lo, lo + 5_000, dtype=torch.float32)
+                          .repeat_interleave(1024).view(5_000, 1024)})
+    assert writer.commit()
+    before = rss_mb()
+    feat = cache.load("big")["feat"]
+    index = torch.tensor([3, 49_999, 20_000])
+    batch = feat[index]
+    assert feat.shape == (rows, 1024)
+    assert torch.equal(batch[:, 0], index.float()) and torch.equal(batch[:, -1], index.float())
+    assert rss_mb() - before < 50, "loading a 200 MB entry read it into memory"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
@@ -298,10 +319,10 @@ def test_a_damaged_cache_entry_is_discarded_and_recomputed_with_a_warning(tmp_pa
     teacher = CountingTeacher(path)
     cache_dir = tmp_path / "cache"
     good = cached_teacher(teacher, cache_dir, str(path), spec, "train", train, ["logits"], 128,
-                          log=lambda m: None).stored["logits"]
+                          log=lambda m: None).stored["logits"].clone()   # not the mapped file
     key = cache_key(str(path), spec, "train", ["logits"])
     entry = cache_dir / key
-    part = entry / "part-00000.parquet"
+    part = entry / "tap-0.npy"
     data = part.read_bytes()
     if damage == "truncate":
         part.write_bytes(data[: len(data) // 2])
@@ -328,7 +349,7 @@ def test_stale_private_folders_of_killed_writers_are_removed(tmp_path):
     old, young = tmp_path / ".tmp-old-1", tmp_path / ".tmp-young-2"
     for folder in (old, young):
         folder.mkdir()
-        (folder / "part-00000.parquet").write_bytes(b"half")
+        (folder / "tap-0.npy").write_bytes(b"half")
     hour_ago = time.time() - 3700
     os.utime(old, (hour_ago, hour_ago))
     assert cache.remove_stale() == 1

@@ -1,12 +1,15 @@
-"""Teacher-output cache: computed once for deterministic inputs, stored as Parquet, reused.
+"""Teacher-output cache: computed once for deterministic inputs, stored as arrays, memory-mapped.
 
 An entry holds the requested taps for every sample of one split, in the split's order, keyed by
-the teacher export's hash, the dataset and its split parameters, the split name and the taps. A
-changed key (new teacher weights, another split) is another entry, so stale data is never served.
-Writers build an entry in a private folder and rename it into place: concurrent writers cannot
-corrupt one, and the first to finish wins. The manifest records each file's hash: an entry
-damaged afterwards (truncated, altered) is detected on load, discarded with a warning and
-computed again. Private folders left by a killed writer are removed once they are an hour old.
+the teacher export's hash, the dataset and its split parameters, the split name and the taps. Each
+tap is one `.npy` array (samples first) that readers memory-map: the workers of a node share its
+pages through the OS page cache, a batch reads only its own rows, and an entry larger than memory
+still works. A changed key (new teacher weights, another split) is another entry, so stale data is
+never served. Writers fill an entry in a private folder, streaming batch by batch, and rename it
+into place: concurrent writers cannot corrupt one, and the first to finish wins. The manifest
+records each file's size and hash: an entry damaged afterwards (truncated, altered) is detected on
+load (hashed once per process and file), discarded with a warning and computed again. Private
+folders left by a killed writer are removed once they are an hour old.
 """
 from __future__ import annotations
 
@@ -19,8 +22,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 
@@ -28,9 +29,9 @@ from raykd.files import file_hash
 from raykd.log import log
 from raykd.teacher.local import Done
 
-ROWS_PER_FILE = 8192
 MANIFEST = "manifest.json"
 STALE_S = 3600.0     # a writer's private folder older than this was left by a killed writer
+_verified: set[tuple[str, int, int]] = set()   # (file, size, mtime) hashed by this process
 
 
 def cache_key(teacher_export: str, data_spec, split: str, taps: list[str]) -> str:
@@ -42,6 +43,51 @@ def cache_key(teacher_export: str, data_spec, split: str, taps: list[str]) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+class EntryWriter:
+    """Fills one entry batch by batch in a private folder; `commit` renames it into place."""
+
+    def __init__(self, cache: "FeatureCache", key: str, rows: int):
+        self.cache, self.key, self.rows = cache, key, rows
+        cache.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = cache.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        self.arrays: dict[str, np.ndarray] = {}
+        self.files: dict[str, str] = {}
+
+    def write(self, lo: int, tensors: dict[str, torch.Tensor]) -> None:
+        for tap, t in tensors.items():
+            if tap not in self.arrays:   # the first batch tells each tap's per-sample shape
+                name = f"tap-{len(self.files)}.npy"
+                self.files[tap] = name
+                self.arrays[tap] = np.lib.format.open_memmap(
+                    self.tmp / name, mode="w+", dtype=np.float32, shape=(self.rows, *t.shape[1:]))
+            self.arrays[tap][lo:lo + len(t)] = t.detach().float().cpu().numpy()
+
+    def commit(self) -> bool:
+        """Put the entry in place; False if another writer stored it first."""
+        try:
+            for array in self.arrays.values():
+                array.flush()
+            self.arrays.clear()
+            meta = {"rows": self.rows,
+                    "taps": {tap: name for tap, name in self.files.items()},
+                    "sizes": {name: (self.tmp / name).stat().st_size for name in self.files.values()},
+                    "hashes": {name: file_hash(self.tmp / name) for name in self.files.values()}}
+            (self.tmp / MANIFEST).write_text(json.dumps(meta))
+            try:
+                os.rename(self.tmp, self.cache.path(self.key))
+            except OSError:   # someone else renamed theirs in first
+                return False
+            return True
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        self.arrays.clear()
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 class FeatureCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -50,7 +96,8 @@ class FeatureCache:
         return self.root / key
 
     def load(self, key: str) -> dict[str, torch.Tensor] | None:
-        """The entry's tensors; None if absent, or if damaged (then it is discarded)."""
+        """The entry's tensors, memory-mapped (copy-on-write: a write stays private to the
+        process); None if absent, or if damaged (then it is discarded)."""
         entry = self.path(key)
         if not entry.exists():
             return None
@@ -87,50 +134,35 @@ class FeatureCache:
     @staticmethod
     def _read(entry: Path) -> dict[str, torch.Tensor]:
         meta = json.loads((entry / MANIFEST).read_text())
-        for name, digest in meta.get("hashes", {}).items():
-            if file_hash(entry / name) != digest:
-                raise ValueError(f"{name} does not match its recorded hash")
-        table = pa.concat_tables([pq.read_table(entry / name) for name in meta["files"]])
-        if len(table) != meta["rows"]:
-            raise ValueError(f"{len(table)} rows, the manifest says {meta['rows']}")
+        for name, digest in meta["hashes"].items():
+            stat = (entry / name).stat()
+            if stat.st_size != meta["sizes"][name]:
+                raise ValueError(f"{name} is {stat.st_size} bytes, the manifest says "
+                                 f"{meta['sizes'][name]}")
+            seen = (str((entry / name).resolve()), stat.st_size, stat.st_mtime_ns)
+            if seen not in _verified:    # a same-size alteration: only the hash can tell
+                if file_hash(entry / name) != digest:
+                    raise ValueError(f"{name} does not match its recorded hash")
+                _verified.add(seen)
         out = {}
-        for tap, shape in meta["taps"].items():
-            col = table.column(tap).combine_chunks()
-            values = col.values.to_numpy(zero_copy_only=False)
-            out[tap] = torch.from_numpy(values.reshape(len(table), *shape).copy())
+        for tap, name in meta["taps"].items():
+            array = np.load(entry / name, mmap_mode="c")
+            if len(array) != meta["rows"]:
+                raise ValueError(f"{name} has {len(array)} rows, the manifest says {meta['rows']}")
+            out[tap] = torch.from_numpy(array)
         return out
 
     def store(self, key: str, tensors: dict[str, torch.Tensor]) -> bool:
-        """Write an entry; return False if another writer stored it first."""
+        """Write an entry from whole tensors; return False if another writer stored it first."""
         if self.path(key).exists():
             return False
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        writer = EntryWriter(self, key, len(next(iter(tensors.values()))))
         try:
-            n = len(next(iter(tensors.values())))
-            files = []
-            for i, lo in enumerate(range(0, n, ROWS_PER_FILE)):
-                cols = {}
-                for tap, t in tensors.items():
-                    flat = t[lo:lo + ROWS_PER_FILE].reshape(min(ROWS_PER_FILE, n - lo), -1)
-                    arr = np.ascontiguousarray(flat.numpy(), dtype=np.float32)
-                    cols[tap] = pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
-                name = f"part-{i:05d}.parquet"
-                pq.write_table(pa.table(cols), tmp / name)
-                files.append(name)
-            meta = {"rows": n, "files": files,
-                    "hashes": {name: file_hash(tmp / name) for name in files},
-                    "taps": {tap: list(t.shape[1:]) for tap, t in tensors.items()}}
-            (tmp / MANIFEST).write_text(json.dumps(meta))
-            try:
-                os.rename(tmp, self.path(key))
-            except OSError:   # someone else renamed theirs in first
-                return False
-            return True
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            writer.write(0, tensors)
+        except BaseException:
+            writer.abandon()
+            raise
+        return writer.commit()
 
 
 class CachedTeacher:
@@ -163,12 +195,18 @@ def cached_teacher(teacher, cache_dir: str, export_path: str, data_spec, split: 
     stored = cache.load(key)
     if stored is None:
         log(f"teacher cache miss ({split}, {', '.join(taps)}): computing {key}")
-        chunks: dict[str, list[torch.Tensor]] = {t: [] for t in taps}
-        for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            for t, v in teacher.features(x, taps).items():
-                chunks[t].append(v.detach().float().cpu())
-        stored = {t: torch.cat(v) for t, v in chunks.items()}
-        cache.store(key, stored)
+        writer, lo = EntryWriter(cache, key, len(dataset)), 0
+        try:
+            for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                writer.write(lo, teacher.features(x, taps))
+                lo += len(x)
+        except BaseException:
+            writer.abandon()
+            raise
+        writer.commit()
+        stored = cache.load(key)
+        if stored is None:
+            raise RuntimeError(f"teacher cache entry {key} could not be read back after writing")
     else:
         log(f"teacher cache hit ({split}, {', '.join(taps)}): {key}")
     return CachedTeacher(teacher, stored, getattr(teacher, "device", "cpu"))

@@ -1,0 +1,92 @@
+"""The whole job, side by side: `raykd run jobs/whole_job.yaml` (a teacher, a CE student and a KD
+student per seed, 3 seeds, on a local Ray instance the command starts) against
+`bench/plain_kd.py`, a plain sequential PyTorch script training the same models on the same data
+with the same settings in one process. Both are timed as a user runs them: a fresh process, from
+command to exit. Repetitions alternate the order; the table gives median (min-max).
+
+    make bench        # or: .venv/bin/python bench/whole_job.py [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_md import alternating, fresh_workdir, machine, median_spread, write_readme_block, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    import pandas as pd
+
+    work = fresh_workdir("whole_job")
+    accuracy: dict[str, list[dict]] = {"raykd": [], "plain": []}
+
+    def raykd_run() -> float:
+        out = work / f"raykd-{len(accuracy['raykd'])}"     # a fresh folder: nothing reused
+        started = time.perf_counter()
+        subprocess.run([str(BIN / "raykd"), "run", str(ROOT / "jobs" / "whole_job.yaml"),
+                        f"output_dir={out}"], check=True, capture_output=True)
+        wall = time.perf_counter() - started
+        rows = pd.read_parquet(out / "whole_job" / "results.parquet")
+        rows["label"] = rows.role.where(rows.role == "teacher", rows.method)
+        accuracy["raykd"].append(rows.groupby("label").test_top1.mean().to_dict())
+        return round(wall, 1)
+
+    def plain_run() -> float:
+        started = time.perf_counter()
+        done = subprocess.run([str(BIN / "python"), str(ROOT / "bench" / "plain_kd.py")],
+                              check=True, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        acc = json.loads(done.stdout.strip().splitlines()[-1])["test_top1"]
+        accuracy["plain"].append({k: statistics.mean(v) for k, v in acc.items()})
+        return round(wall, 1)
+
+    walls = alternating({"raykd run": raykd_run, "plain script": plain_run}, args.repeats)
+    ratio = statistics.median(walls["plain script"]) / statistics.median(walls["raykd run"])
+
+    def acc(side: str, label: str) -> str:
+        values = [a[label] for a in accuracy[side]]
+        return f"{statistics.mean(values):.4f}"
+
+    body = f"""## The whole job: `raykd run` against a plain sequential PyTorch script
+
+`.venv/bin/python bench/whole_job.py --repeats {args.repeats}`; {machine()}.
+[`jobs/whole_job.yaml`](../jobs/whole_job.yaml): per seed a cnn_wide teacher (CE), a cnn_small
+student by CE and one by KD (T=4, α=0.9) from that teacher; mnist5k, 1,000 training images,
+batch 64, 8 epochs each, SGD lr 0.05; seeds 0, 1, 2 (9 trainings). The plain script
+(`bench/plain_kd.py`) trains the same 9 models one after another in one process, running the
+teacher at every KD step. Each side timed from command to exit, {args.repeats} repetitions in
+alternating order.
+
+| | `raykd run` | plain script |
+| --- | --- | --- |
+| wall time, median (min-max) | {median_spread(walls['raykd run'])} | {median_spread(walls['plain script'])} |
+| teacher test_top1 (mean over seeds and repetitions) | {acc('raykd', 'teacher')} | {acc('plain', 'teacher')} |
+| CE student test_top1 | {acc('raykd', 'ce')} | {acc('plain', 'ce')} |
+| KD student test_top1 | {acc('raykd', 'kd')} | {acc('plain', 'kd')} |
+
+Plain / raykd wall time: **{ratio:.2f}x** (above 1: raykd is faster). raykd trains the three
+seeds' teachers as one packed Ray Train run (two workers, one lane each) and the six students as
+another, and its KD students read the teacher's logits from the cache instead of running it.
+"""
+    write_section("whole_job", body)
+    write_readme_block("whole-job", f"""Measured by `.venv/bin/python bench/whole_job.py` ({args.repeats} repetitions, alternating,
+median): `raykd run jobs/whole_job.yaml` (teacher + CE + KD, 3 seeds) took
+{statistics.median(walls['raykd run']):.0f} s against {statistics.median(walls['plain script']):.0f} s for the plain sequential script training the same 9 models,
+**{ratio:.2f}x** (KD test accuracy {acc('raykd', 'kd')} against {acc('plain', 'kd')}).""")
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
