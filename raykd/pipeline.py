@@ -45,7 +45,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
     `fail_at` (unit key -> epoch) injects a failure after that epoch's checkpoint, for tests.
     """
     from raykd.train.kinds import unit_kind
-    from raykd.train.runner import fit_units
+    from raykd.train.runner import OpenPack, fit_units
 
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,19 +89,25 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         return spec.ray.pack != "off" and not (
             spec.ray.workers > 1 and unit_kind(unit.kind).data_parallel)
 
+    def joins(unit, cpus: float) -> bool:
+        return packable(unit) and unit.cpus_per_worker == cpus
+
     def group(key: str, others: list[str], room: int) -> tuple[list[str], int]:
         """Every ready unit that can share a run with `key` (same CPUs per worker), on as many
         lanes as there are free slots; a lane trains its units one after another."""
         mine = units[key]
         if not packable(mine):
             return [key], 1
-        keys = [key] + [k for k in others if packable(units[k])
-                        and units[k].cpus_per_worker == mine.cpus_per_worker]
+        keys = [key] + [k for k in others if joins(units[k], mine.cpus_per_worker)]
         keys = keys[:spec.ray.pack_max]
         return keys, max(1, min(room, len(keys)))
 
+    prepared: dict = {}
+
     def ready_unit(key: str):
-        """Resolve the unit's teachers; its stored rows, its unit, or None (not yet)."""
+        """Resolve the unit's teachers (once); its stored rows, its unit, or None (not yet)."""
+        if key in prepared:
+            return prepared[key]
         unit = units[key]
         if unit.method_name:
             method_class(unit.method_name).prepare(unit, table.rows)
@@ -109,12 +115,25 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         stored = unit_kind(unit.kind).stored(unit)
         if stored:
             log.info("took %s from %s (trained before)", key, stored[0]["reused_from"])
+            prepared[key] = stored
             return stored
         handles = pool.handles_for(unit.teacher_exports)
         if handles is None:
             return None   # its teacher service must wait for CPUs
         unit.teachers = handles
+        prepared[key] = unit
         return unit
+
+    def announce(pack: list, lanes: int, joined: bool = False) -> None:
+        if joined:
+            log.info("queued %s in the running pack", ", ".join(u.key for u in pack))
+        elif pack[1:]:
+            log.info("started a run of %d units on %d worker%s (more join as they become "
+                     "ready): %s", len(pack), lanes, "s" if lanes > 1 else "",
+                     ", ".join(u.key for u in pack))
+        else:
+            log.info("started %s (%s, %s, %d epochs)", pack[0].key, pack[0].role, pack[0].model,
+                     pack[0].optim.epochs)
 
     def launch(keys: list[str], lanes: int):
         first = ready_unit(keys[0])
@@ -122,17 +141,38 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
             return None
         if isinstance(first, list):
             return ray.put({keys[0]: first}), [keys[0]]
-        pack = [first] + [u for u in map(ready_unit, keys[1:]) if isinstance(u, type(first))]
-        lanes = min(lanes, len(pack))
-        if pack[1:]:
-            log.info("started a run of %d units on %d worker%s: %s", len(pack), lanes,
-                     "s" if lanes > 1 else "", ", ".join(u.key for u in pack))
-        else:
-            log.info("started %s (%s, %s, %d epochs)", first.key, first.role, first.model,
-                     first.optim.epochs)
-        return fit_units.remote(pack, str(run_dir / "ray"), spec.ray.workers, spec.ray.use_gpu,
-                                spec.ray.max_failures, splits.num_classes, splits.input_shape,
-                                spec.ray.resources_per_worker, lanes), [u.key for u in pack]
+        if not packable(first):
+            announce([first], 1)
+            return fit_units.remote([first], str(run_dir / "ray"), spec.ray.workers,
+                                    spec.ray.use_gpu, spec.ray.max_failures, splits.num_classes,
+                                    splits.input_shape, spec.ray.resources_per_worker), [keys[0]]
+        pack = OpenPack([first], str(run_dir / "ray"), lanes, spec.ray.use_gpu,
+                        spec.ray.max_failures, splits.num_classes, splits.input_shape,
+                        spec.ray.resources_per_worker, accept=join)
+        join(pack, keys[1:], announced=False)
+        announce(list(pack.units.values()), lanes)
+        return pack
+
+    def join(pack, offered: list[str], announced: bool = True) -> list[str]:
+        """Queue the ready units that fit this running pack; return their keys. Units found in
+        the library or store are settled through the pack at once."""
+        room = spec.ray.pack_max - len(pack.units) - len(pack.resolved)
+        taken, fresh = [], []
+        for key in offered:
+            if len(taken) >= room or not joins(units[key], pack.cpus_per_worker):
+                continue
+            unit = ready_unit(key)
+            if isinstance(unit, list):
+                pack.resolved[key] = unit
+                taken.append(key)
+            elif unit is not None:
+                fresh.append(unit)
+                taken.append(key)
+        if fresh and not pack.add(fresh):
+            return [k for k in taken if k in pack.resolved]   # it closed meanwhile
+        if fresh and announced:
+            announce(fresh, 0, joined=True)
+        return taken
 
     def finished(key: str, rows: list[dict]) -> None:
         pool.release(units[key].teacher_candidates)

@@ -12,6 +12,13 @@ and how many of the `room` free slots they take (`(keys, slots)`; a plain list t
 key), `launch(keys, slots)` returns a reference (or `(reference, keys it really started)`, or
 None), and the reference's value is {key: value}, where an exception instance fails just that
 key. Slots, not keys, count against `limit`: a group of ten tasks on two workers takes two.
+
+Open groups: `launch` may instead return an object with `ref`, `keys`, `offer(keys) -> keys it
+took` and `poll() -> {key: value}` for keys finished so far, and `close()`. Ready tasks are
+offered to open groups first (a run whose workers take more work as it becomes ready), finished
+keys are polled while the group runs, so their dependants can join it, and a group is closed once
+nothing is left to start, or when a ready task it will not take finds no free slot (so it drains
+and gives its slots back).
 Nothing here knows what a task is.
 """
 from __future__ import annotations
@@ -30,8 +37,8 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
                  on_done: Callable[[str, Any], None] = lambda key, value: None,
                  on_failed: Callable[[str, str], None] = lambda key, reason: None,
                  limit: int = 1, done: Iterable[str] = (),
-                 group: Callable[[str, list[str], int], list[str]] | None = None
-                 ) -> dict[str, str]:
+                 group: Callable[[str, list[str], int], list[str]] | None = None,
+                 poll_s: float = 0.5) -> dict[str, str]:
     """Run `tasks` (key -> dependency keys) to completion; return {key: reason} for the failed
     and the not-run. Keys in `done` count as finished already."""
     done = set(done)
@@ -42,6 +49,8 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
             dependents[dep] = dependents.get(dep, 0) + 1
     in_flight: dict[Any, list[str]] = {}
     slots: dict[Any, int] = {}          # what each launch in flight counts against `limit`
+    groups: dict[Any, Any] = {}         # groups in flight that report keys as they finish
+    open_refs: set = set()              # those still taking more keys
     failed: dict[str, str] = {}
 
     def fail(key: str, reason: str) -> None:
@@ -51,6 +60,13 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
     def busy() -> int:
         return sum(slots.values())
 
+    def settle(key: str, value: Any) -> None:
+        if isinstance(value, BaseException):
+            fail(key, one_line(value))
+        else:
+            done.add(key)
+            on_done(key, value)
+
     while pending or in_flight:
         for key in list(pending):
             bad = [d for d in tasks[key] if d in failed]
@@ -59,6 +75,12 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
                 fail(key, f"not run: {bad[0]} failed")
         ready = sorted((k for k in pending if all(d in done for d in tasks[k])),
                        key=lambda k: -dependents.get(k, 0))
+        for ref in open_refs:
+            open_group = groups[ref]
+            offered = [k for k in ready if k in pending]
+            for k in open_group.offer(offered) if offered else []:
+                pending.remove(k)
+                in_flight[ref].append(k)
         for key in ready:
             if busy() >= limit:
                 break
@@ -73,19 +95,39 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
                 started = launch(keys, width)
             if started is None:
                 continue
-            ref, keys = started if isinstance(started, tuple) else (started, keys)
+            if hasattr(started, "offer"):
+                ref, keys = started.ref, started.keys
+                groups[ref] = started
+                open_refs.add(ref)
+            else:
+                ref, keys = started if isinstance(started, tuple) else (started, keys)
             in_flight[ref] = list(keys)
             slots[ref] = max(1, min(width, len(keys)))
             for k in keys:
                 pending.remove(k)
+        stuck = any(k in pending and all(d in done for d in tasks[k]) for k in ready)
+        if open_refs and (not pending or (stuck and busy() >= limit)):
+            for ref in open_refs:
+                groups[ref].close()
+            open_refs.clear()
         if not in_flight:
             for key in list(pending):   # nothing runs and nothing can start: never drop silently
                 pending.remove(key)
                 fail(key, "not run: it could not be launched (dependencies or resources)")
             break
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        finished, _ = ray.wait(list(in_flight), num_returns=1,
+                               timeout=poll_s if groups else None)
+        for ref, open_group in list(groups.items()):
+            for key, value in open_group.poll().items():
+                in_flight[ref].remove(key)
+                settle(key, value)
+        if not finished:
+            continue
+        [ref] = finished
         keys = in_flight.pop(ref)
         slots.pop(ref)
+        groups.pop(ref, None)
+        open_refs.discard(ref)
         try:
             value = ray.get(ref)
         except Exception as exc:   # the task failed (after any retries of its own)
@@ -94,9 +136,5 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
             continue
         values = value if group is not None else {keys[0]: value}
         for key in keys:
-            if isinstance(values[key], BaseException):
-                fail(key, one_line(values[key]))
-            else:
-                done.add(key)
-                on_done(key, values[key])
+            settle(key, values[key])
     return failed

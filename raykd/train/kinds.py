@@ -10,6 +10,7 @@ from raykd.log import log
 from raykd.train import heads as _heads  # noqa: F401  (registers heads)
 from raykd.train import model as _model  # noqa: F401  (registers model)
 from raykd.train import neighbourhood as _neighbourhood  # noqa: F401  (registers neighbourhood)
+from raykd.train.lanes import work_lane
 from raykd.train.skeleton import UNIT_KINDS, UnitTrainer, run_epochs
 from raykd.units import Unit
 
@@ -24,17 +25,17 @@ def unit_kind(name: str) -> type[UnitTrainer]:
 
 def train_worker(config: dict) -> None:
     """The Ray Train worker function. config {"units": [unit]}: one unit, on this worker alone or
-    data-parallel over all of them. config {"lanes": [[unit, ...], ...], "retries": N}: a pack,
-    where worker i trains the units of lane i one after another, each by itself."""
+    data-parallel over all of them. config {"queue": UnitQueue, "retries": N}: a pack, where each
+    worker is a lane that takes the next unit off the queue whenever it is free and trains it by
+    itself (raykd.train.lanes)."""
     import ray.train
 
-    if "lanes" not in config:
+    if "queue" not in config:
         [unit] = config["units"]
         run_epochs(unit_kind(unit.kind), unit)
         return
-    lane = config["lanes"][ray.train.get_context().get_world_rank()]
-    for unit in lane:
-        train_in_lane(unit, config["retries"])
+    work_lane(config["queue"], ray.train.get_context().get_world_rank(),
+              lambda unit: train_in_lane(unit, config["retries"]))
 
 
 def train_in_lane(unit: Unit, retries: int) -> None:

@@ -1,16 +1,18 @@
 """Launch units as Ray Train runs (a `TorchTrainer` each), from a lightweight Ray task.
 
 A run trains one unit (on one worker, or data-parallel on several), or a *pack*: several units
-that need no gradient exchange, spread over the run's workers as *lanes*, each worker training the
-units of its lane one after another. A pack pays one run's fixed start-up (controller, placement
-group, worker processes importing torch) for all its units. Every packed unit checkpoints into its
-own folder each epoch, so a lost worker restarts the pack and each unit resumes from its own last
-epoch (finished ones are not trained again); a unit that raises is retried in its lane and, if it
-still fails, only it fails. Each run is named after its units under the job's storage folder, so
-re-running the job resumes it. Several runs go concurrently: the launching task takes no CPU.
+that need no gradient exchange, trained by the run's workers as *lanes*: each worker takes the
+next unit off the pack's queue (raykd.train.lanes) whenever it is free. A pack pays one run's
+fixed start-up (controller, placement group, worker processes importing torch) for all its
+units. Every packed unit checkpoints into its own folder each epoch, so a lost worker restarts
+the pack and each unit resumes from its own last epoch (finished ones are not trained again); a
+unit that raises is retried in its lane and, if it still fails, only it fails. Each run is named
+after its units under the job's storage folder, so re-running the job resumes it. Several runs
+go concurrently: the launching task takes no CPU.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from raykd.log import quiet_ray_logs
 from raykd.train.kinds import FAILED, train_worker, unit_kind
+from raykd.train.lanes import UnitQueue
 from raykd.train.progress import state_file
 from raykd.units import Unit
 
@@ -56,24 +59,17 @@ def latest_state(storage: str, key: str) -> str | None:
 
 
 def run_name(units: list[Unit]) -> str:
-    return units[0].key if len(units) == 1 else "+".join(u.key for u in units)
+    """The unit's key; a pack's first key, its size and a digest of all its keys (a folder name
+    must stay short, and packed units resume from their own folders, not the run's)."""
+    if len(units) == 1:
+        return units[0].key
+    digest = hashlib.sha256("+".join(u.key for u in units).encode()).hexdigest()[:8]
+    return f"{units[0].key}+{len(units) - 1}-{digest}"
 
 
 def unit_folder(storage: str, key: str) -> str:
     """A packed unit's own checkpoint folder."""
     return str(Path(storage) / "units" / key)
-
-
-def split_into_lanes(units: list[Unit], lanes: int) -> list[list[Unit]]:
-    """Longest first, each to the lane with the least work so far (work: epochs, at least 1),
-    so the lanes of a pack end at about the same time."""
-    out: list[list[Unit]] = [[] for _ in range(max(1, min(lanes, len(units))))]
-    load = [0] * len(out)
-    for unit in sorted(units, key=lambda u: -max(1, u.optim.epochs)):
-        i = load.index(min(load))
-        out[i].append(unit)
-        load[i] += max(1, unit.optim.epochs)
-    return out
 
 
 @ray.remote(num_cpus=0)
@@ -83,69 +79,163 @@ def fit_units(units: list[Unit], storage: str, workers: int, use_gpu: bool, max_
               lanes: int | None = None) -> dict[str, list[dict] | Exception]:
     """Train these units to completion (resuming if they ran before), one run; return each
     unit's results rows, or the exception that failed it. Several units are a pack over `lanes`
-    workers (default: one unit per worker)."""
+    workers (default: one unit per worker), its queue closed from the start."""
     quiet_ray_logs()
-    for u in units:
-        u.resume_dir = u.resume_dir or latest_state(storage, u.key)
-    started, started_at = time.perf_counter(), time.time()
-    packed = len(units) > 1
-    if packed:
-        split = split_into_lanes(units, lanes or len(units))
-        for u in units:
-            u.state_dir = unit_folder(storage, u.key)
-        workers, config = len(split), {"lanes": split, "retries": max_failures}
-    else:
-        workers = workers if unit_kind(units[0].kind).data_parallel else 1
-        config = {"units": units}
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=config,
-        scaling_config=scaling_config(workers, units[0].cpus_per_worker,
-                                      1.0 if use_gpu else 0.0, resources),
-        run_config=RunConfig(
-            name=run_name(units), storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=max_failures)))
+    if len(units) > 1:
+        queue = UnitQueue.remote()
+        ray.get(queue.add.remote(queued(units, storage)))
+        ray.get(queue.close.remote())
+        return run_pack(queue, storage, max(1, min(lanes or len(units), len(units))),
+                        units[0].cpus_per_worker, use_gpu, max_failures, num_classes,
+                        input_shape, resources, run_name(units))
+    [unit] = units
+    unit.resume_dir = unit.resume_dir or latest_state(storage, unit.key)
+    workers = workers if unit_kind(unit.kind).data_parallel else 1
+    started_at = time.time()
     try:
-        result = trainer.fit()
+        result = trainer_for({"units": units}, workers, unit.cpus_per_worker, use_gpu,
+                             max_failures, resources, storage, unit.key).fit()
         error = result.error
     except TrainingFailedError as e:   # Train V2 raises once max_failures are spent
         result, error = None, e
-    if not packed:
-        if error is not None:
-            return {units[0].key: error}
-        last = result.checkpoint.path if result.checkpoint is not None else None
-        return {units[0].key: unit_rows(units[0], read_metrics(last, units[0].key), started,
-                                        started_at, workers, 1, num_classes, input_shape)}
-    out: dict[str, list[dict] | Exception] = {}
+    if error is not None:
+        return {unit.key: error}
+    last = result.checkpoint.path if result.checkpoint is not None else None
+    return {unit.key: unit_rows(unit, read_metrics(last, unit.key), started_at, workers, 1,
+                                num_classes, input_shape)}
+
+
+def trainer_for(config: dict, workers: int, cpus_per_worker: float, use_gpu: bool,
+                max_failures: int, resources, storage: str, name: str) -> TorchTrainer:
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=scaling_config(workers, cpus_per_worker, 1.0 if use_gpu else 0.0,
+                                      resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=max_failures)))
+
+
+def queued(units: list[Unit], storage: str) -> list[Unit]:
+    """Ready units for a pack's queue: each checkpoints into its own folder, resumes from its
+    newest state, and counts its wall time from now."""
+    now = time.time()
     for u in units:
-        metrics = read_metrics(u.state_dir, u.key)
-        if metrics.get("epoch") == u.optim.epochs and Path(u.export_path).exists():
-            out[u.key] = unit_rows(u, metrics, started, started_at, 1, len(units), num_classes,
-                                   input_shape)
-        elif (Path(u.state_dir) / FAILED).is_file():
-            out[u.key] = RuntimeError((Path(u.state_dir) / FAILED).read_text())
+        u.state_dir = unit_folder(storage, u.key)
+        u.resume_dir = u.resume_dir or latest_state(storage, u.key)
+        u.queued_at = now
+    return units
+
+
+def packed_outcome(unit: Unit, packed: int, num_classes: int, input_shape):
+    """A packed unit's rows once its lane finished it, the exception that failed it, or None
+    (not finished)."""
+    metrics = read_metrics(unit.state_dir, unit.key)
+    if metrics.get("epoch") == unit.optim.epochs and Path(unit.export_path).exists():
+        return unit_rows(unit, metrics, unit.queued_at, 1, packed, num_classes, input_shape)
+    failed = Path(unit.state_dir) / FAILED
+    if failed.is_file():
+        return RuntimeError(failed.read_text())
+    return None
+
+
+def run_pack(queue, storage: str, lanes: int, cpus_per_worker: float, use_gpu: bool,
+             max_failures: int, num_classes: int, input_shape, resources, name: str) -> dict:
+    """Fit one run whose `lanes` workers drain `queue`; return every queued unit's outcome."""
+    try:
+        result = trainer_for({"queue": queue, "retries": max_failures}, lanes, cpus_per_worker,
+                             use_gpu, max_failures, resources, storage, name).fit()
+        error = result.error
+    except TrainingFailedError as e:   # Train V2 raises once max_failures are spent
+        error = e
+    ray.get(queue.close.remote())     # nothing more may join a run that has ended
+    units = ray.get(queue.all_units.remote())
+    out = {}
+    for u in units:
+        outcome = packed_outcome(u, len(units), num_classes, input_shape)
+        if outcome is not None:
+            out[u.key] = outcome
     unfinished = [u for u in units if u.key not in out]
-    if unfinished and error is None:   # cannot happen unless a lane ended early; never silent
-        error = RuntimeError("the pack ended before its lane reached this unit")
-    if unfinished:
-        return {**out, **_rescue(unfinished, split, error, storage, use_gpu, max_failures,
-                                 num_classes, input_shape, resources)}
-    return out
+    if not unfinished:
+        return out
+    if error is None:   # cannot happen unless a lane ended early; never silent
+        error = RuntimeError("the pack ended before a lane trained this unit")
+    running = ray.get(queue.running.remote())
+    return {**out, **_rescue(unfinished, running, lanes, error, storage, use_gpu, max_failures,
+                             num_classes, input_shape, resources)}
 
 
-def _rescue(unfinished, split, error, storage, use_gpu, max_failures, num_classes, input_shape,
-            resources) -> dict:
-    """A pack failed after its restarts: in each lane whose worker raised, the unit it was
-    training fails; every other unfinished unit goes on in a new pack, from its newest state."""
-    blamed = getattr(error, "worker_failures", None) or dict.fromkeys(range(len(split)), error)
+@ray.remote(num_cpus=0)
+def fit_pack(queue, storage: str, lanes: int, cpus_per_worker: float, use_gpu: bool,
+             max_failures: int, num_classes: int, input_shape, resources, name: str) -> dict:
+    quiet_ray_logs()
+    return run_pack(queue, storage, lanes, cpus_per_worker, use_gpu, max_failures, num_classes,
+                    input_shape, resources, name)
+
+
+class OpenPack:
+    """A packed run seen from the driver: units join its queue while it runs (`offer`), finished
+    ones are read as they finish (`poll`), and `ref` resolves to every unit's outcome once the
+    queue is closed and drained."""
+
+    def __init__(self, units: list[Unit], storage: str, lanes: int, use_gpu: bool,
+                 max_failures: int, num_classes: int, input_shape, resources=None,
+                 accept=None):
+        """`accept(pack, keys)`: which offered keys join it (the caller queues them)."""
+        self.storage, self.num_classes, self.input_shape = storage, num_classes, input_shape
+        self.accept = accept
+        self.cpus_per_worker = units[0].cpus_per_worker
+        self.queue = UnitQueue.remote()
+        self.units: dict[str, Unit] = {}
+        self.resolved: dict[str, list[dict]] = {}   # settled without training (reused)
+        self.reported = 0
+        self.add(units)
+        self.ref = fit_pack.remote(self.queue, storage, lanes, self.cpus_per_worker, use_gpu,
+                                   max_failures, num_classes, input_shape, resources,
+                                   run_name(units))
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.units) + list(self.resolved)
+
+    def add(self, units: list[Unit]) -> bool:
+        if not ray.get(self.queue.add.remote(queued(units, self.storage))):
+            return False
+        self.units.update({u.key: u for u in units})
+        return True
+
+    def offer(self, keys: list[str]) -> list[str]:
+        return self.accept(self, keys) if self.accept else []
+
+    def close(self) -> None:
+        ray.get(self.queue.close.remote())
+
+    def poll(self) -> dict:
+        """Outcomes of the units finished since the last poll."""
+        keys = ray.get(self.queue.finished_since.remote(self.reported))
+        self.reported += len(keys)
+        out, self.resolved = self.resolved, {}
+        for key in keys:
+            outcome = packed_outcome(self.units[key], len(self.units), self.num_classes,
+                                     self.input_shape)
+            out[key] = outcome if outcome is not None else RuntimeError(
+                f"{key} left its lane unfinished")
+        return out
+
+
+def _rescue(unfinished, running, workers, error, storage, use_gpu, max_failures, num_classes,
+            input_shape, resources) -> dict:
+    """A pack failed after its restarts: the unit each failed worker was training fails; every
+    other unfinished unit goes on in a new pack, from its newest state."""
+    blamed = getattr(error, "worker_failures", None) or dict.fromkeys(running, error)
     waiting = {u.key for u in unfinished}
     out = {}
     for rank, exc in blamed.items():
-        culprit = next((u for u in split[rank] if u.key in waiting), None) \
-            if rank < len(split) else None
-        if culprit is not None:
-            out[culprit.key] = exc
+        culprit = running.get(rank)
+        if culprit in waiting:
+            out[culprit] = exc
     if not out:                        # no lane to blame: fail them all rather than loop
         return {u.key: error for u in unfinished}
     rest = [u for u in unfinished if u.key not in out]
@@ -153,8 +243,7 @@ def _rescue(unfinished, split, error, storage, use_gpu, max_failures, num_classe
         for u in rest:
             u.resume_dir, u.state_dir = latest_state(storage, u.key), ""
         out.update(ray.get(fit_units.remote(rest, storage, 1, use_gpu, max_failures,
-                                            num_classes, input_shape, resources,
-                                            lanes=len(split))))
+                                            num_classes, input_shape, resources, lanes=workers)))
     return out
 
 
@@ -166,10 +255,11 @@ def read_metrics(folder: str | None, key: str) -> dict:
     return json.loads(path.read_text()) if folder and path.is_file() else {}
 
 
-def unit_rows(unit: Unit, metrics: dict, started: float, started_at: float, workers: int,
-              packed: int, num_classes: int, input_shape) -> list[dict]:
+def unit_rows(unit: Unit, metrics: dict, started_at: float, workers: int, packed: int,
+              num_classes: int, input_shape) -> list[dict]:
+    """`started_at`: when its run was launched (a packed unit: when it was queued)."""
     history = read_history(unit.history_path)
-    wall_s = time.perf_counter() - started
+    wall_s = time.time() - started_at
     if packed > 1 and history is not None:   # its lane went on after it: until its training ended
         ended = float(history["epoch_finished_at"].max()) - started_at
         wall_s = min(wall_s, ended) if ended > 0 else wall_s

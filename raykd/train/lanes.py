@@ -1,0 +1,86 @@
+"""The work queue of a packed run: its workers (lanes) each take the next unit when they are free,
+so a lane that drew short units takes more of them and the lanes of a pack end together.
+
+A queue may stay *open*: the driver adds units as they become ready (a student once its teacher,
+trained in another lane, is done), so one run's start-up serves a whole job, and idle lanes wait
+for work until the driver closes the queue. The driver also reads which units finished, so their
+results rows are written, and their dependants queued, while the run goes on.
+
+The queue is a small actor. It survives a restart of the worker group: when a rank joins a second
+time, a new attempt has begun, and every unit not finished goes back on the queue (each resumes
+from its own last epoch). It also says which unit each rank was training, so a pack that fails
+for good blames the right unit.
+"""
+from __future__ import annotations
+
+import time
+
+import ray
+
+WAIT = "wait"    # take(): nothing to do yet, the queue is still open
+
+
+@ray.remote(num_cpus=0)
+class UnitQueue:
+    def __init__(self):
+        self.units: dict = {}             # key -> Unit, in the order they were added
+        self.pending: list[str] = []
+        self.taken: dict[int, str] = {}   # rank -> the unit it is training
+        self.finished: list[str] = []     # in the order they finished
+        self.joined: set[int] = set()
+        self.closed = False
+
+    def add(self, units: list) -> bool:
+        """Queue more units; False once the queue is closed (then nothing is added)."""
+        if self.closed:
+            return False
+        for unit in units:
+            self.units[unit.key] = unit
+            self.pending.append(unit.key)
+        return True
+
+    def close(self) -> None:
+        """No more units: lanes leave once the queue is empty."""
+        self.closed = True
+
+    def join(self, rank: int) -> None:
+        if rank in self.joined:           # a new attempt of the worker group
+            self.joined.clear()
+            self.taken.clear()
+            done = set(self.finished)
+            self.pending = [k for k in self.units if k not in done]
+        self.joined.add(rank)
+
+    def take(self, rank: int):
+        """The next unit for this lane; WAIT while open and empty; None when closed and empty."""
+        if not self.pending:
+            return None if self.closed else WAIT
+        key = self.pending.pop(0)
+        self.taken[rank] = key
+        return self.units[key]
+
+    def done(self, rank: int, key: str) -> None:
+        self.finished.append(key)
+        if self.taken.get(rank) == key:
+            del self.taken[rank]
+
+    def finished_since(self, n: int) -> list[str]:
+        return self.finished[n:]
+
+    def running(self) -> dict[int, str]:
+        return dict(self.taken)
+
+    def all_units(self) -> list:
+        return list(self.units.values())
+
+
+def work_lane(queue, rank: int, train, poll_s: float = 0.2) -> None:
+    """A lane's loop in a Ray Train worker: take, train, report done; wait while the queue is
+    open and empty; return once it is closed and empty."""
+    ray.get(queue.join.remote(rank))
+    while (unit := ray.get(queue.take.remote(rank))) is not None:
+        if isinstance(unit, str):        # WAIT
+            time.sleep(poll_s)
+            continue
+        train(unit)
+        ray.get(queue.done.remote(rank, unit.key))

@@ -1,0 +1,48 @@
+"""A packed run's work queue: free lanes take the next unit; an open queue makes idle lanes wait
+for units added later; a restarted worker group gets back every unit not finished; the queue says
+which unit each rank was training."""
+from types import SimpleNamespace
+
+import ray
+
+from raykd.train.lanes import WAIT, UnitQueue
+
+
+def units(*keys):
+    return [SimpleNamespace(key=k) for k in keys]
+
+
+def key(item):
+    return item if item is None or isinstance(item, str) else item.key
+
+
+def test_free_lanes_take_the_next_unit_and_a_restart_requeues_the_unfinished(ray_session):
+    q = UnitQueue.remote()
+    ray.get(q.add.remote(units("a", "b", "c", "d")))
+    ray.get([q.join.remote(0), q.join.remote(1)])
+    assert key(ray.get(q.take.remote(0))) == "a" and key(ray.get(q.take.remote(1))) == "b"
+    ray.get(q.done.remote(0, "a"))
+    assert key(ray.get(q.take.remote(0))) == "c", "the free lane takes the next unit"
+    assert ray.get(q.running.remote()) == {0: "c", 1: "b"}
+    # the worker group restarts: rank 1 joins again first
+    ray.get(q.join.remote(1))
+    ray.get(q.join.remote(0))
+    ray.get(q.close.remote())
+    taken = [key(ray.get(q.take.remote(r))) for r in (1, 0, 1, 0)]
+    assert taken == ["b", "c", "d", None], "every unit but the finished one, in order, once"
+
+
+def test_an_open_queue_makes_idle_lanes_wait_and_reports_what_finished(ray_session):
+    q = UnitQueue.remote()
+    ray.get(q.add.remote(units("a")))
+    ray.get(q.join.remote(0))
+    assert key(ray.get(q.take.remote(0))) == "a"
+    assert ray.get(q.take.remote(0)) == WAIT, "open and empty: wait, don't leave"
+    ray.get(q.done.remote(0, "a"))
+    assert ray.get(q.finished_since.remote(0)) == ["a"]
+    assert ray.get(q.add.remote(units("b"))) is True      # a dependant of a joins the run
+    assert key(ray.get(q.take.remote(0))) == "b"
+    ray.get(q.close.remote())
+    assert ray.get(q.add.remote(units("c"))) is False, "a closed queue takes nothing more"
+    ray.get(q.done.remote(0, "b"))
+    assert ray.get(q.take.remote(0)) is None and ray.get(q.finished_since.remote(1)) == ["b"]
