@@ -103,6 +103,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         return keys, max(1, min(room, len(keys)))
 
     prepared: dict = {}
+    waiting_on = {k: sum(k in u.depends_on for u in units.values()) for k in units}
 
     def ready_unit(key: str):
         """Resolve the unit's teachers (once); its stored rows, its unit, or None (not yet)."""
@@ -148,7 +149,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
                                     splits.input_shape, spec.ray.resources_per_worker), [keys[0]]
         pack = OpenPack([first], str(run_dir / "ray"), lanes, spec.ray.use_gpu,
                         spec.ray.max_failures, splits.num_classes, splits.input_shape,
-                        spec.ray.resources_per_worker, accept=join)
+                        spec.ray.resources_per_worker, accept=join, priority=waiting_on)
         join(pack, keys[1:], announced=False)
         announce(list(pack.units.values()), lanes)
         return pack

@@ -46,3 +46,12 @@ def test_an_open_queue_makes_idle_lanes_wait_and_reports_what_finished(ray_sessi
     assert ray.get(q.add.remote(units("c"))) is False, "a closed queue takes nothing more"
     ray.get(q.done.remote(0, "b"))
     assert ray.get(q.take.remote(0)) is None and ray.get(q.finished_since.remote(1)) == ["b"]
+
+
+def test_units_others_wait_on_are_taken_first(ray_session):
+    q = UnitQueue.remote()
+    ray.get(q.add.remote(units("leaf1", "leaf2")))
+    ray.get(q.add.remote(units("heads", "leaf3"), {"heads": 1}))   # a DIH student waits on heads
+    ray.get(q.close.remote())
+    assert [key(ray.get(q.take.remote(0))) for _ in range(5)] == [
+        "heads", "leaf1", "leaf2", "leaf3", None]

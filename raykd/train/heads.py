@@ -11,23 +11,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from raykd.data import load_dataset
+from raykd.log import log
 from raykd.models import count_macs, count_params
 from raykd.models.export import load_heads, save_heads
 from raykd.models.heads import build_heads
 from raykd.teacher.access import open_teacher, open_teachers
+from raykd.teacher.cache import cached_teacher
 from raykd.train.batches import WithIndex, epoch_order, with_teacher
 from raykd.train.skeleton import UnitTrainer, register_kind
 
 
 @torch.no_grad()
 def evaluate_heads(teacher, heads: nn.ModuleDict, dataset, batch_size: int, device) -> dict:
-    """Top-1 of every head, from one teacher pass over the data."""
+    """Top-1 of every head, from one teacher pass over the data (or its stored outputs)."""
     heads.eval()
     correct = {s: 0 for s in heads}
     total = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
+    for x, y, index in DataLoader(WithIndex(dataset), batch_size=batch_size):
         y = y.to(device)
-        feats = teacher.features(x.to(device), list(heads))
+        feats = teacher.features(x.to(device), list(heads), index=index)
         for s, head in heads.items():
             correct[s] += int((head(feats[s]).argmax(1) == y).sum())
         total += len(y)
@@ -43,7 +45,8 @@ class HeadsTrainer(UnitTrainer):
         unit, device = self.unit, self.device
         self.stages = unit.heads.stages
         self.splits = load_dataset(unit.data)
-        self.teacher = open_teacher(unit.teachers[0], device)   # evaluation runs the real teacher
+        self.teacher = open_teacher(unit.teachers[0], device)   # the real teacher, or its shards
+        self.stored_splits: dict = {}
         self.heads = build_heads(self.teacher.model, self.stages, self.splits.input_shape,
                                  self.splits.num_classes, unit.heads.pooled,
                                  unit.random_seed).to(device)
@@ -71,11 +74,26 @@ class HeadsTrainer(UnitTrainer):
         # heads share nothing: the summed loss gives each head exactly its own gradient
         return {s: F.cross_entropy(self.heads[s](feats[s]), y) for s in self.stages}
 
+    def evaluation_teacher(self, split: str):
+        """The teacher's stage maps on an evaluation split: stored once in the cache when there
+        is one (evaluation inputs never change, so every epoch's pass would be the same), else
+        the teacher itself."""
+        handle = self.unit.teachers[0]
+        if not handle.cache_dir:
+            return self.teacher
+        if split not in self.stored_splits:
+            self.stored_splits[split] = cached_teacher(
+                self.teacher, handle.cache_dir, handle.export_path, self.unit.data, split,
+                getattr(self.splits, split), self.stages, self.unit.data.eval_batch_size,
+                log=lambda m: log.info("[%s] %s", self.unit.key, m))
+        return self.stored_splits[split]
+
     def evaluate(self, epoch, final, seen):
         metrics = {}
         for split in ("val", "test") if final else ("val",):
-            accs = evaluate_heads(self.teacher, self.heads, getattr(self.splits, split),
-                                  self.unit.data.eval_batch_size, self.device)
+            accs = evaluate_heads(self.evaluation_teacher(split), self.heads,
+                                  getattr(self.splits, split), self.unit.data.eval_batch_size,
+                                  self.device)
             metrics.update({f"{split}_top1/{s}": a for s, a in accs.items()})
         if final:
             metrics["teacher_checksum_before"] = self.checksum_before

@@ -24,19 +24,24 @@ WAIT = "wait"    # take(): nothing to do yet, the queue is still open
 class UnitQueue:
     def __init__(self):
         self.units: dict = {}             # key -> Unit, in the order they were added
+        self.rank_of: dict[str, tuple[int, int]] = {}   # key -> (-priority, arrival): take order
         self.pending: list[str] = []
         self.taken: dict[int, str] = {}   # rank -> the unit it is training
         self.finished: list[str] = []     # in the order they finished
         self.joined: set[int] = set()
         self.closed = False
 
-    def add(self, units: list) -> bool:
-        """Queue more units; False once the queue is closed (then nothing is added)."""
+    def add(self, units: list, priority: dict[str, int] | None = None) -> bool:
+        """Queue more units; False once the queue is closed (then nothing is added). Units with
+        a higher `priority` (e.g. more units waiting on them) are taken first; equal ones in the
+        order they came."""
         if self.closed:
             return False
         for unit in units:
             self.units[unit.key] = unit
+            self.rank_of[unit.key] = (-(priority or {}).get(unit.key, 0), len(self.rank_of))
             self.pending.append(unit.key)
+        self.pending.sort(key=self.rank_of.__getitem__)
         return True
 
     def close(self) -> None:
@@ -48,7 +53,8 @@ class UnitQueue:
             self.joined.clear()
             self.taken.clear()
             done = set(self.finished)
-            self.pending = [k for k in self.units if k not in done]
+            self.pending = sorted((k for k in self.units if k not in done),
+                                  key=self.rank_of.__getitem__)
         self.joined.add(rank)
 
     def take(self, rank: int):

@@ -182,10 +182,11 @@ class OpenPack:
 
     def __init__(self, units: list[Unit], storage: str, lanes: int, use_gpu: bool,
                  max_failures: int, num_classes: int, input_shape, resources=None,
-                 accept=None):
-        """`accept(pack, keys)`: which offered keys join it (the caller queues them)."""
+                 accept=None, priority: dict[str, int] | None = None):
+        """`accept(pack, keys)`: which offered keys join it (the caller queues them);
+        `priority`: key -> how many units wait on it (those are trained first)."""
         self.storage, self.num_classes, self.input_shape = storage, num_classes, input_shape
-        self.accept = accept
+        self.accept, self.priority = accept, priority or {}
         self.cpus_per_worker = units[0].cpus_per_worker
         self.queue = UnitQueue.remote()
         self.units: dict[str, Unit] = {}
@@ -201,7 +202,8 @@ class OpenPack:
         return list(self.units) + list(self.resolved)
 
     def add(self, units: list[Unit]) -> bool:
-        if not ray.get(self.queue.add.remote(queued(units, self.storage))):
+        if not ray.get(self.queue.add.remote(queued(units, self.storage),
+                                             {u.key: self.priority.get(u.key, 0) for u in units})):
             return False
         self.units.update({u.key: u for u in units})
         return True
