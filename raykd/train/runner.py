@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from raykd.log import quiet_ray_logs
 from raykd.train.kinds import FAILED, train_worker, unit_kind
@@ -106,8 +107,14 @@ def fit_units(units: list[Unit], storage: str, workers: int, use_gpu: bool, max_
 
 
 def trainer_for(config: dict, workers: int, cpus_per_worker: float, use_gpu: bool,
-                max_failures: int, resources, storage: str, name: str) -> TorchTrainer:
-    return TorchTrainer(
+                max_failures: int, resources, storage: str, name: str):
+    """A `TorchTrainer` for a data-parallel unit (its workers exchange gradients through a torch
+    process group); Train V2's plain `DataParallelTrainer` otherwise: a pack's lanes and a
+    one-worker run need no process group, and skipping its set-up cuts each run's start-up by
+    about 4 s (bench/RESULTS.md, "Fixed cost of one Ray Train run")."""
+    data_parallel = "units" in config and workers > 1
+    trainer_class = TorchTrainer if data_parallel else DataParallelTrainer
+    return trainer_class(
         train_worker,
         train_loop_config=config,
         scaling_config=scaling_config(workers, cpus_per_worker, 1.0 if use_gpu else 0.0,

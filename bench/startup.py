@@ -1,0 +1,96 @@
+"""What a Ray Train run's fixed cost is made of, measured side by side: a run whose worker
+function returns at once, timed from `fit()` to the worker's first line (start-up) and from its
+last line to `fit()` returning (teardown); with `TorchTrainer` (which also sets up a torch process
+group across the workers) and with Train V2's plain `DataParallelTrainer` (no process group); with
+1 and 2 workers. Plus a fresh Python's `import torch` and `import ray.train.torch`, which every
+worker process pays. Repetitions alternate; medians with min-max.
+
+    .venv/bin/python bench/startup.py [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_md import alternating, machine, median_spread, write_section  # noqa: E402
+
+
+def stamp(config: dict) -> None:
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    Path(config["dir"], f"in-{rank}").write_text(repr(time.time()))
+
+
+def import_time(module: str) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
+    return round(time.perf_counter() - started, 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from raykd.ray_env import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)
+    storage = tempfile.mkdtemp(prefix="raykd-startup-")
+    parts: dict[str, list[tuple[float, float]]] = {}
+
+    def run(cls, workers: int, name: str):
+        def go() -> float:
+            d = tempfile.mkdtemp(dir=storage)
+            started = time.time()
+            cls(stamp, train_loop_config={"dir": d},
+                scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+                run_config=RunConfig(name=Path(d).name, storage_path=storage)).fit()
+            ended = time.time()
+            first = min(float(p.read_text()) for p in Path(d).glob("in-*"))
+            last = max(float(p.read_text()) for p in Path(d).glob("in-*"))
+            parts.setdefault(name, []).append((first - started, ended - last))
+            return round(ended - started, 2)
+        return go
+
+    walls = alternating({
+        "TorchTrainer, 1 worker": run(TorchTrainer, 1, "TorchTrainer, 1 worker"),
+        "DataParallelTrainer, 1 worker": run(DataParallelTrainer, 1, "DataParallelTrainer, 1 worker"),
+        "TorchTrainer, 2 workers": run(TorchTrainer, 2, "TorchTrainer, 2 workers"),
+        "DataParallelTrainer, 2 workers": run(DataParallelTrainer, 2, "DataParallelTrainer, 2 workers"),
+    }, args.repeats)
+    imports = alternating({"import torch": lambda: import_time("torch"),
+                           "import ray.train.torch": lambda: import_time("ray.train.torch")},
+                          args.repeats)
+    rows = "\n".join(
+        f"| {name} | {median_spread(w)} | {median_spread([p[0] for p in parts[name]])} | "
+        f"{median_spread([p[1] for p in parts[name]])} |" for name, w in walls.items())
+    body = f"""## Fixed cost of one Ray Train run
+
+`.venv/bin/python bench/startup.py --repeats {args.repeats}`; {machine()}.
+A run whose worker function returns at once (each cell: median (min-max) of {args.repeats}).
+
+| run | fit() wall | start-up: fit() to the worker's first line | teardown: its last line to fit() returning |
+| --- | --- | --- | --- |
+{rows}
+
+A fresh Python process, which each Ray worker is: `import torch` {median_spread(imports['import torch'])},
+`import ray.train.torch` {median_spread(imports['import ray.train.torch'])}.
+
+raykd pays this once per *pack*, not once per unit: a pack's lanes train one unit after
+another inside one run, and units join it as they become ready.
+"""
+    write_section("startup", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
