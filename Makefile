@@ -33,12 +33,17 @@ test: lint
 test-fast: lint
 	$(BIN)/python -m pytest -m "not ray"
 
+# Each script measures both sides of its comparison in one invocation (alternating, 3 repetitions
+# where a side takes minutes or less) and rewrites its section of bench/RESULTS.md. About 75 min.
+QUICKSTART_BASELINE ?= b2f5373   # the commit the packed-run work started from
 bench: $(STAMP)
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/kd_overhead.py
 	$(BIN)/python bench/teacher_service.py
 	$(BIN)/python bench/heads_layout.py
+	$(BIN)/python bench/whole_job.py
+	$(BIN)/python bench/quickstart.py --against $(QUICKSTART_BASELINE)
 	$(BIN)/python bench/neighbourhood.py
-	$(BIN)/python bench/unit_packing.py
 	$(BIN)/python bench/sweep.py
 
 clean:

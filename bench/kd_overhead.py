@@ -28,7 +28,7 @@ from raykd.train.batches import evaluate  # noqa: E402
 from raykd.train.optim import make_optimizer  # noqa: E402
 from raykd.units import Unit  # noqa: E402
 
-from results_md import fresh_workdir, machine, quickstart_teacher, write_section  # noqa: E402
+from results_md import alternating, fresh_workdir, machine, quickstart_teacher, write_section  # noqa: E402
 
 
 def plain_loop(splits, teacher_path, optim: OptimSpec, data: DataSpec, epochs: int):
@@ -57,6 +57,7 @@ def plain_loop(splits, teacher_path, optim: OptimSpec, data: DataSpec, epochs: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
     import ray
@@ -71,39 +72,52 @@ def main() -> None:
     splits = load_dataset(data)
     teacher_path = quickstart_teacher(work)
 
-    plain_epochs, plain_total = plain_loop(splits, teacher_path, optim, data, args.epochs)
-    print(f"plain PyTorch: {statistics.median(plain_epochs):.2f} s/epoch, {plain_total:.1f} s total")
-
     init_ray(num_cpus=2, log_to_driver=False)
-    unit = Unit(key="kd", role="student", label="kd", method_name="kd",
-                method={"temperature": 4.0, "alpha": 0.9},
-                model="cnn_small", optim=optim, data=data, seed=0,
-                export_path=str(work / "student.pt"), history_path=str(work / "metrics" / "kd.jsonl"),
-                teacher_candidates=[str(teacher_path)],
-                # same work as the plain loop: the teacher runs every step (no output cache)
-                teachers=[TeacherHandle(str(teacher_path), "local", cache_dir=None)])
-    [row] = ray.get(fit_units.remote([unit], str(work / "ray"), 1, False, 0, 10, (1, 28, 28)))["kd"]
     import pandas as pd
-    history = pd.read_parquet(work / "metrics" / "kd.parquet")
-    raykd_epoch = float(history.epoch_s.median())
-    plain_epoch = statistics.median(plain_epochs)
-    print(f"raykd worker:  {raykd_epoch:.2f} s/epoch, {row['wall_s']:.1f} s total")
+
+    def plain_run() -> tuple[float, float]:
+        epochs, total = plain_loop(splits, teacher_path, optim, data, args.epochs)
+        return round(statistics.median(epochs), 3), round(total, 1)
+
+    def raykd_run() -> tuple[float, float]:
+        n = len(list(work.glob("run-*")))
+        run = work / f"run-{n}"
+        unit = Unit(key="kd", role="student", label="kd", method_name="kd",
+                    method={"temperature": 4.0, "alpha": 0.9},
+                    model="cnn_small", optim=optim, data=data, seed=0,
+                    export_path=str(run / "student.pt"),
+                    history_path=str(run / "metrics" / "kd.jsonl"),
+                    teacher_candidates=[str(teacher_path)],
+                    # same work as the plain loop: the teacher runs every step (no output cache)
+                    teachers=[TeacherHandle(str(teacher_path), "local", cache_dir=None)])
+        [row] = ray.get(fit_units.remote([unit], str(run / "ray"), 1, False, 0, 10,
+                                         (1, 28, 28)))["kd"]
+        history = pd.read_parquet(run / "metrics" / "kd.parquet")
+        return round(float(history.epoch_s.median()), 3), round(row["wall_s"], 1)
+
+    runs = alternating({"plain": plain_run, "raykd": raykd_run}, args.repeats)
     ray.shutdown()
+    plain_epoch = statistics.median(e for e, _ in runs["plain"])
+    raykd_epoch = statistics.median(e for e, _ in runs["raykd"])
+    plain_total = statistics.median(t for _, t in runs["plain"])
+    raykd_total = statistics.median(t for _, t in runs["raykd"])
+    epoch_ratios = [r[0] / p[0] for r, p in zip(runs["raykd"], runs["plain"])]
 
     body = f"""## KD epoch: raykd on one Ray Train worker vs a plain PyTorch loop
 
-`make bench` (or `.venv/bin/python bench/kd_overhead.py --epochs {args.epochs}`); {machine()}.
-cnn_small student, frozen cnn_wide teacher, mnist5k (3,000 training images), batch 64, 1 thread each.
+`make bench` (or `.venv/bin/python bench/kd_overhead.py --epochs {args.epochs} --repeats {args.repeats}`); {machine()}.
+cnn_small student, frozen cnn_wide teacher, mnist5k (3,000 training images), batch 64, 1 thread
+each; {args.repeats} runs of each side in alternating order, medians.
 
-| | plain PyTorch | raykd (TorchTrainer, 1 worker) | ratio raykd / plain |
+| | plain PyTorch | raykd (one-worker Ray Train run) | ratio raykd / plain |
 | --- | --- | --- | --- |
-| KD epoch (median of {args.epochs}) | {plain_epoch:.2f} s | {raykd_epoch:.2f} s | **{raykd_epoch / plain_epoch:.2f}x** |
-| whole run ({args.epochs} epochs + eval) | {plain_total:.1f} s | {row['wall_s']:.1f} s | {row['wall_s'] / plain_total:.2f}x |
+| KD epoch (median epoch of each run, then median over runs) | {plain_epoch:.2f} s | {raykd_epoch:.2f} s | **{raykd_epoch / plain_epoch:.2f}x** (pairs: {min(epoch_ratios):.2f}-{max(epoch_ratios):.2f}) |
+| whole run ({args.epochs} epochs + eval) | {plain_total:.1f} s | {raykd_total:.1f} s | {raykd_total / plain_total:.2f}x |
 
 The per-epoch ratio is the cost of raykd's loop itself (method dispatch, named-loss logging,
-per-epoch checkpoint and report). The whole-run ratio adds Ray Train's fixed start-up and teardown
-(worker group, process group, controller), a constant of about
-{row['wall_s'] - sum(history.epoch_s):.0f} s here that a real-length run amortises.
+per-epoch checkpoint). The whole-run ratio adds the run's fixed start-up and teardown
+({raykd_total - plain_total:.0f} s here; see "Fixed cost of one Ray Train run"), which a
+real-length run amortises and which packed units share.
 """
     write_section("kd_overhead", body)
     print(body)

@@ -10,6 +10,8 @@ computed and stored) against its second run (cache hit), and against no cache at
 from __future__ import annotations
 
 import argparse
+import itertools
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,7 +19,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import fresh_workdir, machine, quickstart_teacher, write_section  # noqa: E402
+from results_md import (  # noqa: E402
+    alternating,
+    fresh_workdir,
+    machine,
+    quickstart_teacher,
+    write_readme_block,
+    write_section,
+)
 
 
 def throughput(teacher, x, taps, batches: int, window: int = 4) -> float:
@@ -37,6 +46,7 @@ def throughput(teacher, x, taps, batches: int, window: int = 4) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
     import pandas as pd
@@ -54,55 +64,87 @@ def main() -> None:
 
     torch.set_num_threads(1)
     local = LocalTeacher(teacher_path)
-    rows = []
     init_ray(num_cpus=2, log_to_driver=False)
-    for label, taps in tap_sets.items():
-        row = {"taps": label, "in-process": throughput(local, x, taps, args.batches)}
-        for replicas in (1, 2):
-            svc = TeacherService(f"bench-{replicas}", str(teacher_path), (1, 28, 28),
-                                 replicas=replicas, cpus_per_shard=1)
-            svc.wait_ready()
-            row[f"actors x{replicas}"] = throughput(TeacherClient(svc.handle), x, taps, args.batches)
-            svc.stop()
-        rows.append(row)
-        print(row, flush=True)
 
-    # Part 2: the same KD job three times: no cache, first run with cache, second run with cache
-    def kd_run(name: str, cache: bool) -> dict:
+    fresh = itertools.count()
+
+    def served(replicas: int, taps: list[str]) -> int:
+        """Throughput through a fresh service (two services at once would not fit 2 CPUs)."""
+        svc = TeacherService(f"bench-{replicas}-{next(fresh)}", str(teacher_path), (1, 28, 28),
+                             replicas=replicas, cpus_per_shard=1)
+        svc.wait_ready()
+        try:
+            return round(throughput(TeacherClient(svc.handle), x, taps, args.batches))
+        finally:
+            svc.stop()
+
+    rows = []
+    for label, taps in tap_sets.items():
+        rates = alternating({
+            "in-process": lambda: round(throughput(local, x, taps, args.batches)),
+            "actors x1": lambda: served(1, taps),
+            "actors x2": lambda: served(2, taps),
+        }, args.repeats)
+        rows.append({"taps": label, **{k: statistics.median(v) for k, v in rates.items()},
+                     "spread": {k: (min(v), max(v)) for k, v in rates.items()}})
+
+    # Part 2: the same KD job with no cache, and with a fresh cache twice (miss, then hit)
+    def kd_run(name: str, cache: bool, cache_dir: str | None = None) -> dict:
         job = {"name": name, "output_dir": str(work), "seeds": [0],
                "data": {"dataset": "mnist5k", "batch_size": 64},
                "teacher": {"model": "cnn_wide", "checkpoint": str(teacher_path), "cache": cache,
-                           "placement": "local"},
+                           "cache_dir": cache_dir, "placement": "local"},
                "student": {"model": "cnn_small", "train": {"epochs": 3}},
                "methods": {"kd": {}}, "ray": {"max_failures": 0}}
-        df = run_job(job_from_dict(job))
-        return df.iloc[0].to_dict()
+        return run_job(job_from_dict(job)).iloc[0].to_dict()
 
-    nocache = kd_run("nocache", cache=False)
-    first = kd_run("first", cache=True)
-    second = kd_run("second", cache=True)
+    runs = {"no cache": [], "miss": [], "hit": []}
+
+    def without_cache() -> float:
+        runs["no cache"].append(kd_run(f"nocache-{len(runs['no cache'])}", cache=False))
+        return round(runs["no cache"][-1]["wall_s"], 1)
+
+    def with_cache() -> tuple:
+        n = len(runs["miss"])
+        folder = str(work / f"cache-{n}")           # a fresh cache: the first run misses
+        runs["miss"].append(kd_run(f"miss-{n}", cache=True, cache_dir=folder))
+        runs["hit"].append(kd_run(f"hit-{n}", cache=True, cache_dir=folder))
+        return round(runs["miss"][-1]["wall_s"], 1), round(runs["hit"][-1]["wall_s"], 1)
+
+    alternating({"no cache": without_cache, "cache miss, then hit": with_cache}, args.repeats)
     import ray
     ray.shutdown()
-    for r in (nocache, first, second):
-        print({k: r[k] for k in ("unit", "wall_s", "train_s", "val_top1")})
+
+    def med(name: str, col: str) -> float:
+        return statistics.median(r[col] for r in runs[name])
+
+    nocache = {c: med("no cache", c) for c in ("wall_s", "train_s", "val_top1")}
+    first = {c: med("miss", c) for c in ("wall_s", "train_s", "val_top1")}
+    second = {c: med("hit", c) for c in ("wall_s", "train_s", "val_top1")}
 
     table = pd.DataFrame(rows)
     lines = ["| teacher taps | in-process | actors, 1 replica | actors, 2 replicas | 1 replica / in-process | 2 replicas / 1 replica |",
              "| --- | --- | --- | --- | --- | --- |"]
+    def cell(r, k):
+        lo, hi = r["spread"][k]
+        return f"{r[k]:.0f} img/s ({lo:.0f}-{hi:.0f})"
+
     for _, r in table.iterrows():
-        lines.append(f"| {r['taps']} | {r['in-process']:.0f} img/s | {r['actors x1']:.0f} img/s | "
-                     f"{r['actors x2']:.0f} img/s | {r['actors x1'] / r['in-process']:.2f}x | "
+        lines.append(f"| {r['taps']} | {cell(r, 'in-process')} | {cell(r, 'actors x1')} | "
+                     f"{cell(r, 'actors x2')} | {r['actors x1'] / r['in-process']:.2f}x | "
                      f"{r['actors x2'] / r['actors x1']:.2f}x |")
     body = f"""## Teacher service: shard actors vs in-process, and the teacher-output cache
 
-`.venv/bin/python bench/teacher_service.py`; {machine()}.
+`.venv/bin/python bench/teacher_service.py --repeats {args.repeats}`; {machine()}.
 
 Throughput of teacher outputs for cnn_wide (0.39M params) on 1x28x28 batches of 256, one CPU
-per actor, 4 requests in flight, one thread in-process:
+per actor, 4 requests in flight, one thread in-process; median (min-max) of {args.repeats}
+measurements taken in alternating order:
 
 {chr(10).join(lines)}
 
-A KD job (mnist5k, 3,000 training images, cnn_small student, 3 epochs, teacher in-process):
+A KD job (mnist5k, 3,000 training images, cnn_small student, 3 epochs, teacher in-process),
+median of {args.repeats} of each, alternating (the cached pair uses a fresh cache folder each time):
 
 | run | Ray Train run wall time | training time (sum of epochs) | val_top1 |
 | --- | --- | --- | --- |
@@ -117,6 +159,12 @@ the training split, paid once; every later epoch and every later run with the sa
 split reads the stored outputs instead of running the teacher.
 """
     write_section("teacher_service", body)
+    logits, maps = rows[0], rows[1]
+    write_readme_block("teacher-service", f"""One actor against in-process, one CPU each: logits
+{logits['actors x1']:.0f} against {logits['in-process']:.0f} img/s (**{logits['actors x1'] / logits['in-process']:.2f}x**), logits plus three stage maps
+{maps['actors x1']:.0f} against {maps['in-process']:.0f} img/s (**{maps['actors x1'] / maps['in-process']:.2f}x**); two replicas against one:
+{logits['actors x2'] / logits['actors x1']:.2f}x (logits). A 3-epoch KD job's training time: {nocache['train_s']:.1f} s without the cache,
+{second['train_s']:.1f} s reading it (medians of {args.repeats}).""")
     print(body)
 
 

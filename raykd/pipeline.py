@@ -29,12 +29,18 @@ from raykd.teacher.store import STORE_DIR, TeacherStore
 
 
 def default_parallelism(spec: JobSpec) -> int:
+    """Runs (or a pack's lanes) the cluster can hold at once: by CPUs (GPUs with use_gpu) and
+    by every custom resource each worker asks for, so no run waits for slots that never come."""
     resources = ray.cluster_resources()
     if spec.ray.use_gpu:
         per_run, have = spec.ray.workers, resources.get("GPU", 0)
     else:
         per_run, have = spec.ray.workers * spec.ray.cpus_per_worker, resources.get("CPU", 1)
-    return max(1, math.floor(have / per_run))
+    slots = math.floor(have / per_run)
+    for name, amount in spec.ray.resources_per_worker.items():
+        if amount > 0:
+            slots = min(slots, math.floor(resources.get(name, 0) / (amount * spec.ray.workers)))
+    return max(1, slots)
 
 
 def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,

@@ -30,6 +30,7 @@ class UnitQueue:
         self.finished: list[str] = []     # in the order they finished
         self.joined: set[int] = set()
         self.closed = False
+        self.spans: dict[str, tuple[float, float]] = {}   # key -> (taken, done) wall-clock times
 
     def add(self, units: list, priority: dict[str, int] | None = None) -> bool:
         """Queue more units; False once the queue is closed (then nothing is added). Units with
@@ -63,15 +64,21 @@ class UnitQueue:
             return None if self.closed else WAIT
         key = self.pending.pop(0)
         self.taken[rank] = key
+        self.spans[key] = (time.time(), float("nan"))
         return self.units[key]
 
     def done(self, rank: int, key: str) -> None:
         self.finished.append(key)
+        self.spans[key] = (self.spans.get(key, (time.time(),))[0], time.time())
         if self.taken.get(rank) == key:
             del self.taken[rank]
 
     def finished_since(self, n: int) -> list[str]:
         return self.finished[n:]
+
+    def lane_seconds(self) -> dict[str, float]:
+        """How long a lane spent on each finished unit (set-up, training, evaluation, export)."""
+        return {k: done - taken for k, (taken, done) in self.spans.items() if done == done}
 
     def running(self) -> dict[int, str]:
         return dict(self.taken)

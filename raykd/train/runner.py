@@ -136,12 +136,14 @@ def queued(units: list[Unit], storage: str) -> list[Unit]:
     return units
 
 
-def packed_outcome(unit: Unit, packed: int, num_classes: int, input_shape):
+def packed_outcome(unit: Unit, packed: int, num_classes: int, input_shape,
+                   lane_s: float | None = None):
     """A packed unit's rows once its lane finished it, the exception that failed it, or None
-    (not finished)."""
+    (not finished). `lane_s`: how long its lane spent on it."""
     metrics = read_metrics(unit.state_dir, unit.key)
     if metrics.get("epoch") == unit.optim.epochs and Path(unit.export_path).exists():
-        return unit_rows(unit, metrics, unit.queued_at, 1, packed, num_classes, input_shape)
+        rows = unit_rows(unit, metrics, unit.queued_at, 1, packed, num_classes, input_shape)
+        return [{**row, "lane_s": lane_s} for row in rows]
     failed = Path(unit.state_dir) / FAILED
     if failed.is_file():
         return RuntimeError(failed.read_text())
@@ -159,9 +161,10 @@ def run_pack(queue, storage: str, lanes: int, cpus_per_worker: float, use_gpu: b
         error = e
     ray.get(queue.close.remote())     # nothing more may join a run that has ended
     units = ray.get(queue.all_units.remote())
+    spans = ray.get(queue.lane_seconds.remote())
     out = {}
     for u in units:
-        outcome = packed_outcome(u, len(units), num_classes, input_shape)
+        outcome = packed_outcome(u, len(units), num_classes, input_shape, spans.get(u.key))
         if outcome is not None:
             out[u.key] = outcome
     unfinished = [u for u in units if u.key not in out]
@@ -226,9 +229,10 @@ class OpenPack:
         keys = ray.get(self.queue.finished_since.remote(self.reported))
         self.reported += len(keys)
         out, self.resolved = self.resolved, {}
+        spans = ray.get(self.queue.lane_seconds.remote()) if keys else {}
         for key in keys:
             outcome = packed_outcome(self.units[key], len(self.units), self.num_classes,
-                                     self.input_shape)
+                                     self.input_shape, spans.get(key))
             out[key] = outcome if outcome is not None else RuntimeError(
                 f"{key} left its lane unfinished")
         return out
