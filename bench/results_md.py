@@ -37,7 +37,8 @@ def median_spread(values, unit: str = "s", digits: int = 1) -> str:
     """`median (min-max)` of repeated measurements."""
     import statistics
 
-    return (f"{statistics.median(values):.{digits}f} {unit} "
+    unit = f" {unit}" if unit else ""
+    return (f"{statistics.median(values):.{digits}f}{unit} "
             f"({min(values):.{digits}f}-{max(values):.{digits}f})")
 
 

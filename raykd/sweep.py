@@ -176,17 +176,16 @@ def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
     def trial(config: dict) -> None:
         import ray.train
         from ray import tune
-        from ray.train.torch import TorchTrainer
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from raykd.train.kinds import train_worker
-        from raykd.train.runner import scaling_config
+        from raykd.train.runner import scaling_config, trainer_class
 
         trial_id = tune.get_context().get_trial_id()
         fail = bool(fail_when) and all(config.get(k) == v for k, v in fail_when.items())
         unit = trial_unit(raw, config, sweep, run_dir, trial_id, rows, teacher_cache, fail)
         scaling = scaling_config(sweep.workers, sweep.cpus_per_worker, sweep.gpus_per_worker)
-        TorchTrainer(
+        trainer_class(sweep.workers)(
             train_worker, train_loop_config={"units": [unit]}, scaling_config=scaling,
             run_config=ray.train.RunConfig(
                 # named by the trial: a restored trial continues its Train run

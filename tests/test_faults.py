@@ -41,38 +41,6 @@ def epochs_done(history: Path) -> int:
     return max([json.loads(line)["epoch"] for line in history.read_text().splitlines()] or [0])
 
 
-def test_a_worker_killed_mid_epoch_resumes_to_bit_identical_weights(ray_session, tmp_path,
-                                                                    digits_teacher):
-    from ray.util.state import list_actors
-
-    plain = run_job(job_from_dict(slow_job(tmp_path, digits_teacher, "plain")))
-    spec = job_from_dict(slow_job(tmp_path, digits_teacher, "killed"))
-    history = spec.run_dir / "metrics" / "seed0-ce.jsonl"
-    killed = []
-
-    def kill_in_epoch_three():
-        deadline = time.monotonic() + 300
-        while epochs_done(history) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)   # epoch 2's checkpoint is stored; epoch 3's is on its way
-        for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                          ("state", "=", "ALIVE")]):
-            os.kill(actor.pid, signal.SIGKILL)
-            killed.append(actor.pid)
-
-    killer = threading.Thread(target=kill_in_epoch_three)
-    killer.start()
-    resumed = run_job(spec)
-    killer.join()
-    assert killed, "no training worker was found to kill"
-    row = resumed[resumed.unit == "seed0-ce"].iloc[0]
-    assert row.resumed_from >= 2 and row.epochs == 6, "resumed from a checkpoint, within max_failures"
-    a = torch_load(plain[plain.unit == "seed0-ce"].export.iloc[0])["state_dict"]
-    b = torch_load(row.export)["state_dict"]
-    assert a.keys() == b.keys()
-    for name in a:   # model, optimizer state, scheduler and batch order all came back exactly
-        assert torch.equal(a[name], b[name]), name
-
-
 def kill_training_workers_when(done, killed: list) -> threading.Thread:
     """A thread that SIGKILLs every live Ray Train worker once `done()` is true."""
     from ray.util.state import list_actors
@@ -89,6 +57,26 @@ def kill_training_workers_when(done, killed: list) -> threading.Thread:
     thread = threading.Thread(target=run)
     thread.start()
     return thread
+
+
+def test_a_worker_killed_mid_epoch_resumes_to_bit_identical_weights(ray_session, tmp_path,
+                                                                    digits_teacher):
+    plain = run_job(job_from_dict(slow_job(tmp_path, digits_teacher, "plain")))
+    spec = job_from_dict(slow_job(tmp_path, digits_teacher, "killed"))
+    history = spec.run_dir / "metrics" / "seed0-ce.jsonl"
+    killed: list = []
+    # epoch 2's checkpoint is stored; epoch 3's is on its way
+    killer = kill_training_workers_when(lambda: epochs_done(history) >= 3, killed)
+    resumed = run_job(spec)
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    row = resumed[resumed.unit == "seed0-ce"].iloc[0]
+    assert row.resumed_from >= 2 and row.epochs == 6, "resumed from a checkpoint, within max_failures"
+    a = torch_load(plain[plain.unit == "seed0-ce"].export.iloc[0])["state_dict"]
+    b = torch_load(row.export)["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:   # model, optimizer state, scheduler and batch order all came back exactly
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_a_packed_lane_killed_mid_unit_resumes_each_unit_from_its_own_epoch(

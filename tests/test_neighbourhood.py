@@ -79,6 +79,7 @@ def test_units_run_in_parallel_fail_once_resume_and_stitch(ray_session, tmp_path
         "finetune_epochs": 1, "train": {"epochs": 3, "optimizer": "adam", "lr": 0.01}}})
     job["teacher"] = {"model": "cnn", "checkpoint": str(teacher_path)}
     job["ray"] = {"max_parallel": 2, "max_failures": 1}
+    job["data"]["batch_size"] = 6     # about a second per unit: long enough to overlap (1,097 % 6 > 1)
     spec = job_from_dict(job)
     df = run_job(spec, fail_at={"seed0-nd-stage3-w0.5d1": 1}).set_index("method")
     parts = df[df.role == "neighbourhood"]

@@ -106,15 +106,17 @@ def fit_units(units: list[Unit], storage: str, workers: int, use_gpu: bool, max_
                                 num_classes, input_shape)}
 
 
-def trainer_for(config: dict, workers: int, cpus_per_worker: float, use_gpu: bool,
-                max_failures: int, resources, storage: str, name: str):
-    """A `TorchTrainer` for a data-parallel unit (its workers exchange gradients through a torch
+def trainer_class(workers: int, packed: bool = False):
+    """`TorchTrainer` for a data-parallel unit (its workers exchange gradients through a torch
     process group); Train V2's plain `DataParallelTrainer` otherwise: a pack's lanes and a
     one-worker run need no process group, and skipping its set-up cuts each run's start-up by
     about 4 s (bench/RESULTS.md, "Fixed cost of one Ray Train run")."""
-    data_parallel = "units" in config and workers > 1
-    trainer_class = TorchTrainer if data_parallel else DataParallelTrainer
-    return trainer_class(
+    return TorchTrainer if workers > 1 and not packed else DataParallelTrainer
+
+
+def trainer_for(config: dict, workers: int, cpus_per_worker: float, use_gpu: bool,
+                max_failures: int, resources, storage: str, name: str):
+    return trainer_class(workers, packed="queue" in config)(
         train_worker,
         train_loop_config=config,
         scaling_config=scaling_config(workers, cpus_per_worker, 1.0 if use_gpu else 0.0,
