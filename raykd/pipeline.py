@@ -170,7 +170,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
                 continue
             unit = ready_unit(key)
             if isinstance(unit, list):
-                pack.resolved[key] = unit
+                pack.settle(key, unit)
                 taken.append(key)
             elif unit is not None:
                 fresh.append(unit)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import ray.train
 import torch
@@ -42,7 +43,7 @@ def save_in_folder(folder: str, key: str, metrics: dict, state: dict) -> None:
     metrics last, so metrics never name an epoch whose state is missing)."""
     torch_save(state, os.path.join(folder, state_file(key)))
     atomic_write(os.path.join(folder, f"metrics-{key}.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps(metrics)))
+                 lambda tmp: Path(tmp).write_text(json.dumps(metrics)))
 
 
 class Progress:

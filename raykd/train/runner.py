@@ -220,6 +220,11 @@ class OpenPack:
         self.units.update({u.key: u for u in units})
         return True
 
+    def settle(self, key: str, rows: list[dict]) -> None:
+        """A unit that joins already finished (taken from a store or library): its rows come
+        back with the next poll."""
+        self.resolved[key] = rows
+
     def offer(self, keys: list[str]) -> list[str]:
         return self.accept(self, keys) if self.accept else []
 
