@@ -5,6 +5,8 @@
     raykd search LIBRARY --teacher T ... architecture search over distilled neighbourhoods
     raykd submit JOB.yaml --address URL  run a job on a Ray cluster (Jobs SDK), stream its logs
     raykd results RUN_DIR [--plot F.png] print a run's results table (mean ± std over seeds)
+    raykd export RUN_DIR --label L       a trained student as ONNX or TorchScript, checked
+    raykd report RUN_DIR                 a one-page HTML report of a run
 
 Bad input ends with a one-line error and a non-zero exit, never a traceback.
 """
@@ -177,6 +179,32 @@ def _cmd_results(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from raykd.deploy import export_student
+
+    record = export_student(args.run_dir, args.label, args.format, args.seed, args.out)
+    lat = record["latency_ms"]
+    runtime = "onnxruntime" if record["format"] == "onnx" else "torchscript"
+    print(f"exported {record['label']} (seed {record['seed']}, val_top1 {record['val_top1']:.4f}) "
+          f"to {record['file']}")
+    print(f"  checked on {record['test_samples']} test images: max |logit difference| "
+          f"{record['max_abs_diff']:.2e}, top-1 agreement {record['top1_agreement']:.4f}, "
+          f"test_top1 {record['test_top1']:.4f}")
+    print(f"  CPU latency, one thread: batch 1 {lat[runtime + '_batch1']:.3f} ms "
+          f"(PyTorch {lat['pytorch_batch1']:.3f} ms), batch 64 {lat[runtime + '_batch64']:.3f} ms "
+          f"(PyTorch {lat['pytorch_batch64']:.3f} ms)")
+    print(f"  input spec: {record['spec']}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from raykd.report import write_report
+
+    path = write_report(args.run_dir, args.out)
+    print(f"report written to {path}")
+    return 0
+
+
 def job_command(sub, name: str, fn, summary: str, description: str, job_help: str,
                 overrides_help: str) -> None:
     """A command that takes a job file and dotted overrides."""
@@ -257,6 +285,32 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("run_dir", help="a run directory (OUTPUT_DIR/NAME)")
     res.add_argument("--plot", metavar="FILE.png", help="also draw accuracy per method")
     res.set_defaults(fn=_cmd_results)
+
+    export = sub.add_parser(
+        "export", help="write a trained student as ONNX or TorchScript, checked and timed",
+        description="Write one student of a run (the seed with the best val_top1, or --seed) as "
+        "ONNX or TorchScript: the student's own network only, input `image` (N, C, H, W), output "
+        "`logits`. The file is checked against the PyTorch model on the whole test split and its "
+        "CPU latency measured (batch 1 and 64, one thread); a JSON input spec is written beside it.")
+    export.add_argument("run_dir", help="a run directory (OUTPUT_DIR/NAME)")
+    export.add_argument("--label", required=True, help="the student's label (its methods entry), "
+                        "e.g. kd")
+    export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"],
+                        help="onnx (default) or torchscript")
+    export.add_argument("--seed", type=int, help="export this seed's student instead of the best "
+                        "on the validation split")
+    export.add_argument("--out", help="output folder (default RUN_DIR/export)")
+    export.set_defaults(fn=_cmd_export)
+
+    report = sub.add_parser(
+        "report", help="write a run's one-page HTML report",
+        description="Write one self-contained HTML page (no network needed to view it): the "
+        "results table (mean ± std over seeds), accuracy bars, per-unit learning curves, "
+        "loss-weight schedules, Tang's diagnostics histograms, and sweep and search plots "
+        "where the run has them.")
+    report.add_argument("run_dir", help="a run directory (OUTPUT_DIR/NAME)")
+    report.add_argument("--out", help="the page's path (default RUN_DIR/report.html)")
+    report.set_defaults(fn=_cmd_report)
     return p
 
 

@@ -129,11 +129,32 @@ def validate(spec: JobSpec) -> None:
         raise RaykdError(f"ray.workers must be at least 1, got {spec.ray.workers}")
     if spec.ray.pack_max < 1:
         raise RaykdError(f"ray.pack_max must be at least 1, got {spec.ray.pack_max}")
+    check_tracking(spec)
     for where, value in (("teacher.train.lr", spec.teacher.train.lr),
                          ("student.train.lr", spec.student.train.lr),
                          ("heads.train.lr", spec.heads.train.lr)):
         if value <= 0:
             raise RaykdError(f"{where} must be positive, got {value}")
+
+
+def check_tracking(spec: JobSpec) -> None:
+    mlflow = spec.tracking.mlflow
+    if mlflow is False:
+        spec.tracking.mlflow = None
+    elif mlflow is not None and mlflow is not True and not (isinstance(mlflow, str) and mlflow):
+        raise RaykdError(f"tracking.mlflow: expected a tracking URI (e.g. http://host:5000, "
+                         f"sqlite:///path/mlflow.db) or true (a store in output_dir), got {mlflow!r}")
+    if spec.tracking.mlflow is not None:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise RaykdError("tracking.mlflow needs MLflow: pip install 'raykd[track]'") from None
+    if spec.tracking.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise RaykdError("tracking.tensorboard needs TensorBoard: "
+                             "pip install 'raykd[track]'") from None
 
 
 def check_writable(spec: JobSpec) -> None:

@@ -36,3 +36,13 @@ def quiet_ray_logs() -> None:
         name.startswith(os.path.join(ray_dir, "tune"))]
     for name in names:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def duration(seconds: float) -> str:
+    """4s, 1m05s, 2h03m: short enough for a progress line."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -17,7 +17,7 @@ import yaml
 
 from raykd.data import load_dataset
 from raykd.errors import RaykdError
-from raykd.log import log
+from raykd.log import duration, log
 from raykd.methods import method_class
 from raykd.plan import needed_by, plan_units, preflight, resolve_teachers
 from raykd.results import ResultsTable
@@ -26,6 +26,8 @@ from raykd.specs import JobSpec
 from raykd.storage import check_shared_storage
 from raykd.teacher.pool import TeacherPool
 from raykd.teacher.store import STORE_DIR, TeacherStore
+
+PROGRESS_S = 30.0   # how often a running job says how many units are done, training, waiting
 
 
 def default_parallelism(spec: JobSpec) -> int:
@@ -87,6 +89,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         most_at_once=max([len(u.teacher_candidates) if u.teacher_mode == "all" else 1
                           for u in todo] or [1]),
         run_cpus=spec.ray.workers * spec.ray.cpus_per_worker)
+    tracker = start_tracking(spec, units, done, table)
     started = time.perf_counter()
 
     def packable(unit) -> bool:
@@ -188,27 +191,77 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         if store and units[key].role == "teacher":
             store.publish(units[key], rows[0])
         unit_kind(units[key].kind).store(units[key], rows)
+        if tracker:
+            tracker.finish(key, final_numbers(rows))
         accs = ", ".join(f"{r['method']} val_top1 {r['val_top1']:.4f} test_top1 "
                          f"{r['test_top1']:.4f}" for r in rows)
-        log.info("[%d/%d] %s: %s (%.0fs; %.0fs elapsed)", len(done), len(units), key, accs,
-                 rows[0]["wall_s"], time.perf_counter() - started)
+        log.info("[%d/%d] %s: %s (%s)", len(done), len(units), key, accs,
+                 duration(rows[0]["wall_s"]))
+
+    status = {"training": 0, "failed": 0, "counted": 0.0, "said": time.perf_counter()}
+
+    def summary() -> str:
+        waiting = len(units) - len(done) - status["training"] - status["failed"]
+        return (f"units: {len(done)} done, {status['training']} training, {waiting} waiting"
+                + (f", {status['failed']} failed" if status["failed"] else "")
+                + f"; {duration(time.perf_counter() - started)} elapsed")
+
+    def tick(plain: list[str], groups: list) -> None:
+        """Every few seconds, count what trains; every PROGRESS_S, say where the job stands."""
+        now = time.perf_counter()
+        if now - status["counted"] >= 5:
+            status["counted"] = now
+            status["training"] = len(plain) + sum(g.training() for g in groups
+                                                  if hasattr(g, "training"))
+        if now - status["said"] >= PROGRESS_S:
+            status["said"] = now
+            log.info(summary())
 
     def failed(key: str, reason: str) -> None:
         if not reason.startswith("not run"):
             pool.release(units[key].teacher_candidates)
+        status["failed"] += 1
         log.warning("FAILED %s: %s", key, reason)
 
     try:
         failures = run_in_order({k: u.depends_on for k, u in units.items()}, launch, finished,
                                 failed, spec.ray.max_parallel or default_parallelism(spec), done,
-                                group=group)
+                                group=group, on_tick=tick)
+        status["training"] = 0
+        log.info(summary())
     finally:
         pool.stop_all()
+        if tracker:
+            tracker.close()
     if failures:
         names = ", ".join(f"{k} ({v})" for k, v in failures.items())
         raise RaykdError(f"{len(failures)} of {len(units)} runs failed: {names}; finished runs "
                          f"are kept in {run_dir}, re-run the job to resume")
     return table.frame()
+
+
+def start_tracking(spec: JobSpec, units: dict, done: set, table: ResultsTable):
+    """A tracker following every unit of the job (None when the job asks for no tracking);
+    units finished before are handed their stored rows, so a tracker added later catches up."""
+    from raykd.tracking import Tracker, sinks_for, unit_params
+
+    sinks = sinks_for(spec)
+    if not sinks:
+        return None
+    tracker = Tracker(sinks)
+    for key, unit in units.items():
+        tracker.watch(key, unit.history_path, *unit_params(unit))
+        if key in done:
+            tracker.finish(key, final_numbers([r for r in table.rows if r.get("unit") == key]))
+    return tracker
+
+
+def final_numbers(rows: list[dict]) -> dict:
+    """A unit's final row for trackers; a unit with several rows (DIH heads, a stitched student
+    before and after fine-tuning) gets each row's values under its method's name."""
+    if len(rows) == 1:
+        return rows[0]
+    return {f"{r['method']}/{k}": v for r in rows for k, v in r.items()}
 
 
 def _take(store: TeacherStore, unit, table: ResultsTable) -> bool:

@@ -1,7 +1,10 @@
 """Starting or joining Ray with the settings this project relies on (measured on Ray 2.60)."""
 from __future__ import annotations
 
+import logging
 import os
+
+from raykd.log import log
 
 # Set before ray.init so that every Ray process inherits them.
 _DEFAULTS = {
@@ -15,6 +18,9 @@ _DEFAULTS = {
     # Train's print patch would print it twice (once itself, once through its logger)
     "RAY_DEDUP_LOGS": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # worker lines reach the driver as plain "(RayTrainWorker pid=N) raykd: ..." text, with no
+    # colour codes, so a run's output stays readable when piped to a file
+    "RAY_COLOR_PREFIX": "0",
 }
 
 
@@ -36,13 +42,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray's own start-up lines (with colour codes) stay quiet; raykd says where the dashboard is
+    quiet = {"logging_level": logging.WARNING}
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, **quiet)
     else:
         # a local instance on loopback only
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # The dashboard serves the state API that Train's placement-group cleaner polls; without
         # it that cleaner logs a warning every second.
         # `raykd_trial`: the slots sweep trial drivers take instead of a CPU (raykd.sweep)
-        ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=log_to_driver,
-                 resources={"raykd_trial": 16})
+        context = ray.init(num_cpus=num_cpus, include_dashboard=True,
+                           log_to_driver=log_to_driver, resources={"raykd_trial": 16}, **quiet)
+        if context.dashboard_url:
+            log.info("started a local Ray instance (%d CPUs); dashboard: http://%s",
+                     int(ray.cluster_resources().get("CPU", 0)), context.dashboard_url)

@@ -70,7 +70,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
-def _pm(mean: float, std: float) -> str:
+def plus_minus(mean: float, std: float) -> str:
     if pd.isna(mean):
         return "-"
     return f"{mean:.4f} ± {0.0 if pd.isna(std) else std:.4f}"
@@ -80,14 +80,23 @@ def format_summary(df: pd.DataFrame) -> str:
     s = summarize(df)
     table = pd.DataFrame({
         "role": s["role"], "method": s["method"], "model": s["model"], "seeds": s["seeds"],
-        "val_top1": [_pm(m, d) for m, d in zip(s["val_mean"], s["val_std"])],
-        "test_top1": [_pm(m, d) for m, d in zip(s["test_mean"], s["test_std"])],
+        "val_top1": [plus_minus(m, d) for m, d in zip(s["val_mean"], s["val_std"])],
+        "test_top1": [plus_minus(m, d) for m, d in zip(s["test_mean"], s["test_std"])],
         "params": s["params"], "wall_s": s["wall_s"].round(1),
     })
     return table.to_string(index=False)
 
 
 def plot_summary(df: pd.DataFrame, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = summary_figure(df)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary_figure(df: pd.DataFrame):
+    """Test top-1 per (role, method): bars at the mean over seeds, error bars one std."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -102,8 +111,7 @@ def plot_summary(df: pd.DataFrame, path: str | Path) -> None:
     lo = max(0.0, float((s["test_mean"] - s["test_std"].fillna(0)).min()) - 0.05)
     ax.set_ylim(lo, 1.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def summarize_diagnostics(run_dir: str | Path) -> pd.DataFrame | None:

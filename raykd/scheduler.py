@@ -38,9 +38,11 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
                  on_failed: Callable[[str, str], None] = lambda key, reason: None,
                  limit: int = 1, done: Iterable[str] = (),
                  group: Callable[[str, list[str], int], list[str]] | None = None,
-                 poll_s: float = 0.5) -> dict[str, str]:
+                 poll_s: float = 0.5,
+                 on_tick: Callable[[list[str], list[Any]], None] | None = None) -> dict[str, str]:
     """Run `tasks` (key -> dependency keys) to completion; return {key: reason} for the failed
-    and the not-run. Keys in `done` count as finished already."""
+    and the not-run. Keys in `done` count as finished already. `on_tick(keys, groups)` is
+    called at every turn with the keys of plain launches in flight and the open groups."""
     done = set(done)
     pending = [k for k in tasks if k not in done]
     dependents: dict[str, int] = {}
@@ -115,8 +117,11 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
                 pending.remove(key)
                 fail(key, "not run: it could not be launched (dependencies or resources)")
             break
+        if on_tick:
+            on_tick([k for ref, keys in in_flight.items() if ref not in groups for k in keys],
+                    list(groups.values()))
         finished, _ = ray.wait(list(in_flight), num_returns=1,
-                               timeout=poll_s if groups else None)
+                               timeout=poll_s if groups or on_tick else None)
         for ref, open_group in list(groups.items()):
             for key, value in open_group.poll().items():
                 in_flight[ref].remove(key)

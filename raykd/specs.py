@@ -137,6 +137,15 @@ class SweepSpec:
 
 
 @dataclass
+class TrackingSpec:
+    """Where per-epoch metrics, parameters and final rows also go (the driver logs them, so
+    each is logged once, however the units were packed or resumed)."""
+    mlflow: Any = None                # a tracking URI, or true: RUN_DIR's output_dir/mlflow.db
+    experiment: str | None = None     # the MLflow experiment (default: the job's name)
+    tensorboard: bool = False         # event files in RUN_DIR/tensorboard/UNIT
+
+
+@dataclass
 class JobSpec:
     name: str = "job"
     output_dir: str = "runs"          # RUN_DIR = output_dir/name
@@ -149,6 +158,7 @@ class JobSpec:
     methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"kd": {}})
     ray: RaySpec = field(default_factory=RaySpec)
     sweep: SweepSpec | None = None    # read by `raykd sweep` only
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
     @property
     def run_dir(self) -> Path:

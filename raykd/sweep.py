@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -179,11 +180,15 @@ def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from raykd.train.kinds import train_worker
-        from raykd.train.runner import scaling_config, trainer_class
+        from raykd.train.runner import QUIET_TRAIN, scaling_config, trainer_class
 
         trial_id = tune.get_context().get_trial_id()
         fail = bool(fail_when) and all(config.get(k) == v for k, v in fail_when.items())
         unit = trial_unit(raw, config, sweep, run_dir, trial_id, rows, teacher_cache, fail)
+        # the sampled values, for trackers (raykd.tracking follows this trial's history)
+        folder = Path(unit.history_path).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({k: _plain(v) for k, v in config.items()}))
         scaling = scaling_config(sweep.workers, sweep.cpus_per_worker, sweep.gpus_per_worker)
         trainer_class(sweep.workers)(
             train_worker, train_loop_config={"units": [unit]}, scaling_config=scaling,
@@ -191,7 +196,8 @@ def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
                 # named by the trial: a restored trial continues its Train run
                 name=unit.key, storage_path=str(run_dir / SWEEP_DIR / "train"),
                 callbacks=[TuneReportCallback()],
-                failure_config=ray.train.FailureConfig(max_failures=0)),
+                failure_config=ray.train.FailureConfig(max_failures=0),
+                logging_config=QUIET_TRAIN),
         ).fit()
 
     return trial
@@ -257,9 +263,16 @@ def run_sweep(raw: dict, fail_when: dict | None = None):
                 max_concurrent_trials=min(sweep.max_concurrent, int(have)),
                 scheduler=scheduler(sweep, epochs), search_alg=search_alg(sweep)),
             run_config=tune.RunConfig(name="tune", storage_path=str(folder), verbose=1))
+    tracker = track_trials(spec, folder / "trials", sweep.method)
     started = time.perf_counter()
-    grid = tuner.fit()
-    table = sweep_table(grid, list(sweep.space), epochs)
+    try:
+        grid = tuner.fit()
+        table = sweep_table(grid, list(sweep.space), epochs)
+        for row in table.to_dict("records") if tracker else []:
+            tracker.finish(f"trial-{row['trial']}", row)
+    finally:
+        if tracker:
+            tracker.close()
     table.attrs["search_s"] = time.perf_counter() - started   # the trials alone
     table.to_parquet(run_dir / "sweep.parquet", index=False)
     plot_sweep(table, list(sweep.space), run_dir / "sweep.png")
@@ -279,6 +292,24 @@ def run_sweep(raw: dict, fail_when: dict | None = None):
     (run_dir / "best.yaml").write_text(yaml.safe_dump(best_raw, sort_keys=False))
     results = run_job(job_from_dict(copy.deepcopy(best_raw)), splits=splits)
     return table, results
+
+
+def track_trials(spec: JobSpec, trials: Path, method: str):
+    """A tracker following every trial's history as trials appear (None without tracking)."""
+    from raykd.tracking import Tracker, sinks_for
+
+    sinks = sinks_for(spec)
+    if not sinks:
+        return None
+
+    def describe(path: Path):
+        config = path.parent / "config.json"
+        params = json.loads(config.read_text()) if config.is_file() else {}
+        return f"trial-{path.parent.name}", params, {"role": "trial", "label": method}
+
+    tracker = Tracker(sinks)
+    tracker.watch_folders(trials, "*/metrics.jsonl", describe)
+    return tracker
 
 
 def scheduler(sweep: SweepSpec, epochs: int):

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from raykd.ray_env import set_ray_env
 
@@ -59,3 +64,33 @@ def digits_teacher(tmp_path_factory):
     torch.manual_seed(0)
     save_export(build_model("cnn", 10, 1, 8), path, 10, 1, 8)
     return path
+
+
+RAYKD = str(Path(sys.executable).parent / "raykd")
+
+
+@pytest.fixture(scope="session")
+def tracked_run(ray_session, tmp_path_factory):
+    """A small job with every kind of report content (CE, KD with Tang's diagnostics, CD with an
+    Early Decay Teacher schedule; two seeds), tracked to MLflow and TensorBoard, run twice through
+    `raykd run` on the session's Ray: the first run fails seed0-kd after its epoch 2, the second
+    resumes it. Shared by the tracking, progress, export and report tests."""
+    root = tmp_path_factory.mktemp("tracked")
+    job = small_job(root, name="tracked", seeds=[0, 1],
+                    methods={"ce": {}, "kd": {"temperature": 4, "alpha": 0.9},
+                             "cd": {"edt": True}},
+                    tracking={"mlflow": True, "tensorboard": True})
+    path = root / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "RAY_AUTH_MODE": "disabled"}
+
+    def run(**extra):
+        return subprocess.run([RAYKD, "run", str(path)], env={**env, **extra},
+                              capture_output=True, text=True, timeout=480)
+    first = run(RAYKD_FAIL_AT="seed0-kd:2")
+    second = run()
+    for name, done in (("first", first), ("second", second)):   # to read when a test fails
+        (root / f"{name}.log").write_text(done.stdout + done.stderr)
+    return SimpleNamespace(root=root, run_dir=root / "tracked", job=job, first=first,
+                           second=second)

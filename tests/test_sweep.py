@@ -79,6 +79,7 @@ def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session,
     # stops them; lr 0.05 is made to fail after its first epoch: the sweep goes on
     job = _sweep_job(tmp_path, "asha", {"student.train.lr": {
         "type": "grid", "values": [0.2, 0.1, 0.0001, 0.00005, 0.05]}}, reduction_factor=2)
+    job["tracking"] = {"mlflow": True, "tensorboard": True}
     table, results = run_sweep(job, fail_when={"student.train.lr": 0.05})
     assert len(table) == 5
     status = dict(zip(table["student.train.lr"], table.status))
@@ -101,6 +102,29 @@ def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session,
     assert main(["results", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert out.index("sweep trials") < out.index("test_top1") and "stopped" in out
+    # every trial is tracked with its sampled value and each epoch it ran, once
+    from mlflow.tracking import MlflowClient
+
+    from raykd.report import build_report
+    from raykd.tracking import read_scalars
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("asha")
+    runs = {r.data.tags["raykd.unit"]: r for r in
+            client.search_runs([experiment.experiment_id], max_results=100)}
+    for trial in table.to_dict("records"):
+        run = runs[f"trial-{trial['trial']}"]
+        assert float(run.data.params["student.train.lr"]) == trial["student.train.lr"]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
+        assert steps == list(range(1, trial["epochs"] + 1))
+        if trial["last_val_top1"] == trial["last_val_top1"]:     # not NaN
+            assert run.data.metrics["final/last_val_top1"] == pytest.approx(trial["last_val_top1"])
+        tb_steps, _ = read_scalars(run_dir / "tensorboard" / f"trial-{trial['trial']}")
+        assert max(tb_steps) == trial["epochs"]
+    assert "seed0-kd" in runs and "seed0-teacher" in runs, "the prerequisites and the best run"
+    # the report shows the sweep's trials and plot
+    page = build_report(run_dir)
+    assert "<h2>Sweep</h2>" in page and "data:image/png;base64," in page
 
 
 @pytest.mark.ray   # starts its own Ray instance through `raykd sweep`

@@ -19,6 +19,7 @@ from raykd.data import load_dataset
 from raykd.methods import MethodContext, Step, build_method
 from raykd.models import build_model, count_macs, count_params
 from raykd.models.export import build_stitched, candidate_spec, load_export, load_heads, save_export
+from raykd.models.staged import latency_ms
 from raykd.teacher.access import open_teachers
 from raykd.train.batches import WithIndex, epoch_order, evaluate, with_teacher
 from raykd.train.skeleton import UnitTrainer, register_kind
@@ -163,7 +164,9 @@ class ModelTrainer(UnitTrainer):
                 else getattr(model, "arch", unit.model))
         row = {**common, "method": unit.label, "model": name, "val_top1": metrics.get("val_top1"),
                "test_top1": metrics.get("test_top1"), "params": count_params(model),
-               "macs": count_macs(model, input_shape)}
+               "macs": count_macs(model, input_shape),
+               # batch 1, one thread, eager PyTorch (`raykd export` adds ONNX / TorchScript's)
+               "latency_ms": latency_ms(model, input_shape)}
         if not (unit.stitch or unit.init_from) or unit.reinit:
             return [row]
         before = {**row, "method": f"{unit.label}.{'stitched' if unit.stitch else 'start'}",

@@ -17,7 +17,14 @@ import time
 from pathlib import Path
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+)
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -124,7 +131,12 @@ def trainer_for(config: dict, workers: int, cpus_per_worker: float, use_gpu: boo
         run_config=RunConfig(
             name=name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=max_failures)))
+            failure_config=FailureConfig(max_failures=max_failures),
+            logging_config=QUIET_TRAIN))
+
+
+# Train's controller logs each worker group's start at INFO; raykd's own lines say enough
+QUIET_TRAIN = LoggingConfig(log_level="WARNING")
 
 
 def queued(units: list[Unit], storage: str) -> list[Unit]:
@@ -230,6 +242,10 @@ class OpenPack:
 
     def close(self) -> None:
         ray.get(self.queue.close.remote())
+
+    def training(self) -> int:
+        """Units its lanes are training now."""
+        return len(ray.get(self.queue.running.remote()))
 
     def poll(self) -> dict:
         """Outcomes of the units finished since the last poll."""

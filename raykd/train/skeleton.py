@@ -16,7 +16,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from raykd.log import log, quiet_ray_logs, setup_logging
+from raykd.log import duration, log, quiet_ray_logs, setup_logging
 from raykd.train.optim import make_optimizer, make_scheduler
 from raykd.train.progress import Progress
 from raykd.units import Unit
@@ -110,6 +110,7 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False) -> None
     start_epoch = progress.restore()
     trainer.start(start_epoch)
     epochs = unit.optim.epochs
+    spent: list[float] = []
     for epoch in range(start_epoch, epochs):
         started, started_at = time.perf_counter(), time.time()
         trainer.train_mode()
@@ -135,11 +136,14 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False) -> None
                        epoch_started_at=started_at, epoch_finished_at=started_at + train_s,
                        node=ray.get_runtime_context().get_node_id())
         metrics.update(trainer.evaluate(epoch, epoch == epochs - 1, seen))
+        spent.append(time.perf_counter() - started)     # training and evaluation
         if rank == 0:
             parts = "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()
                               if k.startswith("loss_"))
-            log.info("[%s] epoch %d/%d  loss %.4f (%s)  %s  %.1fs", unit.key, epoch + 1, epochs,
-                     metrics.get("loss", float("nan")), parts, trainer.summary(metrics), train_s)
+            eta = sum(spent) / len(spent) * (epochs - epoch - 1)
+            log.info("[%s] epoch %d/%d  loss %.4f (%s)  %s  %.1fs  eta %s", unit.key, epoch + 1,
+                     epochs, metrics.get("loss", float("nan")), parts, trainer.summary(metrics),
+                     train_s, duration(eta))
             trainer.end_epoch(epoch, metrics)
         progress.end_epoch(epoch, metrics)
     if epochs == 0:

@@ -1,0 +1,78 @@
+"""Experiment tracking and progress output, on a real job run twice through `raykd run` (the
+first run fails one unit mid-way; the second resumes it): MLflow's store and TensorBoard's event
+files are read back with their own readers."""
+import re
+
+import pytest
+
+from raykd.results import read_results
+from raykd.tracking import read_scalars
+
+UNITS = ["seed0-teacher", "seed1-teacher", "seed0-ce", "seed1-ce", "seed0-kd", "seed1-kd",
+         "seed0-cd", "seed1-cd"]
+
+
+def test_progress_lines_are_plain_text_with_eta_and_a_summary(tracked_run):
+    first, second = tracked_run.first, tracked_run.second
+    assert first.returncode == 2 and "1 of 8 runs failed: seed0-kd" in first.stderr
+    assert second.returncode == 0, second.stderr[-2000:]
+    for out in (first.stdout + first.stderr, second.stdout + second.stderr):
+        assert "\x1b" not in out, "no colour or cursor codes: the output is piped to a file"
+        assert not any(ord(c) < 32 and c not in "\n\t" for c in out)
+    log = second.stdout + second.stderr
+    # a live line per unit epoch: epoch i/n, loss, val accuracy, ETA
+    assert re.search(r"\[seed0-kd\] resuming after epoch 2", log)
+    assert re.search(r"\[seed0-kd\] epoch 3/3  loss [\d.]+ \(ce [\d.]+  kd [\d.]+\)  "
+                     r"val_top1 [\d.]+  [\d.]+s  eta 0s", log)
+    assert re.search(r"\[seed1-cd\] epoch \d/3 .* eta \d+s", first.stderr)
+    # where the job stands, after the run: 7 units finished before, seed0-kd now
+    assert "units: 8 done, 0 training, 0 waiting" in log
+    assert "units: 7 done, 0 training, 0 waiting, 1 failed" in first.stderr
+    assert "Requesting resources" not in log, "Train's controller INFO lines are quiet"
+
+
+@pytest.fixture(scope="module")
+def mlflow_runs(tracked_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tracked_run.root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tracked")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    return client, {r.data.tags["raykd.unit"]: r for r in runs}
+
+
+def test_mlflow_holds_each_units_epochs_once_across_the_resume(tracked_run, mlflow_runs):
+    client, runs = mlflow_runs
+    parent = runs.pop("")
+    assert sorted(runs) == sorted(UNITS), "one run per unit, under one parent, after two drivers"
+    rows = read_results(tracked_run.run_dir).set_index("unit")
+    for key, run in runs.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
+        assert steps == [1, 2, 3], f"{key}: every epoch once, in order (got {steps})"
+        assert run.data.metrics["final/test_top1"] == pytest.approx(rows.loc[key, "test_top1"])
+    kd = runs["seed0-kd"].data
+    assert kd.params["params.temperature"] == "4" and kd.params["train.lr"] == "0.1"
+    assert kd.tags["raykd.label"] == "kd" and kd.tags["raykd.seed"] == "0"
+    assert "final/latency_ms" in kd.metrics, "students' rows carry their CPU latency"
+    # the resumed unit's epochs were logged by two driver processes, in order
+    epochs = client.get_metric_history(runs["seed0-kd"].info.run_id, "epoch")
+    assert [m.step for m in epochs] == [1, 2, 3]
+
+
+def test_tensorboard_events_hold_each_units_curves_once(tracked_run):
+    root = tracked_run.run_dir / "tensorboard"
+    assert sorted(p.name for p in root.iterdir()) == sorted(UNITS)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for key in UNITS:
+        steps, tags = read_scalars(root / key)
+        assert {"loss", "val_top1", "final/test_top1"} <= tags
+        acc = EventAccumulator(str(root / key))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("val_top1")] == [1, 2, 3], key
+    acc = EventAccumulator(str(root / "seed0-cd"))
+    acc.Reload()
+    w_cd = [e.value for e in acc.Scalars("w_cd")]
+    assert w_cd[0] > w_cd[-1] > 0, "Early Decay Teacher: the channel term's weight decays"
