@@ -187,8 +187,13 @@ def sinks_for(spec) -> list:
         root = Path(spec.output_dir)
         uri = f"sqlite:///{root / 'mlflow.db'}" if t.mlflow is True else str(t.mlflow)
         quiet_mlflow()
-        out.append(MLflowSink(uri, t.experiment or spec.name, spec.run_dir,
-                              root / "mlflow-artifacts"))
+        try:
+            out.append(MLflowSink(uri, t.experiment or spec.name, spec.run_dir,
+                                  root / "mlflow-artifacts"))
+        except Exception as e:    # a tracking server that is down must not stop the training
+            log.warning("tracking.mlflow: %s unreachable (%s: %s); the job runs without it, "
+                        "re-run it later to log what it trained", uri, type(e).__name__,
+                        str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
     if t.tensorboard:
         out.append(TensorBoardSink(spec.run_dir / TB_DIR))
     return out
@@ -196,6 +201,11 @@ def sinks_for(spec) -> list:
 
 def quiet_mlflow() -> None:
     import logging
+    import os
+
+    # a server that is down is found in seconds, not after MLflow's minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
     # the embedded store's first use logs its schema migrations at INFO
     for name in ("mlflow", "alembic"):

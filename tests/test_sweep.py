@@ -116,11 +116,13 @@ def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session,
         run = runs[f"trial-{trial['trial']}"]
         assert float(run.data.params["student.train.lr"]) == trial["student.train.lr"]
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
-        assert steps == list(range(1, trial["epochs"] + 1))
+        # each epoch the trial trained, once (a stopped trial may finish the epoch after the
+        # one Tune stopped it on: its history has it, so the tracker does)
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= trial["epochs"] >= 1
         if trial["last_val_top1"] == trial["last_val_top1"]:     # not NaN
             assert run.data.metrics["final/last_val_top1"] == pytest.approx(trial["last_val_top1"])
         tb_steps, _ = read_scalars(run_dir / "tensorboard" / f"trial-{trial['trial']}")
-        assert max(tb_steps) == trial["epochs"]
+        assert max(tb_steps) == len(steps)
     assert "seed0-kd" in runs and "seed0-teacher" in runs, "the prerequisites and the best run"
     # the report shows the sweep's trials and plot
     page = build_report(run_dir)

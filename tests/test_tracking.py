@@ -76,3 +76,21 @@ def test_tensorboard_events_hold_each_units_curves_once(tracked_run):
     acc.Reload()
     w_cd = [e.value for e in acc.Scalars("w_cd")]
     assert w_cd[0] > w_cd[-1] > 0, "Early Decay Teacher: the channel term's weight decays"
+
+
+def test_tracking_settings_are_checked_and_a_server_that_is_down_does_not_stop_a_job(
+        tmp_path, caplog):
+    from raykd.config import job_from_dict
+    from raykd.errors import RaykdError
+    from raykd.tracking import sinks_for
+
+    with pytest.raises(RaykdError, match="tracking.mlflow: expected a tracking URI"):
+        job_from_dict({"tracking": {"mlflow": 5}})
+    assert job_from_dict({"tracking": {"mlflow": False}}).tracking.mlflow is None
+    assert sinks_for(job_from_dict({"output_dir": str(tmp_path)})) == [], "no tracking asked"
+    spec = job_from_dict({"output_dir": str(tmp_path), "tracking": {
+        "mlflow": "http://127.0.0.1:9", "tensorboard": True}})
+    with caplog.at_level("WARNING", logger="raykd"):
+        sinks = sinks_for(spec)
+    assert [type(s).__name__ for s in sinks] == ["TensorBoardSink"]
+    assert "tracking.mlflow: http://127.0.0.1:9 unreachable" in caplog.text
