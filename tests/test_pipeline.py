@@ -1,10 +1,8 @@
 """End to end on a real local Ray: teacher, CE and KD students as real TorchTrainer runs."""
 import pandas as pd
-import pytest
 
 from raykd.cli import main
 from raykd.config import job_from_dict
-from raykd.errors import RaykdError
 from raykd.files import file_hash
 from raykd.models import count_params
 from raykd.models.export import load_export
@@ -47,18 +45,6 @@ def test_end_to_end_on_digits_then_reuse(ray_session, tmp_path, capsys):
     assert file_hash(shared.export) == file_hash(teacher.export)
     assert shared.test_top1 == teacher.test_top1
     assert not (tmp_path / "t2" / "metrics" / "seed0-teacher.parquet").exists(), "not trained"
-
-
-def test_interrupted_run_resumes_from_its_last_checkpoint(ray_session, tmp_path):
-    spec = job_from_dict(small_job(tmp_path, name="resume", methods={"ce": {}}))
-    with pytest.raises(RaykdError, match="1 of 2 runs failed: seed0-ce"):
-        run_job(spec, fail_at={"seed0-ce": 2})
-    kept = read_results(spec.run_dir)
-    assert list(kept.unit) == ["seed0-teacher"], "the finished teacher row survives the failure"
-    df = run_job(spec)
-    ce = df[df.unit == "seed0-ce"].iloc[0]
-    assert ce.resumed_from == 2 and ce.epochs == 3
-    assert df[df.unit == "seed0-teacher"].iloc[0].wall_s == kept.iloc[0].wall_s
 
 
 def test_data_parallel_run_with_two_workers(ray_session, tmp_path):

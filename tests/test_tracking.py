@@ -31,6 +31,19 @@ def test_progress_lines_are_plain_text_with_eta_and_a_summary(tracked_run):
     assert "Requesting resources" not in log, "Train's controller INFO lines are quiet"
 
 
+def test_the_interrupted_unit_resumed_and_finished_units_were_kept(tracked_run):
+    rows = read_results(tracked_run.run_dir).set_index("unit")
+    assert sorted(rows.index) == sorted(UNITS), "one row per unit"
+    assert rows.loc["seed0-kd", "resumed_from"] == 2 and rows.loc["seed0-kd", "epochs"] == 3
+    assert (rows.drop("seed0-kd").resumed_from == 0).all()
+    # rows written by the first run were not rewritten by the second
+    first_finished = [m.group(1) for m in re.finditer(r"raykd: \[\d/8\] (\S+):",
+                                                       tracked_run.first.stderr)]
+    assert sorted(first_finished) == sorted(u for u in UNITS if u != "seed0-kd")
+    assert rows.loc[first_finished, "finished_at"].max() < rows.loc["seed0-kd", "finished_at"]
+    assert "7 of 8 runs already finished" in tracked_run.second.stderr
+
+
 @pytest.fixture(scope="module")
 def mlflow_runs(tracked_run):
     from mlflow.tracking import MlflowClient
