@@ -28,7 +28,8 @@ TB_DIR = "tensorboard"
 FINAL = "final/"          # final rows' numbers: a unit's last record
 # per-epoch bookkeeping, not learning signals: not sent to trackers
 SKIP = {"epoch", "epochs", "resumed_from", "epoch_started_at", "epoch_finished_at", "node",
-        "teacher_hash", "teacher_checksum_before", "teacher_checksum_after"}
+        "teacher_hash", "teacher_checksum_before", "teacher_checksum_after", "seed",
+        "started_at", "finished_at", "trained_from", "trained_until"}
 
 
 def numbers(record: dict) -> dict[str, float]:

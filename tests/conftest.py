@@ -8,7 +8,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from raykd.ray_env import set_ray_env
 
@@ -69,28 +68,32 @@ def digits_teacher(tmp_path_factory):
 RAYKD = str(Path(sys.executable).parent / "raykd")
 
 
+QUICKSTART = Path(__file__).resolve().parent.parent / "jobs" / "quickstart.yaml"
+
+
 @pytest.fixture(scope="session")
 def tracked_run(ray_session, tmp_path_factory):
-    """A small job with every kind of report content (CE, KD with Tang's diagnostics, CD with an
-    Early Decay Teacher schedule; two seeds), tracked to MLflow and TensorBoard, run twice through
-    `raykd run` on the session's Ray: the first run fails seed0-kd after its epoch 2, the second
-    resumes it. Shared by the tracking, progress, export and report tests."""
+    """The quickstart itself (every method: teachers, DIH heads, neighbourhood parts, CE, KD,
+    CD+GKD, KD-top5, DIH, FEED and stitched students), made small by overrides (two seeds, 300
+    training images, a few epochs; CD with an Early Decay Teacher schedule) and tracked to MLflow
+    and TensorBoard, run twice through `raykd run` on the session's Ray: the first run fails
+    seed0-kd after its epoch 2, the second resumes it. Shared by the tracking, progress, export
+    and report tests."""
     root = tmp_path_factory.mktemp("tracked")
-    job = small_job(root, name="tracked", seeds=[0, 1],
-                    methods={"ce": {}, "kd": {"temperature": 4, "alpha": 0.9},
-                             "cd": {"edt": True}},
-                    tracking={"mlflow": True, "tensorboard": True})
-    path = root / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
+    overrides = [
+        f"output_dir={root}", "seeds=[0,1]", "data.train_size=300",
+        "teacher.train.epochs=2", "student.train.epochs=3", "heads.train.epochs=2",
+        "methods.nd.train.epochs=2", "methods.nd.finetune_epochs=1", "methods.cd_gkd.edt=true",
+        "ray.max_failures=0",
+        "tracking.mlflow=true", "tracking.tensorboard=true"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
            "RAY_AUTH_MODE": "disabled"}
 
     def run(**extra):
-        return subprocess.run([RAYKD, "run", str(path)], env={**env, **extra},
+        return subprocess.run([RAYKD, "run", str(QUICKSTART), *overrides], env={**env, **extra},
                               capture_output=True, text=True, timeout=480)
     first = run(RAYKD_FAIL_AT="seed0-kd:2")
     second = run()
     for name, done in (("first", first), ("second", second)):   # to read when a test fails
         (root / f"{name}.log").write_text(done.stdout + done.stderr)
-    return SimpleNamespace(root=root, run_dir=root / "tracked", job=job, first=first,
-                           second=second)
+    return SimpleNamespace(root=root, run_dir=root / "quickstart", first=first, second=second)

@@ -28,7 +28,7 @@ def test_onnx_export_matches_the_student_on_the_test_split_and_is_timed(tracked_
     chosen = kd.sort_values(["val_top1", "seed"], ascending=[False, True]).iloc[0]
     spec = json.loads((run_dir / "export" / f"kd-seed{chosen.seed}.json").read_text())
     assert spec["seed"] == chosen.seed, "chosen on the validation split"
-    assert spec["input"]["shape"] == ["N", 1, 8, 8] and spec["output"]["shape"] == ["N", 10]
+    assert spec["input"]["shape"] == ["N", 1, 28, 28] and spec["output"]["shape"] == ["N", 10]
     assert spec["max_abs_diff"] <= 1e-4 and spec["top1_agreement"] == 1.0
     assert all(v > 0 for v in spec["latency_ms"].values()) and len(spec["latency_ms"]) == 4
     # checked again here, independently: onnxruntime against the exported PyTorch student
@@ -46,17 +46,18 @@ def test_onnx_export_matches_the_student_on_the_test_split_and_is_timed(tracked_
 
 def test_torchscript_export_of_a_named_seed_and_bad_labels(tracked_run):
     run_dir = tracked_run.run_dir
-    done = export(run_dir, "--label", "cd", "--seed", "1", "--format", "torchscript")
+    done = export(run_dir, "--label", "cd_gkd", "--seed", "1", "--format", "torchscript")
     assert done.returncode == 0, done.stderr
-    path = run_dir / "export" / "cd-seed1.torchscript.pt"
+    path = run_dir / "export" / "cd_gkd-seed1.torchscript.pt"
     loaded = torch.jit.load(str(path))
     x, _, _ = load_test_split(run_dir)
     rows = read_results(run_dir)
-    source = rows[(rows.method == "cd") & (rows.seed == 1) & (rows.role == "student")].iloc[0]
+    source = rows[(rows.method == "cd_gkd") & (rows.seed == 1) & (rows.role == "student")].iloc[0]
     with torch.no_grad():
         assert torch.allclose(loaded(x[:50]), load_export(source.export).eval()(x[:50]), atol=1e-5)
     bad = export(run_dir, "--label", "nope")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
-    assert "no student with that label" in bad.stderr and "cd, ce, kd" in bad.stderr
+    assert "no student with that label" in bad.stderr
+    assert "its students: cd_gkd, ce, dih, feed, kd, kd_top5, nd, nd.stitched" in bad.stderr
     bad_seed = export(run_dir, "--label", "kd", "--seed", "7")
     assert bad_seed.returncode == 2 and "its seeds: 0, 1" in bad_seed.stderr

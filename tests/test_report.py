@@ -1,5 +1,6 @@
-"""`raykd report`: one self-contained HTML page, rendered in a real headless browser (Debian's
-chromium; `.ci/run` installs it)."""
+"""`raykd report`: the quickstart's page (the job made small by the `tracked_run` fixture), one
+self-contained HTML file, rendered in a real headless browser (Debian's chromium; `.ci/run`
+installs it)."""
 import re
 import shutil
 import subprocess
