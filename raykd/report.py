@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from raykd.files import atomic_write
-from raykd.results import plus_minus, read_results, summarize, summary_figure
+from raykd.results import read_results, summary_figure, summary_table
 
 REPORT_FILE = "report.html"
 STYLE = """
@@ -77,17 +77,8 @@ def table_html(df: pd.DataFrame, floats: str = "{:.4f}") -> str:
 
 
 def results_section(df: pd.DataFrame) -> str:
-    s = summarize(df)
-    shown = pd.DataFrame({
-        "role": s["role"], "method": s["method"], "model": s["model"], "seeds": s["seeds"],
-        "val_top1": [plus_minus(m, d) for m, d in zip(s["val_mean"], s["val_std"])],
-        "test_top1": [plus_minus(m, d) for m, d in zip(s["test_mean"], s["test_std"])],
-        "params": s["params"].astype("Int64").astype(str)})
-    if "latency_ms" in df:
-        lat = df.groupby(["role", "method", "model"], sort=False)["latency_ms"].median()
-        shown["latency_ms"] = [lat.get((r, m, mo)) for r, m, mo in
-                               zip(s["role"], s["method"], s["model"])]
-    shown["wall_s"] = s["wall_s"].round(1)
+    shown = summary_table(df, latency=True)
+    shown["params"] = shown["params"].astype("Int64").astype(str)
     return ("<h2>Results</h2><p class=note>Mean ± std over seeds. Models are selected on the "
             "validation split; the test split is for reporting only. latency_ms: batch 1, one "
             "CPU thread, PyTorch.</p>" + table_html(shown, "{:.3g}")

@@ -76,15 +76,24 @@ def plus_minus(mean: float, std: float) -> str:
     return f"{mean:.4f} ± {0.0 if pd.isna(std) else std:.4f}"
 
 
-def format_summary(df: pd.DataFrame) -> str:
+def summary_table(df: pd.DataFrame, latency: bool = False) -> pd.DataFrame:
+    """The results table as shown: accuracies as mean ± std over seeds; with `latency`, the
+    median batch-1 latency per row (where the rows carry it)."""
     s = summarize(df)
     table = pd.DataFrame({
         "role": s["role"], "method": s["method"], "model": s["model"], "seeds": s["seeds"],
         "val_top1": [plus_minus(m, d) for m, d in zip(s["val_mean"], s["val_std"])],
         "test_top1": [plus_minus(m, d) for m, d in zip(s["test_mean"], s["test_std"])],
-        "params": s["params"], "wall_s": s["wall_s"].round(1),
-    })
-    return table.to_string(index=False)
+        "params": s["params"]})
+    if latency and "latency_ms" in df:
+        median = df.groupby(["role", "method", "model"], sort=False)["latency_ms"].median()
+        table["latency_ms"] = [median.get(k) for k in zip(s["role"], s["method"], s["model"])]
+    table["wall_s"] = s["wall_s"].round(1)
+    return table
+
+
+def format_summary(df: pd.DataFrame) -> str:
+    return summary_table(df).to_string(index=False)
 
 
 def plot_summary(df: pd.DataFrame, path: str | Path) -> None:
