@@ -13,7 +13,8 @@ def _run(*args, cwd=None):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["sweep", "--help"],
-                                  ["results", "--help"]])
+                                  ["results", "--help"], ["export", "--help"],
+                                  ["report", "--help"]])
 def test_help(args):
     res = _run(*args)
     assert res.returncode == 0 and "usage: raykd" in res.stdout
@@ -25,6 +26,8 @@ def test_help(args):
     (["run", "JOB", "data.dataset=cifar100", "data.root=/nowhere"],
      "dataset cifar100 not found at /nowhere/cifar-100-python"),
     (["results", "/nowhere"], "no results table at /nowhere/results.parquet"),
+    (["export", "/nowhere", "--label", "kd"], "no results table at /nowhere/results.parquet"),
+    (["report", "/nowhere"], "no results table at /nowhere/results.parquet"),
 ])
 def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message):
     job = tmp_path / "job.yaml"
