@@ -10,8 +10,6 @@ CPU latency is measured at batch 1 and batch 64 on one thread, beside the PyTorc
 from __future__ import annotations
 
 import json
-import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import yaml
 from raykd.errors import RaykdError
 from raykd.files import atomic_write
 from raykd.log import log
+from raykd.models.staged import median_ms
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -124,16 +123,10 @@ def batched(runtime: Runtime, x: torch.Tensor, batch: int = 256) -> np.ndarray:
 
 
 def latency(runtime: Runtime, x: torch.Tensor, batch: int, runs: int = 30) -> float:
-    """Median milliseconds of one call on `batch` inputs, after a warm-up, on one thread."""
+    """Median milliseconds of one call on `batch` inputs, after a warm-up (the caller holds torch
+    to one thread; onnxruntime sessions are built with one)."""
     inputs = x[:batch] if len(x) >= batch else x[torch.arange(batch) % len(x)]
-    for _ in range(5):
-        runtime.call(inputs)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        runtime.call(inputs)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    return median_ms(lambda: runtime.call(inputs), runs)
 
 
 def export_student(run_dir: str | Path, label: str, fmt: str = "onnx", seed: int | None = None,

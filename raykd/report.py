@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from raykd.files import atomic_write
-from raykd.results import read_results, summary_figure, summary_table
+from raykd.results import final_diagnostics, load_history, read_results, summary_figure, summary_table
 
 REPORT_FILE = "report.html"
 STYLE = """
@@ -86,15 +86,9 @@ def results_section(df: pd.DataFrame) -> str:
 
 
 def histories(run_dir: Path) -> dict[str, pd.DataFrame]:
-    """Each unit's per-epoch metrics (its last record of each epoch), by unit key."""
-    out = {}
-    for path in sorted((run_dir / "metrics").glob("*.jsonl")):
-        if path.stat().st_size == 0:
-            continue
-        frame = pd.read_json(path, lines=True, convert_dates=False)
-        if "epoch" in frame:
-            out[path.stem] = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
-    return out
+    """Each unit's per-epoch metrics, by unit key."""
+    found = {path.stem: load_history(path) for path in sorted((run_dir / "metrics").glob("*.jsonl"))}
+    return {key: frame for key, frame in found.items() if frame is not None}
 
 
 def unit_group(key: str) -> tuple[str, str]:
@@ -175,15 +169,9 @@ def weights_section(hist: dict[str, pd.DataFrame]) -> str:
 
 
 def diagnostics_section(run_dir: Path) -> str:
-    root = run_dir / "diagnostics"
-    frames: dict[str, list[pd.DataFrame]] = {}
-    for unit_dir in sorted(p for p in root.glob("*") if p.is_dir()):
-        files = sorted(unit_dir.glob("epoch-*.parquet"))
-        if files:
-            frames.setdefault(unit_group(unit_dir.name)[0], []).append(pd.read_parquet(files[-1]))
-    if not frames:
+    pooled = final_diagnostics(run_dir)
+    if not pooled:
         return ""
-    pooled = {m: pd.concat(parts) for m, parts in frames.items()}
     keys = [(m, c) for m, df in pooled.items() for c in df.columns if c != "epoch"]
     fig, axes = panels([f"{m}: {c}" for m, c in keys])
     for m, c in keys:

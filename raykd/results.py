@@ -123,22 +123,35 @@ def summary_figure(df: pd.DataFrame):
     return fig
 
 
+def load_history(path: str | Path) -> pd.DataFrame | None:
+    """A unit's per-epoch metrics (RUN_DIR/metrics/KEY.jsonl); an epoch repeated after a failure
+    keeps its last record. None when there is none yet."""
+    if not path or not Path(path).is_file() or Path(path).stat().st_size == 0:
+        return None
+    history = pd.read_json(path, lines=True, convert_dates=False)   # times stay epoch seconds
+    if "epoch" not in history:
+        return None
+    return history.drop_duplicates("epoch", keep="last").sort_values("epoch")
+
+
+def final_diagnostics(run_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """Per method, the per-sample diagnostics its units stored at their final epoch, pooled over
+    seeds (RUN_DIR/diagnostics/seedN-LABEL/epoch-E.parquet)."""
+    root = Path(run_dir) / "diagnostics"
+    frames: dict[str, list[pd.DataFrame]] = {}
+    for unit_dir in sorted(p for p in root.glob("*") if p.is_dir()):
+        files = sorted(unit_dir.glob("epoch-*.parquet"))
+        if files:
+            method = unit_dir.name.split("-", 1)[1] if "-" in unit_dir.name else unit_dir.name
+            frames.setdefault(method, []).append(pd.read_parquet(files[-1]))
+    return {method: pd.concat(parts) for method, parts in frames.items()}
+
+
 def summarize_diagnostics(run_dir: str | Path) -> pd.DataFrame | None:
     """Per method, the distribution (at the final epoch, pooled over seeds) of each per-sample
     diagnostic a method stored: mean and 10/50/90th percentiles."""
-    root = Path(run_dir) / "diagnostics"
-    if not root.is_dir():
-        return None
     rows = []
-    frames: dict[str, list[pd.DataFrame]] = {}
-    for unit_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(unit_dir.glob("epoch-*.parquet"))
-        if not files:
-            continue
-        method = unit_dir.name.split("-", 1)[1] if "-" in unit_dir.name else unit_dir.name
-        frames.setdefault(method, []).append(pd.read_parquet(files[-1]))
-    for method, parts in frames.items():
-        df = pd.concat(parts)
+    for method, df in final_diagnostics(run_dir).items():
         for col in [c for c in df.columns if c != "epoch"]:
             q = df[col].quantile([0.1, 0.5, 0.9])
             rows.append({"method": method, "diagnostic": col, "samples": len(df),

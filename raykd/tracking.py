@@ -70,11 +70,8 @@ class MLflowSink:
             self.experiment, run_name=run_dir.name,
             tags={"raykd.run_dir": self.run_dir, "raykd.unit": ""}).info.run_id
 
-    def _run(self, key: str):
-        return self.runs.get(key)
-
     def logged_until(self, key: str) -> int:
-        run = self._run(key)
+        run = self.runs.get(key)
         if run is None:
             return 0
         if run.info.status == "FINISHED":
@@ -83,7 +80,7 @@ class MLflowSink:
         return int(max((m.step for m in history), default=0))
 
     def start(self, key: str, params: dict, tags: dict) -> None:
-        if self._run(key) is not None:
+        if self.runs.get(key) is not None:
             return
         from mlflow.entities import Param
 
@@ -108,7 +105,7 @@ class MLflowSink:
     def finish(self, key: str, final: dict, step: int) -> None:
         from mlflow.entities import Metric
 
-        run = self._run(key)
+        run = self.runs.get(key)
         if run is None or run.info.status == "FINISHED":
             return
         now = int(time.time() * 1000)

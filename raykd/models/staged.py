@@ -173,25 +173,31 @@ class BlockRange(nn.Module):
         return self.model.run_blocks(x, self.start, self.stop)
 
 
+def median_ms(call, runs: int = 30, warmup: int = 5) -> float:
+    """Median milliseconds of `call()` over `runs` calls, after `warmup` calls."""
+    import statistics
+
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def latency_ms(module: nn.Module, input_shape: tuple[int, ...], runs: int = 30) -> float:
     """Median CPU latency of one forward pass on one input, on one thread, in milliseconds: the
     deployment-style number a search budget needs (batch 1), not training throughput."""
     import copy
-    import statistics
 
     module = copy.deepcopy(module).cpu().eval()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         x = torch.zeros(1, *input_shape)
-        for _ in range(5):
-            module(x)
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            module(x)
-            times.append((time.perf_counter() - started) * 1000)
+        return median_ms(lambda: module(x), runs)
     finally:
         torch.set_num_threads(threads)
-    return statistics.median(times)

@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from raykd.log import quiet_ray_logs
+from raykd.results import load_history
 from raykd.train.kinds import FAILED, train_worker, unit_kind
 from raykd.train.lanes import UnitQueue
 from raykd.train.progress import state_file
@@ -47,15 +48,10 @@ def scaling_config(workers: int, cpus_per_worker: float, gpus_per_worker: float,
 
 
 def read_history(path: str):
-    """The run's per-epoch metrics; an epoch repeated after a failure keeps its last record.
-    Also written next to it as Parquet."""
-    import pandas as pd
-
-    if not path or not Path(path).is_file():
-        return None
-    history = pd.read_json(path, lines=True, convert_dates=False)   # times stay epoch seconds
-    history = history.drop_duplicates("epoch", keep="last").sort_values("epoch")
-    history.to_parquet(Path(path).with_suffix(".parquet"), index=False)
+    """The run's per-epoch metrics (`load_history`), also written next to it as Parquet."""
+    history = load_history(path)
+    if history is not None:
+        history.to_parquet(Path(path).with_suffix(".parquet"), index=False)
     return history
 
 
