@@ -158,7 +158,8 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
                                     splits.input_shape, spec.ray.resources_per_worker), [keys[0]]
         pack = OpenPack([first], str(run_dir / "ray"), lanes, spec.ray.use_gpu,
                         spec.ray.max_failures, splits.num_classes, splits.input_shape,
-                        spec.ray.resources_per_worker, accept=join, priority=waiting_on)
+                        spec.ray.resources_per_worker, accept=join, priority=waiting_on,
+                        lend_idle_cpus=spec.ray.lend_idle_cpus)
         join(pack, keys[1:], announced=False)
         announce(list(pack.units.values()), lanes)
         return pack
@@ -198,7 +199,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         log.info("[%d/%d] %s: %s (%s)", len(done), len(units), key, accs,
                  duration(rows[0]["wall_s"]))
 
-    status = {"training": 0, "failed": 0, "counted": 0.0, "said": time.perf_counter()}
+    status = {"training": 0, "failed": 0, "said": time.perf_counter()}
 
     def summary() -> str:
         waiting = len(units) - len(done) - status["training"] - status["failed"]
@@ -207,14 +208,13 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
                 + f"; {duration(time.perf_counter() - started)} elapsed")
 
     def tick(plain: list[str], groups: list) -> None:
-        """Every few seconds, count what trains; every PROGRESS_S, say where the job stands."""
+        """Every PROGRESS_S, say where the job stands (what trains counted now, so that with
+        the done set it never adds up to more than the job's units)."""
         now = time.perf_counter()
-        if now - status["counted"] >= 5:
-            status["counted"] = now
-            status["training"] = len(plain) + sum(g.training() for g in groups
-                                                  if hasattr(g, "training"))
         if now - status["said"] >= PROGRESS_S:
             status["said"] = now
+            status["training"] = len(plain) + sum(g.training() for g in groups
+                                                  if hasattr(g, "training"))
             log.info(summary())
 
     def failed(key: str, reason: str) -> None:

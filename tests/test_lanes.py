@@ -55,3 +55,24 @@ def test_units_others_wait_on_are_taken_first(ray_session):
     ray.get(q.close.remote())
     assert [key(ray.get(q.take.remote(0))) for _ in range(5)] == [
         "heads", "leaf1", "leaf2", "leaf3", None]
+
+
+def test_a_busy_lane_borrows_the_cpus_of_idle_lanes_on_its_node_only_when_lending(ray_session):
+    q = UnitQueue.remote(True)
+    ray.get(q.add.remote(units("long", "short")))
+    ray.get([q.join.remote(0, "n1"), q.join.remote(1, "n1"), q.join.remote(2, "n2")])
+    assert key(ray.get(q.take.remote(0))) == "long" and key(ray.get(q.take.remote(1))) == "short"
+    assert ray.get(q.threads.remote(0, 1)) == 1, "both lanes of n1 busy: its own CPU"
+    ray.get(q.done.remote(1, "short"))
+    assert ray.get(q.take.remote(1)) == WAIT and ray.get(q.take.remote(2)) == WAIT
+    assert ray.get(q.threads.remote(0, 1)) == 2, "lane 1 waits: lane 0 uses its CPU too"
+    assert ray.get(q.threads.remote(0, 2)) == 4
+    ray.get(q.add.remote(units("next")))
+    assert key(ray.get(q.take.remote(1))) == "next"
+    assert ray.get(q.threads.remote(0, 1)) == 1, "lane 1 took a unit: back to its own CPU"
+    assert ray.get(q.threads.remote(2, 1)) == 1, "never another node's CPUs"
+    off = UnitQueue.remote()
+    ray.get(off.add.remote(units("a")))
+    ray.get([off.join.remote(0, "n1"), off.join.remote(1, "n1")])
+    ray.get(off.take.remote(0))
+    assert ray.get(off.take.remote(1)) == WAIT and ray.get(off.threads.remote(0, 1)) == 1

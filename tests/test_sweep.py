@@ -132,7 +132,7 @@ def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session,
 @pytest.mark.ray   # starts its own Ray instance through `raykd sweep`
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     job = _sweep_job(tmp_path, "killed", {"methods.kd.temperature": {
-        "type": "grid", "values": [1, 4, 8]}}, scheduler="fifo", max_concurrent=1)
+        "type": "grid", "values": [1, 4]}}, scheduler="fifo", max_concurrent=1)
     job["student"]["train"]["epochs"] = 2
     job["output_dir"] = "relative_out"   # resolved by the driver, not in Tune's trial folders
     path = tmp_path / "job.yaml"
@@ -154,7 +154,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     for trial, history in finished.items():   # not trained again: its history is unchanged
         assert (trials / trial / "metrics.jsonl").read_text() == history
     table = pd.read_parquet(tmp_path / "relative_out" / "killed" / "sweep.parquet")
-    assert sorted(table["methods.kd.temperature"]) == [1, 4, 8]
+    assert sorted(table["methods.kd.temperature"]) == [1, 4]
     assert (table.status == "finished").all()
 
 

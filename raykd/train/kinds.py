@@ -11,10 +11,9 @@ from raykd.train import heads as _heads  # noqa: F401  (registers heads)
 from raykd.train import model as _model  # noqa: F401  (registers model)
 from raykd.train import neighbourhood as _neighbourhood  # noqa: F401  (registers neighbourhood)
 from raykd.train.lanes import work_lane
+from raykd.train.layout import FAILED
 from raykd.train.skeleton import UNIT_KINDS, UnitTrainer, run_epochs
 from raykd.units import Unit
-
-FAILED = "failed.txt"   # in a packed unit's state_dir: why its last attempt failed
 
 
 def unit_kind(name: str) -> type[UnitTrainer]:
@@ -35,10 +34,10 @@ def train_worker(config: dict) -> None:
         run_epochs(unit_kind(unit.kind), unit)
         return
     work_lane(config["queue"], ray.train.get_context().get_world_rank(),
-              lambda unit: train_in_lane(unit, config["retries"]))
+              lambda unit, threads: train_in_lane(unit, config["retries"], threads))
 
 
-def train_in_lane(unit: Unit, retries: int) -> None:
+def train_in_lane(unit: Unit, retries: int, threads=None) -> None:
     """Train one unit of a lane, retrying it from its own last epoch `retries` times; a unit that
     still fails leaves its reason in its folder and the lane goes on with the next unit, so one
     bad unit never costs its lane-mates their run."""
@@ -47,7 +46,7 @@ def train_in_lane(unit: Unit, retries: int) -> None:
         os.unlink(failed)          # an earlier attempt's failure; this one starts afresh
     for attempt in range(retries + 1):
         try:
-            run_epochs(unit_kind(unit.kind), unit, alone=True)
+            run_epochs(unit_kind(unit.kind), unit, alone=True, threads=threads)
             return
         except Exception as exc:   # the unit's own failure (a lost worker restarts the pack)
             reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[-1]

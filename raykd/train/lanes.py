@@ -6,6 +6,12 @@ trained in another lane, is done), so one run's start-up serves a whole job, and
 for work until the driver closes the queue. The driver also reads which units finished, so their
 results rows are written, and their dependants queued, while the run goes on.
 
+A lane whose neighbours on the same node have nothing to do (waiting for a unit that depends on
+it, or done) may train with their CPUs too: `threads` tells it how many torch threads to use,
+asked at each epoch's start. That shortens a pack's tail, where one long unit is left, but the
+numbers then depend on timing (a sum over more threads is added up in another order), so it is
+`ray.lend_idle_cpus` and off for queues made outside a job.
+
 The queue is a small actor. It survives a restart of the worker group: when a rank joins a second
 time, a new attempt has begun, and every unit not finished goes back on the queue (each resumes
 from its own last epoch). It also says which unit each rank was training, so a pack that fails
@@ -22,7 +28,10 @@ WAIT = "wait"    # take(): nothing to do yet, the queue is still open
 
 @ray.remote(num_cpus=0)
 class UnitQueue:
-    def __init__(self):
+    def __init__(self, lend_idle_cpus: bool = False):
+        self.lend_idle_cpus = lend_idle_cpus
+        self.node_of: dict[int, str] = {}  # rank -> the node it runs on
+        self.idle: set[int] = set()       # ranks with nothing to train at their last take()
         self.units: dict = {}             # key -> Unit, in the order they were added
         self.rank_of: dict[str, tuple[int, int]] = {}   # key -> (-priority, arrival): take order
         self.pending: list[str] = []
@@ -49,23 +58,37 @@ class UnitQueue:
         """No more units: lanes leave once the queue is empty."""
         self.closed = True
 
-    def join(self, rank: int) -> None:
+    def join(self, rank: int, node: str = "") -> None:
         if rank in self.joined:           # a new attempt of the worker group
             self.joined.clear()
             self.taken.clear()
+            self.idle.clear()
             done = set(self.finished)
             self.pending = sorted((k for k in self.units if k not in done),
                                   key=self.rank_of.__getitem__)
         self.joined.add(rank)
+        self.node_of[rank] = node
 
     def take(self, rank: int):
         """The next unit for this lane; WAIT while open and empty; None when closed and empty."""
         if not self.pending:
+            self.idle.add(rank)
             return None if self.closed else WAIT
+        self.idle.discard(rank)
         key = self.pending.pop(0)
         self.taken[rank] = key
         self.spans[key] = (time.time(), float("nan"))
         return self.units[key]
+
+    def threads(self, rank: int, own: int) -> int:
+        """Torch threads for this lane's next epoch: its own CPUs, plus an equal share of those of
+        the idle lanes on its node when lending is on."""
+        if not self.lend_idle_cpus:
+            return own
+        node = self.node_of.get(rank)
+        mates = [r for r in self.joined if self.node_of.get(r) == node]
+        idle = sum(r in self.idle for r in mates if r != rank)
+        return own + own * idle // max(1, len(mates) - idle)
 
     def done(self, rank: int, key: str) -> None:
         self.finished.append(key)
@@ -89,11 +112,13 @@ class UnitQueue:
 
 def work_lane(queue, rank: int, train, poll_s: float = 0.2) -> None:
     """A lane's loop in a Ray Train worker: take, train, report done; wait while the queue is
-    open and empty; return once it is closed and empty."""
-    ray.get(queue.join.remote(rank))
+    open and empty; return once it is closed and empty. `train(unit, threads)`: `threads()` says
+    how many torch threads to use now."""
+    ray.get(queue.join.remote(rank, ray.get_runtime_context().get_node_id()))
     while (unit := ray.get(queue.take.remote(rank))) is not None:
         if isinstance(unit, str):        # WAIT
             time.sleep(poll_s)
             continue
-        train(unit)
+        own = max(1, int(unit.cpus_per_worker))
+        train(unit, lambda: ray.get(queue.threads.remote(rank, own)))
         ray.get(queue.done.remote(rank, unit.key))

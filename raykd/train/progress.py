@@ -20,11 +20,7 @@ import torch
 
 from raykd.files import atomic_write, torch_load, torch_save
 from raykd.log import log
-
-
-def state_file(key: str) -> str:
-    """A unit's file in a run's checkpoint (a pack's workers' files are merged into one)."""
-    return f"state-{key}.pt"
+from raykd.train.layout import metrics_file, state_file
 
 
 def report(key: str, metrics: dict, state: dict | None, rank: int) -> None:
@@ -32,7 +28,7 @@ def report(key: str, metrics: dict, state: dict | None, rank: int) -> None:
         checkpoint = None
         if rank == 0 and state is not None:
             torch.save(state, os.path.join(d, state_file(key)))
-            with open(os.path.join(d, f"metrics-{key}.json"), "w") as f:
+            with open(os.path.join(d, metrics_file(key)), "w") as f:
                 json.dump(metrics, f)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -42,7 +38,7 @@ def save_in_folder(folder: str, key: str, metrics: dict, state: dict) -> None:
     """A packed unit's checkpoint: its state file, then its metrics (each renamed into place,
     metrics last, so metrics never name an epoch whose state is missing)."""
     torch_save(state, os.path.join(folder, state_file(key)))
-    atomic_write(os.path.join(folder, f"metrics-{key}.json"),
+    atomic_write(os.path.join(folder, metrics_file(key)),
                  lambda tmp: Path(tmp).write_text(json.dumps(metrics)))
 
 

@@ -25,14 +25,12 @@ from ray.train import (
     ScalingConfig,
     TrainingFailedError,
 )
-from ray.train.torch import TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from raykd.log import quiet_ray_logs
 from raykd.results import load_history
-from raykd.train.kinds import FAILED, train_worker, unit_kind
 from raykd.train.lanes import UnitQueue
-from raykd.train.progress import state_file
+from raykd.train.layout import FAILED, metrics_file, state_file
 from raykd.units import Unit
 
 
@@ -114,7 +112,25 @@ def trainer_class(workers: int, packed: bool = False):
     process group); Train V2's plain `DataParallelTrainer` otherwise: a pack's lanes and a
     one-worker run need no process group, and skipping its set-up cuts each run's start-up by
     about 4 s (bench/RESULTS.md, "Fixed cost of one Ray Train run")."""
-    return TorchTrainer if workers > 1 and not packed else DataParallelTrainer
+    if workers > 1 and not packed:
+        from ray.train.torch import TorchTrainer
+        return TorchTrainer
+    return DataParallelTrainer
+
+
+def unit_kind(name: str):
+    """raykd.train.kinds.unit_kind, imported on first use (it imports torch)."""
+    from raykd.train.kinds import unit_kind as kind
+
+    return kind(name)
+
+
+def train_worker(config: dict) -> None:
+    """The Ray Train worker function, raykd.train.kinds.train_worker, imported in the worker: the
+    task that launches a run then never imports torch (about 3 s of its start-up)."""
+    from raykd.train.kinds import train_worker as train
+
+    train(config)
 
 
 def trainer_for(config: dict, workers: int, cpus_per_worker: float, use_gpu: bool,
@@ -202,17 +218,22 @@ class OpenPack:
 
     def __init__(self, units: list[Unit], storage: str, lanes: int, use_gpu: bool,
                  max_failures: int, num_classes: int, input_shape, resources=None,
-                 accept=None, priority: dict[str, int] | None = None):
+                 accept=None, priority: dict[str, int] | None = None,
+                 lend_idle_cpus: bool = False):
         """`accept(pack, keys)`: which offered keys join it (the caller queues them);
-        `priority`: key -> how many units wait on it (those are trained first)."""
+        `priority`: key -> how many units wait on it (those are trained first);
+        `lend_idle_cpus`: a busy lane borrows its idle neighbours' CPUs (raykd.train.lanes)."""
         self.storage, self.num_classes, self.input_shape = storage, num_classes, input_shape
         self.accept, self.priority = accept, priority or {}
         self.cpus_per_worker = units[0].cpus_per_worker
-        self.queue = UnitQueue.remote()
-        self.units: dict[str, Unit] = {}
+        self.queue = UnitQueue.remote(lend_idle_cpus)
         self.resolved: dict[str, list[dict]] = {}   # settled without training (reused)
         self.reported = 0
-        self.add(units)
+        # A new queue takes every unit, so the run is launched without waiting for the queue's
+        # actor to start (its process start overlaps the run's); a lane that asks before the
+        # units are in is told to wait, and `poll` surfaces an error of this first add.
+        self.first_add = self.queue.add.remote(queued(units, storage), self.priorities(units))
+        self.units: dict[str, Unit] = {u.key: u for u in units}
         self.ref = fit_pack.remote(self.queue, storage, lanes, self.cpus_per_worker, use_gpu,
                                    max_failures, num_classes, input_shape, resources,
                                    run_name(units))
@@ -221,9 +242,12 @@ class OpenPack:
     def keys(self) -> list[str]:
         return list(self.units) + list(self.resolved)
 
+    def priorities(self, units: list[Unit]) -> dict[str, int]:
+        return {u.key: self.priority.get(u.key, 0) for u in units}
+
     def add(self, units: list[Unit]) -> bool:
         if not ray.get(self.queue.add.remote(queued(units, self.storage),
-                                             {u.key: self.priority.get(u.key, 0) for u in units})):
+                                             self.priorities(units))):
             return False
         self.units.update({u.key: u for u in units})
         return True
@@ -245,6 +269,9 @@ class OpenPack:
 
     def poll(self) -> dict:
         """Outcomes of the units finished since the last poll."""
+        if self.first_add is not None:
+            ray.get(self.first_add)
+            self.first_add = None
         keys = ray.get(self.queue.finished_since.remote(self.reported))
         self.reported += len(keys)
         out, self.resolved = self.resolved, {}
@@ -283,7 +310,7 @@ def read_metrics(folder: str | None, key: str) -> dict:
     """A unit's metrics at its last checkpointed epoch, from a run's checkpoint or its own folder."""
     import json
 
-    path = Path(folder or "") / f"metrics-{key}.json"
+    path = Path(folder or "") / metrics_file(key)
     return json.loads(path.read_text()) if folder and path.is_file() else {}
 
 

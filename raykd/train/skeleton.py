@@ -93,10 +93,12 @@ def register_kind(cls: type[UnitTrainer]) -> type[UnitTrainer]:
     return cls
 
 
-def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False) -> None:
+def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False,
+               threads=None) -> None:
     """Train `unit` with the trainer `kind` inside a Ray Train worker; `alone`: this worker is
     a lane of a pack and trains its unit by itself (rank 0 of 1 for the unit; the run's other
-    workers train other units, and nothing here waits for them)."""
+    workers train other units, and nothing here waits for them). `threads()`: the torch threads
+    for the next epoch (a lane may borrow its idle neighbours' CPUs, raykd.train.lanes)."""
     setup_logging()
     quiet_ray_logs()
     ctx = ray.train.get_context()
@@ -112,6 +114,8 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False) -> None
     epochs = unit.optim.epochs
     spent: list[float] = []
     for epoch in range(start_epoch, epochs):
+        if threads is not None and (n := threads()) != torch.get_num_threads():
+            torch.set_num_threads(n)
         started, started_at = time.perf_counter(), time.time()
         trainer.train_mode()
         sums: dict[str, float] = defaultdict(float)
@@ -133,6 +137,7 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False) -> None
         # wall-clock span of the epoch's training, as the worker saw it
         metrics.update(epoch=epoch + 1, epochs=epochs, resumed_from=start_epoch,
                        lr=optimizer.param_groups[0]["lr"], epoch_s=train_s,
+                       threads=torch.get_num_threads(),
                        epoch_started_at=started_at, epoch_finished_at=started_at + train_s,
                        node=ray.get_runtime_context().get_node_id())
         metrics.update(trainer.evaluate(epoch, epoch == epochs - 1, seen))
