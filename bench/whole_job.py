@@ -29,6 +29,8 @@ def main() -> None:
     args = ap.parse_args()
     import pandas as pd
 
+    from raykd.results import load_history
+
     work = fresh_workdir("whole_job")
     accuracy: dict[str, list[dict]] = {"raykd": [], "plain": []}
     first_epoch: dict[str, list[float]] = {"raykd": [], "plain": []}   # command to 1st epoch
@@ -40,8 +42,7 @@ def main() -> None:
         subprocess.run([str(BIN / "raykd"), "run", str(ROOT / "jobs" / "whole_job.yaml"),
                         f"output_dir={out}"], check=True, capture_output=True)
         wall = time.perf_counter() - started
-        epochs = pd.concat(pd.read_json(p, lines=True)
-                           for p in (out / "whole_job" / "metrics").glob("*.jsonl"))
+        epochs = pd.concat(load_history(p) for p in (out / "whole_job" / "metrics").glob("*.jsonl"))
         first_epoch["raykd"].append(epochs.epoch_started_at.min() - started_at)
         borrowed.append(float((epochs.threads > 1).mean()))
         rows = pd.read_parquet(out / "whole_job" / "results.parquet")
@@ -91,9 +92,10 @@ finishes), its KD students reading the teacher's logits from the cache. Its firs
 script (imports, data): Ray's start, the run's controller and worker processes, and each worker's
 torch import. The third teacher trains while the other lane has run out of work; there the lane
 borrows its idle neighbour's CPU (`ray.lend_idle_cpus`, two torch threads):
-{100 * statistics.median(borrowed):.0f}% of raykd's epochs (median) trained so. Two one-thread lanes train
-more images per second than one two-thread process on 2 cores, which is what pays for the
-start-up.
+{100 * statistics.median(borrowed):.0f}% of raykd's epochs (median) trained so. That is
+what limits it: the start-up above, which the plain script does not pay, against what
+two lanes gain over one process of two threads on 2 cores, which is little for these small
+convolutions.
 """
     write_section("whole_job", body)
     write_readme_block("whole-job", f"""Measured by `.venv/bin/python bench/whole_job.py` ({args.repeats} repetitions, alternating,

@@ -5,6 +5,7 @@ was done. Accuracies are fractions in [0, 1]; summaries give mean ± std over se
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -128,7 +129,9 @@ def load_history(path: str | Path) -> pd.DataFrame | None:
     keeps its last record. None when there is none yet."""
     if not path or not Path(path).is_file() or Path(path).stat().st_size == 0:
         return None
-    history = pd.read_json(path, lines=True, convert_dates=False)   # times stay epoch seconds
+    # parsed line by line (not pd.read_json): times stay epoch seconds, never guessed as dates
+    lines = Path(path).read_text().splitlines()
+    history = pd.DataFrame([json.loads(line) for line in lines if line.strip()])
     if "epoch" not in history:
         return None
     return history.drop_duplicates("epoch", keep="last").sort_values("epoch")

@@ -1,6 +1,7 @@
 """Experiment tracking and progress output, on the quickstart (made small) run twice through
 `raykd run` (the first run fails one unit mid-way; the second resumes it): MLflow's store and
 TensorBoard's event files are read back with their own readers, for every kind of unit."""
+import json
 import re
 
 import pytest
@@ -31,6 +32,9 @@ def test_progress_lines_are_plain_text_with_eta_and_a_summary(tracked_run):
     assert "units: 22 done, 0 training, 0 waiting" in log
     assert "units: 21 done, 0 training, 0 waiting, 1 failed" in first.stderr
     assert "Requesting resources" not in log, "Train's controller INFO lines are quiet"
+    for m in re.finditer(r"units: (\d+) done, (\d+) training, (-?\d+) waiting",
+                         first.stderr + log):
+        assert int(m.group(3)) >= 0 and int(m.group(1)) + int(m.group(2)) <= 22, m.group(0)
 
 
 def test_the_interrupted_unit_resumed_and_finished_units_were_kept(tracked_run):
@@ -43,6 +47,11 @@ def test_the_interrupted_unit_resumed_and_finished_units_were_kept(tracked_run):
     first_finished = [m.group(1) for m in re.finditer(r"raykd: \[\d+/22\] (\S+):",
                                                        tracked_run.first.stderr)]
     assert sorted(first_finished) == sorted(u for u in units if u != "seed0-kd")
+    # each epoch says how many torch threads trained it: its own CPU, or both of the session's
+    # two when the other lane was idle (ray.lend_idle_cpus)
+    for history in (tracked_run.run_dir / "metrics").glob("*.jsonl"):
+        threads = {json.loads(line)["threads"] for line in history.read_text().splitlines()}
+        assert threads and threads <= {1, 2}, (history.name, threads)
     assert max(units[u].finished_at.max() for u in first_finished) < kd.finished_at
     assert "21 of 22 runs already finished" in tracked_run.second.stderr
 
