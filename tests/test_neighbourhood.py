@@ -125,6 +125,56 @@ def test_gaussian_inputs_train_without_touching_the_dataset(ray_session, tmp_pat
     assert pd.isna(row["val_top1"])           # no images, so no swapped-teacher accuracy
 
 
+def test_a_parts_validation_accuracies_from_its_boundary_activations_equal_the_stitched_model(
+        tmp_path):
+    """A part scores the teacher with just its neighbourhood swapped from the activations stored
+    at the neighbourhood's ends (only the blocks after it run): the same numbers as the stitched
+    model and the teacher evaluated on the validation images."""
+    from torch.utils.data import DataLoader
+
+    from raykd.data import load_dataset
+    from raykd.models.export import save_export
+    from raykd.train.batches import evaluate
+    from raykd.train.neighbourhood import NeighbourhoodTrainer
+
+    data = DataSpec(dataset="digits", batch_size=64, eval_batch_size=100)
+    splits = load_dataset(data)
+    torch.manual_seed(0)
+    trained = build_model("cnn", 10, 1, 8)    # a teacher worth swapping a block of
+    sgd = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        for x, y in DataLoader(splits.train, batch_size=64, shuffle=True):
+            sgd.zero_grad()
+            nn.functional.cross_entropy(trained(x), y).backward()
+            sgd.step()
+    teacher_path = tmp_path / "teacher.pt"
+    save_export(trained.eval(), teacher_path, 10, 1, 8)
+    unit = Unit(
+        key="part", role="neighbourhood", kind="neighbourhood", label="nd:stage2:w0.5d1",
+        model="w0.5d1", optim=OptimSpec(epochs=1, optimizer="adam", lr=0.01, weight_decay=0.0),
+        data=data, seed=0, export_path=str(tmp_path / "part.pt"),
+        history_path=str(tmp_path / "part.jsonl"), teacher_candidates=[str(teacher_path)],
+        teachers=[TeacherHandle(str(teacher_path), "local", cache_dir=None)],
+        neighbourhood=NeighbourhoodPart("stage2", 2, 3, "w0.5d1", inputs="data",
+                                        gaussian_samples=0, input_shape=(1, 8, 8)))
+    part = NeighbourhoodTrainer(unit, 0, 1, torch.device("cpu"))
+    optimizer = torch.optim.Adam(part.build().parameters(), lr=0.01)
+    part.start(0)
+    part.train_mode()
+    for batch in part.batches(0):
+        loss = part.losses(batch, 0)["mse"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    swapped, teacher = part.val_accuracies()
+    val = splits.val
+    model = part.teacher.model
+    stitched = stitch(model, [(2, 3, part.candidate)])
+    assert swapped == evaluate(stitched, val, 100, "cpu")
+    assert teacher == evaluate(model, val, 100, "cpu") > 0.5
+    assert swapped != teacher, "one epoch's candidate changes some of the teacher's answers"
+
+
 def test_selection_is_exact_where_greedy_fails_and_matches_brute_force():
     import itertools
     import random
