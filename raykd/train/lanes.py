@@ -112,13 +112,12 @@ class UnitQueue:
 
 def work_lane(queue, rank: int, train, poll_s: float = 0.2) -> None:
     """A lane's loop in a Ray Train worker: take, train, report done; wait while the queue is
-    open and empty; return once it is closed and empty. `train(unit, threads)`: `threads()` says
-    how many torch threads to use now."""
+    open and empty; return once it is closed and empty. `train(unit, threads)`: `threads(own)`
+    says how many torch threads a lane with `own` CPUs uses now."""
     ray.get(queue.join.remote(rank, ray.get_runtime_context().get_node_id()))
     while (unit := ray.get(queue.take.remote(rank))) is not None:
         if isinstance(unit, str):        # WAIT
             time.sleep(poll_s)
             continue
-        own = max(1, int(unit.cpus_per_worker))
-        train(unit, lambda: ray.get(queue.threads.remote(rank, own)))
+        train(unit, lambda own: ray.get(queue.threads.remote(rank, own)))
         ray.get(queue.done.remote(rank, unit.key))

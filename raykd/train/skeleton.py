@@ -97,13 +97,14 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False,
                threads=None) -> None:
     """Train `unit` with the trainer `kind` inside a Ray Train worker; `alone`: this worker is
     a lane of a pack and trains its unit by itself (rank 0 of 1 for the unit; the run's other
-    workers train other units, and nothing here waits for them). `threads()`: the torch threads
-    for the next epoch (a lane may borrow its idle neighbours' CPUs, raykd.train.lanes)."""
+    workers train other units, and nothing here waits for them). `threads(own)`: the torch
+    threads for the next epoch (a lane may borrow its idle neighbours' CPUs, raykd.train.lanes)."""
     setup_logging()
     quiet_ray_logs()
     ctx = ray.train.get_context()
     rank, world = (0, 1) if alone else (ctx.get_world_rank(), ctx.get_world_size())
-    torch.set_num_threads(max(1, int(unit.cpus_per_worker)))
+    own = max(1, int(unit.cpus_per_worker))   # this worker's CPUs, one torch thread each
+    torch.set_num_threads(own)
     trainer = kind(unit, rank, world, ray.train.torch.get_device())
     module = trainer.build()
     optimizer = make_optimizer(module.parameters(), unit.optim)
@@ -114,7 +115,7 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False,
     epochs = unit.optim.epochs
     spent: list[float] = []
     for epoch in range(start_epoch, epochs):
-        if threads is not None and (n := threads()) != torch.get_num_threads():
+        if threads is not None and (n := threads(own)) != torch.get_num_threads():
             torch.set_num_threads(n)
         started, started_at = time.perf_counter(), time.time()
         trainer.train_mode()
