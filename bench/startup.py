@@ -1,8 +1,9 @@
 """What a Ray Train run's fixed cost is made of, measured side by side: a run whose worker
 function returns at once, timed from `fit()` to the worker's first line (start-up) and from its
 last line to `fit()` returning (teardown); with `TorchTrainer` (which also sets up a torch process
-group across the workers) and with Train V2's plain `DataParallelTrainer` (no process group); with
-1 and 2 workers. Plus a fresh Python's `import torch` and `import ray.train.torch`, which every
+group across the workers), with Train V2's plain `DataParallelTrainer` (no process group), and
+with the `DataParallelTrainer` raykd runs (raykd.train.runner.lean: without the Ray Data and
+placement-group-cleaner callbacks, each a process per run); with 1 and 2 workers. Plus a fresh Python's `import torch` and `import ray.train.torch`, which every
 worker process pays. Repetitions alternate; medians with min-max.
 
     .venv/bin/python bench/startup.py [--repeats 3]
@@ -42,6 +43,9 @@ def main() -> None:
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from raykd.ray_env import init_ray
+    from raykd.train.runner import trainer_class
+
+    lean = trainer_class(1)
 
     init_ray(num_cpus=2, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="raykd-startup-")
@@ -66,6 +70,8 @@ def main() -> None:
         "DataParallelTrainer, 1 worker": run(DataParallelTrainer, 1, "DataParallelTrainer, 1 worker"),
         "TorchTrainer, 2 workers": run(TorchTrainer, 2, "TorchTrainer, 2 workers"),
         "DataParallelTrainer, 2 workers": run(DataParallelTrainer, 2, "DataParallelTrainer, 2 workers"),
+        "raykd's lean DataParallelTrainer, 1 worker": run(lean, 1, "raykd's lean DataParallelTrainer, 1 worker"),
+        "raykd's lean DataParallelTrainer, 2 workers": run(lean, 2, "raykd's lean DataParallelTrainer, 2 workers"),
     }, args.repeats)
     imports = alternating({"import torch": lambda: import_time("torch"),
                            "import ray.train.torch": lambda: import_time("ray.train.torch")},
