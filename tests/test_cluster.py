@@ -117,8 +117,12 @@ class Head:
                                 start_new_session=True)
 
     def add_node(self, tmp: Path, cpus: int, resources: str) -> None:
+        # its own temp dir, as on a machine of its own: nodes sharing one would share the
+        # runtime-env packages too, and one node's clean-up would delete the other's
+        temp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
         self.procs.append(self._start([f"--address=127.0.0.1:{self.port}", f"--num-cpus={cpus}",
-                                       f"--resources={resources}"], tmp / "node.log"))
+                                       f"--resources={resources}", f"--temp-dir={temp}"],
+                                      tmp / "node.log"))
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:   # until the head lists the second node as alive
             listed = subprocess.run(
@@ -151,88 +155,91 @@ def tiny_job(path: Path, out: Path, teacher: Path, name: str = "tiny", **extra) 
 
 
 @pytest.mark.ray
-def test_submit_with_token_auth_streams_logs_and_brings_the_results_back(tmp_path,
-                                                                        digits_teacher):
+def test_a_two_node_cluster_with_token_auth_takes_submitted_jobs_and_shares_output_dir(
+        tmp_path, digits_teacher):
+    """One real cluster (a head and a second node, token auth on) for both flows: `raykd submit`
+    from a client without Ray's token setup, and `raykd run` joining it with units placed on the
+    second node by a custom resource."""
     token = secrets.token_hex(16)
-    head = Head(tmp_path, token)
-    try:
-        project = tmp_path / "project"
-        project.mkdir()
-        job = tiny_job(project / "tiny.yaml", tmp_path / "cluster_out", digits_teacher)
-        client_env = {**os.environ, "HOME": str(tmp_path / "client"), "RAY_AUTH_MODE": "disabled"}
-        client_env.pop("RAY_AUTH_TOKEN", None)
-        # no token: refused, one line, nothing submitted
-        refused = subprocess.run([RAYKD, "submit", job.name, "--address", head.url],
-                                 cwd=project, env=client_env, capture_output=True, text=True,
-                                 timeout=120)
-        assert refused.returncode == 2 and "refused the request" in refused.stderr
-        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-        # the token from a file; RAY_ADDRESS pointing elsewhere does not override the flag
-        (tmp_path / "token").write_text(token)
-        local = tmp_path / "local"
-        ok = subprocess.run(
-            [RAYKD, "submit", job.name, "--address", head.url, "--token-file",
-             str(tmp_path / "token"), "--results-dir", str(local)], cwd=project,
-            env={**client_env, "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}"},
-            capture_output=True, text=True, timeout=400)
-        assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
-        assert "submitted raysubmit_" in ok.stdout and "SUCCEEDED" in ok.stdout
-        assert "seed0-kd" in ok.stdout, "the job's log is streamed"
-        assert "RAYKD-RESULTS" not in ok.stdout, "the results block is not shown"
-        rows = pd.read_parquet(local / "tiny" / "results.parquet")
-        assert list(rows.method) == ["kd"] and 0 <= rows.test_top1[0] <= 1
-        # a job that fails on the cluster (its data is absent there): non-zero, status named
-        bad = tiny_job(project / "bad.yaml", tmp_path / "cluster_out", digits_teacher,
-                       data={"dataset": "cifar10", "root": str(tmp_path / "no_cifar")})
-        failed = subprocess.run(
-            [RAYKD, "submit", bad.name, "--address", head.url, "--token-file",
-             str(tmp_path / "token"), "--results-dir", str(local)], cwd=project,
-            env=client_env, capture_output=True, text=True, timeout=300)
-        assert failed.returncode == 1 and "FAILED" in failed.stdout, failed.stdout[-2000:]
-        # --no-wait prints the id and returns; --stop stops it; --follow then reports STOPPED
-        auth = ["--address", head.url, "--token-file", str(tmp_path / "token")]
-        slow = tiny_job(project / "slow.yaml", tmp_path / "cluster_out", digits_teacher,
-                        name="slow", student={"model": "cnn_small",
-                                              "train": {"epochs": 200, "lr": 0.1}})
-        queued = subprocess.run([RAYKD, "submit", slow.name, "--no-wait", *auth], cwd=project,
-                                env=client_env, capture_output=True, text=True, timeout=120)
-        assert queued.returncode == 0, queued.stderr[-2000:]
-        job_id = queued.stdout.split("submitted ", 1)[1].split()[0]
-        assert f"raykd submit --follow {job_id}" in queued.stdout
-        stop = subprocess.run([RAYKD, "submit", "--stop", job_id, *auth], cwd=project,
-                              env=client_env, capture_output=True, text=True, timeout=120)
-        assert stop.returncode == 0 and f"stop {job_id}" in stop.stdout, stop.stderr[-2000:]
-        follow = subprocess.run([RAYKD, "submit", "--follow", job_id, *auth, "--results-dir",
-                                 str(local)], cwd=project, env=client_env, capture_output=True,
-                                text=True, timeout=300)
-        assert follow.returncode == 1 and f"job {job_id}: STOPPED" in follow.stdout, \
-            follow.stdout[-2000:]
-    finally:
-        head.stop()
-
-
-@pytest.mark.ray
-def test_two_nodes_share_output_dir_and_units_run_on_the_second(tmp_path, digits_teacher):
-    head = Head(tmp_path, None, cpus=1, multi_node=True)
+    head = Head(tmp_path, token, cpus=1, multi_node=True)
     try:
         head.add_node(tmp_path, 2, '{"second_node": 2}')
-        job = tiny_job(tmp_path / "tiny.yaml", tmp_path / "out", digits_teacher)
-        run = subprocess.run(
-            [RAYKD, "run", str(job), f"ray.address=127.0.0.1:{head.port}",
-             "ray.resources_per_worker={second_node: 1}"],
-            env={**head.env, "HOME": os.environ.get("HOME", "/root")}, capture_output=True,
-            text=True, timeout=400)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-        assert "shared storage: all 2 nodes read and write" in run.stderr
-        rows = pd.read_parquet(tmp_path / "out" / "tiny" / "results.parquet")
-        assert Path(rows.export[0]).is_file()
-        # its checkpoint is where the driver looks for it (the unit's own folder of its run)
-        assert latest_state(str(tmp_path / "out" / "tiny" / "ray"), "seed0-kd")
-        nodes = subprocess.run(
-            [sys.executable, "-c", "import ray, json; ray.init(address='127.0.0.1:%d'); "
-             "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and "
-             "'second_node' in n['Resources']]))" % head.port],
-            env=head.env, capture_output=True, text=True, timeout=120)
-        assert rows.node[0] in nodes.stdout, "the unit ran on the node with the resource"
+        submit_flow(tmp_path, head, token, digits_teacher)
+        shared_output_flow(tmp_path, head, digits_teacher)
     finally:
         head.stop()
+
+
+def submit_flow(tmp_path: Path, head: Head, token: str, digits_teacher: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    job = tiny_job(project / "tiny.yaml", tmp_path / "cluster_out", digits_teacher)
+    client_env = {**os.environ, "HOME": str(tmp_path / "client"), "RAY_AUTH_MODE": "disabled"}
+    client_env.pop("RAY_AUTH_TOKEN", None)
+    # no token: refused, one line, nothing submitted
+    refused = subprocess.run([RAYKD, "submit", job.name, "--address", head.url],
+                             cwd=project, env=client_env, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "refused the request" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    # the token from a file; RAY_ADDRESS pointing elsewhere does not override the flag
+    (tmp_path / "token").write_text(token)
+    local = tmp_path / "local"
+    ok = subprocess.run(
+        [RAYKD, "submit", job.name, "--address", head.url, "--token-file",
+         str(tmp_path / "token"), "--results-dir", str(local)], cwd=project,
+        env={**client_env, "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}"},
+        capture_output=True, text=True, timeout=400)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
+    assert "submitted raysubmit_" in ok.stdout and "SUCCEEDED" in ok.stdout
+    assert "seed0-kd" in ok.stdout, "the job's log is streamed"
+    assert "RAYKD-RESULTS" not in ok.stdout, "the results block is not shown"
+    rows = pd.read_parquet(local / "tiny" / "results.parquet")
+    assert list(rows.method) == ["kd"] and 0 <= rows.test_top1[0] <= 1
+    # a job that fails on the cluster (its data is absent there): non-zero, status named
+    bad = tiny_job(project / "bad.yaml", tmp_path / "cluster_out", digits_teacher,
+                   data={"dataset": "cifar10", "root": str(tmp_path / "no_cifar")})
+    failed = subprocess.run(
+        [RAYKD, "submit", bad.name, "--address", head.url, "--token-file",
+         str(tmp_path / "token"), "--results-dir", str(local)], cwd=project,
+        env=client_env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "FAILED" in failed.stdout, failed.stdout[-2000:]
+    # --no-wait prints the id and returns; --stop stops it; --follow then reports STOPPED
+    auth = ["--address", head.url, "--token-file", str(tmp_path / "token")]
+    slow = tiny_job(project / "slow.yaml", tmp_path / "cluster_out", digits_teacher,
+                    name="slow", student={"model": "cnn_small",
+                                          "train": {"epochs": 200, "lr": 0.1}})
+    queued = subprocess.run([RAYKD, "submit", slow.name, "--no-wait", *auth], cwd=project,
+                            env=client_env, capture_output=True, text=True, timeout=120)
+    assert queued.returncode == 0, queued.stderr[-2000:]
+    job_id = queued.stdout.split("submitted ", 1)[1].split()[0]
+    assert f"raykd submit --follow {job_id}" in queued.stdout
+    stop = subprocess.run([RAYKD, "submit", "--stop", job_id, *auth], cwd=project,
+                          env=client_env, capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0 and f"stop {job_id}" in stop.stdout, stop.stderr[-2000:]
+    follow = subprocess.run([RAYKD, "submit", "--follow", job_id, *auth, "--results-dir",
+                             str(local)], cwd=project, env=client_env, capture_output=True,
+                            text=True, timeout=300)
+    assert follow.returncode == 1 and f"job {job_id}: STOPPED" in follow.stdout, \
+        follow.stdout[-2000:]
+
+
+def shared_output_flow(tmp_path: Path, head: Head, digits_teacher: Path) -> None:
+    job = tiny_job(tmp_path / "tiny.yaml", tmp_path / "out", digits_teacher)
+    run = subprocess.run(
+        [RAYKD, "run", str(job), f"ray.address=127.0.0.1:{head.port}",
+         "ray.resources_per_worker={second_node: 1}"],
+        env={**head.env, "HOME": os.environ.get("HOME", "/root")}, capture_output=True,
+        text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "shared storage: all 2 nodes read and write" in run.stderr
+    rows = pd.read_parquet(tmp_path / "out" / "tiny" / "results.parquet")
+    assert Path(rows.export[0]).is_file()
+    # its checkpoint is where the driver looks for it (the unit's own folder of its run)
+    assert latest_state(str(tmp_path / "out" / "tiny" / "ray"), "seed0-kd")
+    nodes = subprocess.run(
+        [sys.executable, "-c", "import ray, json; ray.init(address='127.0.0.1:%d'); "
+         "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and "
+         "'second_node' in n['Resources']]))" % head.port],
+        env=head.env, capture_output=True, text=True, timeout=120)
+    assert rows.node[0] in nodes.stdout, "the unit ran on the node with the resource"

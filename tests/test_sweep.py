@@ -129,8 +129,9 @@ def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session,
     assert "<h2>Sweep</h2>" in page and "data:image/png;base64," in page
 
 
-@pytest.mark.ray   # starts its own Ray instance through `raykd sweep`
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
+    """`raykd sweep` joins the session's Ray as a driver of its own: killing it ends its Ray job,
+    and Ray stops the trials it started (their placement groups are freed by Train's cleaner)."""
     job = _sweep_job(tmp_path, "killed", {"methods.kd.temperature": {
         "type": "grid", "values": [1, 4]}}, scheduler="fifo", max_concurrent=1)
     job["student"]["train"]["epochs"] = 2
@@ -138,8 +139,10 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     trials = tmp_path / "relative_out" / "killed" / "sweep" / "trials"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     driver = subprocess.Popen([RAYKD, "sweep", str(path)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path)
+                              stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path,
+                              env=env)
     deadline = time.monotonic() + 240
     while not list(trials.glob("*/model.pt")) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -149,13 +152,19 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
                 for p in trials.glob("*/model.pt")}
     assert finished, "no trial finished before the kill"
     res = subprocess.run([RAYKD, "sweep", str(path)], capture_output=True, text=True,
-                         timeout=400, cwd=tmp_path)
+                         timeout=400, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     for trial, history in finished.items():   # not trained again: its history is unchanged
         assert (trials / trial / "metrics.jsonl").read_text() == history
     table = pd.read_parquet(tmp_path / "relative_out" / "killed" / "sweep.parquet")
     assert sorted(table["methods.kd.temperature"]) == [1, 4]
     assert (table.status == "finished").all()
+    # nothing of either driver holds the session's CPUs (trials, their Train runs, PGs)
+    deadline = time.monotonic() + 60
+    while (ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]
+           and time.monotonic() < deadline):
+        time.sleep(0.5)
+    assert ray_session.available_resources().get("CPU", 0) == ray_session.cluster_resources()["CPU"]
 
 
 def test_optuna_search_is_built_and_refuses_grids():
