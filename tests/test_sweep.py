@@ -75,16 +75,16 @@ def test_a_bad_sweep_is_one_line_from_the_command(tmp_path):
 
 def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session, tmp_path,
                                                                     capsys):
-    # lr 0.1 and 0.2 first (two at a time); the 1e-4 trials reach epoch 1 far below them and ASHA
-    # stops them; lr 0.05 is made to fail after its first epoch: the sweep goes on
+    # lr 0.1 and 0.2 first (two at a time); the 1e-4 trial reaches epoch 1 far below them and
+    # ASHA stops it; lr 0.05 is made to fail after its first epoch: the sweep goes on
     job = _sweep_job(tmp_path, "asha", {"student.train.lr": {
-        "type": "grid", "values": [0.2, 0.1, 0.0001, 0.00005, 0.05]}}, reduction_factor=2)
+        "type": "grid", "values": [0.2, 0.1, 0.0001, 0.05]}}, reduction_factor=2)
     job["tracking"] = {"mlflow": True, "tensorboard": True}
     table, results = run_sweep(job, fail_when={"student.train.lr": 0.05})
-    assert len(table) == 5
+    assert len(table) == 4
     status = dict(zip(table["student.train.lr"], table.status))
     assert status[0.05] == "failed"
-    assert status[0.0001] == status[0.00005] == "stopped"   # ASHA: far below at epoch 1
+    assert status[0.0001] == "stopped"   # ASHA: far below the others at epoch 1
     assert "finished" in (status[0.2], status[0.1])
     run_dir = Path(job["output_dir"]) / "asha"
     assert (run_dir / "sweep.parquet").is_file() and (run_dir / "sweep.png").stat().st_size > 1000
