@@ -1,9 +1,10 @@
 """What a Ray Train run's fixed cost is made of, measured side by side: a run whose worker
-function returns at once, timed from `fit()` to the worker's first line (start-up) and from its
-last line to `fit()` returning (teardown); with `TorchTrainer` (which also sets up a torch process
-group across the workers), with Train V2's plain `DataParallelTrainer` (no process group), and
-with the `DataParallelTrainer` raykd runs (raykd.train.runner.lean: without the Ray Data and
-placement-group-cleaner callbacks, each a process per run); with 1 and 2 workers. Plus a fresh Python's `import torch` and `import ray.train.torch`, which every
+function imports torch (as every raykd worker does first) and returns, timed from `fit()` to the
+first worker having imported torch (start-up) and from the last to `fit()` returning (teardown);
+with `TorchTrainer` (which also sets up a torch process group across the workers), with Train
+V2's plain `DataParallelTrainer` (no process group), and with the `DataParallelTrainer` raykd
+runs (raykd.train.runner.without_datasets: no Ray Data dataset manager, a process per run); with
+1 and 2 workers. Plus a fresh Python's `import torch` and `import ray.train.torch`, which every
 worker process pays. Repetitions alternate; medians with min-max.
 
     .venv/bin/python bench/startup.py [--repeats 3]
@@ -23,6 +24,7 @@ from results_md import alternating, machine, median_spread, write_section  # noq
 
 def stamp(config: dict) -> None:
     import ray.train
+    import torch  # noqa: F401  (what every raykd worker imports first; the 2 cores are shared)
 
     rank = ray.train.get_context().get_world_rank()
     Path(config["dir"], f"in-{rank}").write_text(repr(time.time()))
@@ -45,7 +47,7 @@ def main() -> None:
     from raykd.ray_env import init_ray
     from raykd.train.runner import trainer_class
 
-    lean = trainer_class(1)
+    raykd_trainer = trainer_class(1)
 
     init_ray(num_cpus=2, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="raykd-startup-")
@@ -70,8 +72,8 @@ def main() -> None:
         "DataParallelTrainer, 1 worker": run(DataParallelTrainer, 1, "DataParallelTrainer, 1 worker"),
         "TorchTrainer, 2 workers": run(TorchTrainer, 2, "TorchTrainer, 2 workers"),
         "DataParallelTrainer, 2 workers": run(DataParallelTrainer, 2, "DataParallelTrainer, 2 workers"),
-        "raykd's lean DataParallelTrainer, 1 worker": run(lean, 1, "raykd's lean DataParallelTrainer, 1 worker"),
-        "raykd's lean DataParallelTrainer, 2 workers": run(lean, 2, "raykd's lean DataParallelTrainer, 2 workers"),
+        "raykd's DataParallelTrainer (no dataset manager), 1 worker": run(raykd_trainer, 1, "raykd's DataParallelTrainer (no dataset manager), 1 worker"),
+        "raykd's DataParallelTrainer (no dataset manager), 2 workers": run(raykd_trainer, 2, "raykd's DataParallelTrainer (no dataset manager), 2 workers"),
     }, args.repeats)
     imports = alternating({"import torch": lambda: import_time("torch"),
                            "import ray.train.torch": lambda: import_time("ray.train.torch")},
@@ -82,9 +84,9 @@ def main() -> None:
     body = f"""## Fixed cost of one Ray Train run
 
 `.venv/bin/python bench/startup.py --repeats {args.repeats}`; {machine()}.
-A run whose worker function returns at once (each cell: median (min-max) of {args.repeats}).
+A run whose worker function imports torch and returns (each cell: median (min-max) of {args.repeats}).
 
-| run | fit() wall | start-up: fit() to the worker's first line | teardown: its last line to fit() returning |
+| run | fit() wall | start-up: fit() to the first worker having imported torch | teardown: from the last to fit() returning |
 | --- | --- | --- | --- |
 {rows}
 

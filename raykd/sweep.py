@@ -190,7 +190,7 @@ def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps({k: _plain(v) for k, v in config.items()}))
         scaling = scaling_config(sweep.workers, sweep.cpus_per_worker, sweep.gpus_per_worker)
-        trainer_class(sweep.workers, in_trial=True)(
+        trainer_class(sweep.workers)(
             train_worker, train_loop_config={"units": [unit]}, scaling_config=scaling,
             run_config=ray.train.RunConfig(
                 # named by the trial: a restored trial continues its Train run

@@ -107,55 +107,45 @@ def fit_units(units: list[Unit], storage: str, workers: int, use_gpu: bool, max_
                                 num_classes, input_shape)}
 
 
-def trainer_class(workers: int, packed: bool = False, in_trial: bool = False):
+def trainer_class(workers: int, packed: bool = False):
     """`TorchTrainer` for a data-parallel unit (its workers exchange gradients through a torch
     process group); Train V2's plain `DataParallelTrainer` otherwise: a pack's lanes and a
     one-worker run need no process group, and skipping its set-up cuts each run's start-up by
-    about 4 s (bench/RESULTS.md, "Fixed cost of one Ray Train run"). Either way without the
-    Train callbacks raykd has no use for (`lean`)."""
+    about 4 s (bench/RESULTS.md, "Fixed cost of one Ray Train run"). Either way without Ray
+    Data's dataset manager (`without_datasets`)."""
     if workers > 1 and not packed:
         from ray.train.torch import TorchTrainer
-        return lean(TorchTrainer, in_trial)
-    return lean(DataParallelTrainer, in_trial)
+        return without_datasets(TorchTrainer)
+    return without_datasets(DataParallelTrainer)
 
 
-_LEAN: dict = {}
+_WITHOUT_DATASETS: dict = {}
 
 
-def lean(base: type, in_trial: bool) -> type:
-    """`base` without two of Train V2's default callbacks, each a new process per run (measured
-    by bench/startup.py: a 2-worker run's fit() 12.5 s -> 8.6 s on 2 cores):
-    - the Ray Data `DatasetManager` actor (about 2 s of CPU importing ray.data), made even
-      when no dataset is passed; raykd's workers read their own data and never ask for a shard;
-    - the placement-group cleaner, outside Tune trials. It frees a run's placement group when
-      its controller dies while the driver lives on: Tune stopping a trial does that, so trials
-      keep it. A `raykd run` controller dies only with its driver, and Ray frees a driver's
-      placement groups when it exits.
-    Train's internals moved before (this is Ray 2.60's `_create_default_callbacks`); if they
-    move again the override is not called or drops nothing, and runs keep every callback."""
-    key = (base, in_trial)
-    if key not in _LEAN:
-        dropped = _unused_callbacks(in_trial)
+def without_datasets(base: type) -> type:
+    """`base` without Train V2's `DatasetsCallback`, which starts a Ray Data `DatasetManager`
+    actor for every run, a process of its own importing ray.data (about 2 s of CPU), even when
+    no dataset is passed: raykd's workers read their own data and never ask Train for a shard
+    (bench/startup.py measures both side by side). The placement-group cleaner, Train's other
+    process per run, stays: when the task that launched a run dies (Ray's OOM killer picks
+    retriable tasks first), the run's controller dies with it and only the cleaner frees its
+    placement group before the task's retry asks for the same CPUs.
+    This overrides Ray 2.60's `_create_default_callbacks`; if Train's internals move, the import
+    fails or the method is not called, and runs keep every callback."""
+    if base not in _WITHOUT_DATASETS:
+        try:
+            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        except ImportError:
+            return base
 
-        class Lean(base):
+        class Trainer(base):
             def _create_default_callbacks(self):
                 return [c for c in super()._create_default_callbacks()
-                        if not isinstance(c, dropped)]
+                        if not isinstance(c, DatasetsCallback)]
 
-        Lean.__name__ = Lean.__qualname__ = base.__name__   # what Train's logs call it
-        _LEAN[key] = Lean
-    return _LEAN[key]
-
-
-def _unused_callbacks(in_trial: bool) -> tuple[type, ...]:
-    try:
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-        from ray.train.v2._internal.callbacks.placement_group_callback import (
-            PlacementGroupCleanerCallback,
-        )
-    except ImportError:
-        return ()
-    return (DatasetsCallback,) if in_trial else (DatasetsCallback, PlacementGroupCleanerCallback)
+        Trainer.__name__ = Trainer.__qualname__ = base.__name__   # what Train's logs call it
+        _WITHOUT_DATASETS[base] = Trainer
+    return _WITHOUT_DATASETS[base]
 
 
 def unit_kind(name: str):
