@@ -12,6 +12,7 @@ go concurrently: the launching task takes no CPU.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from pathlib import Path
@@ -119,9 +120,7 @@ def trainer_class(workers: int, packed: bool = False):
     return without_datasets(DataParallelTrainer)
 
 
-_WITHOUT_DATASETS: dict = {}
-
-
+@functools.cache
 def without_datasets(base: type) -> type:
     """`base` without Train V2's `DatasetsCallback`, which starts a Ray Data `DatasetManager`
     actor for every run, a process of its own importing ray.data (about 2 s of CPU), even when
@@ -132,20 +131,18 @@ def without_datasets(base: type) -> type:
     placement group before the task's retry asks for the same CPUs.
     This overrides Ray 2.60's `_create_default_callbacks`; if Train's internals move, the import
     fails or the method is not called, and runs keep every callback."""
-    if base not in _WITHOUT_DATASETS:
-        try:
-            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-        except ImportError:
-            return base
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    except ImportError:
+        return base
 
-        class Trainer(base):
-            def _create_default_callbacks(self):
-                return [c for c in super()._create_default_callbacks()
-                        if not isinstance(c, DatasetsCallback)]
+    class Trainer(base):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, DatasetsCallback)]
 
-        Trainer.__name__ = Trainer.__qualname__ = base.__name__   # what Train's logs call it
-        _WITHOUT_DATASETS[base] = Trainer
-    return _WITHOUT_DATASETS[base]
+    Trainer.__name__ = Trainer.__qualname__ = base.__name__   # what Train's logs call it
+    return Trainer
 
 
 def unit_kind(name: str):
