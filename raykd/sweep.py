@@ -170,6 +170,20 @@ def fill_teacher_cache(unit, splits) -> None:
                        unit.data, "train", splits.train, taps, unit.data.eval_batch_size)
 
 
+def finished_trial(unit) -> dict | None:
+    """The final epoch's metrics of a trial whose model is already exported, else None.
+
+    Its driver can be killed after the export but before Tune or Train record the trial's end
+    (Train registers a reported checkpoint asynchronously), so a resumed sweep could otherwise
+    train the last epoch again from an older checkpoint."""
+    history, export = Path(unit.history_path), Path(unit.export_path)
+    if not (history.is_file() and export.is_file()):
+        return None
+    lines = [line for line in history.read_text().splitlines() if line.strip()]
+    last = json.loads(lines[-1]) if lines else {}
+    return last if last.get("epoch") == unit.optim.epochs else None
+
+
 def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
                teacher_cache: str | None, fail_when: dict | None):
     """The Tune function trial (closed over plain, picklable values)."""
@@ -185,6 +199,10 @@ def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
         trial_id = tune.get_context().get_trial_id()
         fail = bool(fail_when) and all(config.get(k) == v for k, v in fail_when.items())
         unit = trial_unit(raw, config, sweep, run_dir, trial_id, rows, teacher_cache, fail)
+        done = finished_trial(unit)
+        if done is not None:   # trained and exported before its driver was killed
+            tune.report(done)
+            return
         # the sampled values, for trackers (raykd.tracking follows this trial's history)
         folder = Path(unit.history_path).parent
         folder.mkdir(parents=True, exist_ok=True)

@@ -167,6 +167,27 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, t
     assert ray_session.available_resources().get("CPU", 0) == ray_session.cluster_resources()["CPU"]
 
 
+def test_a_trial_exported_before_its_driver_died_is_reported_not_retrained(tmp_path):
+    """The kill can land after a trial's export but before Tune records its end: the resumed
+    trial then reports the exported model's last epoch instead of training it again."""
+    from types import SimpleNamespace
+
+    from raykd.sweep import finished_trial
+
+    history, export = tmp_path / "metrics.jsonl", tmp_path / "model.pt"
+    unit = SimpleNamespace(history_path=str(history), export_path=str(export),
+                           optim=SimpleNamespace(epochs=2))
+    assert finished_trial(unit) is None                       # nothing yet
+    history.write_text(json.dumps({"epoch": 1, "val_top1": 0.5}) + "\n")
+    export.write_bytes(b"model")
+    assert finished_trial(unit) is None                       # an export without its last epoch
+    with history.open("a") as f:
+        f.write(json.dumps({"epoch": 2, "val_top1": 0.75}) + "\n")
+    assert finished_trial(unit) == {"epoch": 2, "val_top1": 0.75}
+    export.unlink()
+    assert finished_trial(unit) is None                       # the last epoch, not yet exported
+
+
 def test_optuna_search_is_built_and_refuses_grids():
     from optuna import __version__  # noqa: F401  (installed with raykd)
     from ray.tune.search.optuna import OptunaSearch
