@@ -22,6 +22,7 @@ from raykd.specs import DataSpec, OptimSpec
 from raykd.train.batches import evaluate
 from raykd.train.optim import make_optimizer, make_scheduler
 
+EVAL_BATCH = DataSpec.eval_batch_size   # as raykd evaluates
 FIRST_EPOCH_AT: list[float] = []    # wall-clock time the first epoch started
 
 
@@ -43,8 +44,8 @@ def train(model, splits, optim: OptimSpec, batch_size: int, teacher=None, temper
             loss.backward()
             opt.step()
         sched.step()
-        evaluate(model, splits.val, 512, "cpu")
-    return evaluate(model, splits.test, 512, "cpu")
+        evaluate(model, splits.val, EVAL_BATCH, "cpu")
+    return evaluate(model, splits.test, EVAL_BATCH, "cpu")
 
 
 def main() -> None:
