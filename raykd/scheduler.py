@@ -126,6 +126,10 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
             for key, value in open_group.poll().items():
                 in_flight[ref].remove(key)
                 settle(key, value)
+            if ref not in open_refs and not in_flight[ref] and ref not in finished:
+                # closed and every unit settled: its run's teardown (seconds of Ray Train
+                # shutting its workers down) goes on without holding up what comes next
+                del in_flight[ref], slots[ref], groups[ref]
         if not finished:
             continue
         [ref] = finished

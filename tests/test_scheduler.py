@@ -108,3 +108,38 @@ def test_a_group_counts_its_slots_not_its_keys_against_the_limit(ray_session):
     assert launches[0] == (["a", "b", "c", "d", "e"], 2)
     assert launches[1] == (["f", "g"], 1), "one slot was left beside the first group"
     assert len(launches) == 2
+
+
+@ray.remote(num_cpus=0)
+def teardown(seconds: float) -> dict:
+    time.sleep(seconds)
+    return {}
+
+
+class SettledGroup:
+    """An open group (as raykd's packed runs are) whose units all settle at its first poll, and
+    whose run then takes a long time to tear down."""
+
+    def __init__(self, keys):
+        self.keys, self.ref, self.closed = list(keys), teardown.remote(20), False
+
+    def offer(self, keys):
+        return []
+
+    def close(self):
+        self.closed = True
+
+    def poll(self):
+        out, self.keys = {k: k for k in self.keys}, []
+        return out
+
+
+def test_a_closed_group_whose_units_all_settled_does_not_hold_up_the_end(ray_session):
+    tasks = {"a": [], "b": []}
+    done = []
+    started = time.monotonic()
+    failures = run_in_order(tasks, lambda keys, slots: SettledGroup(keys),
+                            on_done=lambda k, v: done.append(k), limit=2,
+                            group=lambda key, others, room: [key] + others)
+    assert failures == {} and sorted(done) == ["a", "b"]
+    assert time.monotonic() - started < 10, "waited for the group's teardown"
