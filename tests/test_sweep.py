@@ -129,11 +129,14 @@ def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session,
     assert "<h2>Sweep</h2>" in page and "data:image/png;base64," in page
 
 
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, tmp_path,
+                                                                  digits_teacher):
     """`raykd sweep` joins the session's Ray as a driver of its own: killing it ends its Ray job,
-    and Ray stops the trials it started (their placement groups are freed by Train's cleaner)."""
+    and Ray stops the trials it started (their placement groups are freed by Train's cleaner).
+    The teacher is a given checkpoint: prerequisites are the ASHA test's subject."""
     job = _sweep_job(tmp_path, "killed", {"methods.kd.temperature": {
         "type": "grid", "values": [1, 4]}}, scheduler="fifo", max_concurrent=1)
+    job["teacher"] = {"checkpoint": str(digits_teacher)}
     job["student"]["train"]["epochs"] = 2
     job["output_dir"] = "relative_out"   # resolved by the driver, not in Tune's trial folders
     path = tmp_path / "job.yaml"
