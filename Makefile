@@ -38,6 +38,7 @@ test-fast: lint
 QUICKSTART_BASELINE ?= b2f5373   # the commit the packed-run work started from
 bench: $(STAMP)
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/eval_batch.py
 	$(BIN)/python bench/kd_overhead.py
 	$(BIN)/python bench/teacher_service.py
 	$(BIN)/python bench/heads_layout.py
