@@ -45,6 +45,19 @@ def default_parallelism(spec: JobSpec) -> int:
     return max(1, slots)
 
 
+# Packs whose units all finished, still tearing their Ray Train run down. The job does not
+# wait for them at its end (a `raykd run` exits seconds sooner), but whatever starts Ray work
+# next in this process does, so that new runs never queue for CPUs a finished run still holds
+# (Train and Tune wait for resources in coarse steps).
+_TEARDOWNS: list = []
+
+
+def wait_for_teardowns(timeout_s: float = 120.0) -> None:
+    if _TEARDOWNS:
+        ray.wait(list(_TEARDOWNS), num_returns=len(_TEARDOWNS), timeout=timeout_s)
+        _TEARDOWNS.clear()
+
+
 def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
             only=None):
     """Run every unit of the job (or only those `only` names and what they depend on); return
@@ -55,6 +68,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
     from raykd.train.kinds import unit_kind
     from raykd.train.runner import OpenPack, fit_units
 
+    wait_for_teardowns()
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     check_shared_storage(spec.output_dir)   # multi-node clusters only
@@ -226,7 +240,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
     try:
         failures = run_in_order({k: u.depends_on for k, u in units.items()}, launch, finished,
                                 failed, spec.ray.max_parallel or default_parallelism(spec), done,
-                                group=group, on_tick=tick)
+                                group=group, on_tick=tick, teardowns=_TEARDOWNS)
         status["training"] = 0
         log.info(summary())
     finally:

@@ -39,10 +39,12 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
                  limit: int = 1, done: Iterable[str] = (),
                  group: Callable[[str, list[str], int], list[str]] | None = None,
                  poll_s: float = 0.5,
-                 on_tick: Callable[[list[str], list[Any]], None] | None = None) -> dict[str, str]:
+                 on_tick: Callable[[list[str], list[Any]], None] | None = None,
+                 teardowns: list | None = None) -> dict[str, str]:
     """Run `tasks` (key -> dependency keys) to completion; return {key: reason} for the failed
     and the not-run. Keys in `done` count as finished already. `on_tick(keys, groups)` is
-    called at every turn with the keys of plain launches in flight and the open groups."""
+    called at every turn with the keys of plain launches in flight and the open groups.
+    `teardowns` collects the refs of closed groups left to finish in the background."""
     done = set(done)
     pending = [k for k in tasks if k not in done]
     dependents: dict[str, int] = {}
@@ -128,8 +130,10 @@ def run_in_order(tasks: Mapping[str, list[str]], launch: Callable[[Any], Any],
                 settle(key, value)
             if ref not in open_refs and not in_flight[ref] and ref not in finished:
                 # closed and every unit settled: its run's teardown (seconds of Ray Train
-                # shutting its workers down) goes on without holding up what comes next
+                # shutting its workers down) goes on without holding up the end
                 del in_flight[ref], slots[ref], groups[ref]
+                if teardowns is not None:
+                    teardowns.append(ref)
         if not finished:
             continue
         [ref] = finished

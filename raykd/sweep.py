@@ -231,7 +231,7 @@ def run_sweep(raw: dict, fail_when: dict | None = None):
     from ray import tune
 
     from raykd.data import load_dataset
-    from raykd.pipeline import run_job
+    from raykd.pipeline import run_job, wait_for_teardowns
     from raykd.plan import plan_units
     from raykd.results import ResultsTable
 
@@ -260,6 +260,7 @@ def run_sweep(raw: dict, fail_when: dict | None = None):
     if before:
         log.info("sweep: training what every trial needs first: %s", ", ".join(sorted(before)))
         run_job(spec, splits=splits, only=before)
+    wait_for_teardowns()   # the trials' runs start on CPUs the prerequisites' run frees
     rows = ResultsTable(run_dir).rows
     cache = (spec.teacher.cache_dir or str(Path(spec.output_dir) / "feature_cache")) \
         if spec.teacher.cache else None

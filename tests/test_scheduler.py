@@ -136,10 +136,12 @@ class SettledGroup:
 
 def test_a_closed_group_whose_units_all_settled_does_not_hold_up_the_end(ray_session):
     tasks = {"a": [], "b": []}
-    done = []
+    done, teardowns = [], []
     started = time.monotonic()
     failures = run_in_order(tasks, lambda keys, slots: SettledGroup(keys),
                             on_done=lambda k, v: done.append(k), limit=2,
-                            group=lambda key, others, room: [key] + others)
+                            group=lambda key, others, room: [key] + others, teardowns=teardowns)
     assert failures == {} and sorted(done) == ["a", "b"]
     assert time.monotonic() - started < 10, "waited for the group's teardown"
+    # handed over, so that the next Ray work can wait for the CPUs it frees
+    assert len(teardowns) == 1 and not ray.wait(teardowns, timeout=0)[0]
