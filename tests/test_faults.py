@@ -1,4 +1,4 @@
-"""Real faults injected into running jobs: a Ray Train worker SIGKILLed mid-epoch, the `raykd run`
+"""Real faults injected into running jobs: a packed Ray Train worker SIGKILLed mid-epoch, the `raykd run`
 driver SIGKILLed mid-job, and a run failing through the command (its dependants not run)."""
 import json
 import os
@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import torch
 import yaml
 
@@ -59,32 +58,13 @@ def kill_training_workers_when(done, killed: list) -> threading.Thread:
     return thread
 
 
-def test_a_worker_killed_mid_epoch_resumes_to_bit_identical_weights(ray_session, tmp_path,
-                                                                    digits_teacher):
-    plain = run_job(job_from_dict(slow_job(tmp_path, digits_teacher, "plain")))
-    spec = job_from_dict(slow_job(tmp_path, digits_teacher, "killed"))
-    history = spec.run_dir / "metrics" / "seed0-ce.jsonl"
-    killed: list = []
-    # epoch 2's checkpoint is stored; epoch 3's is on its way
-    killer = kill_training_workers_when(lambda: epochs_done(history) >= 3, killed)
-    resumed = run_job(spec)
-    killer.join()
-    assert killed, "no training worker was found to kill"
-    row = resumed[resumed.unit == "seed0-ce"].iloc[0]
-    assert row.resumed_from >= 2 and row.epochs == 6, "resumed from a checkpoint, within max_failures"
-    a = torch_load(plain[plain.unit == "seed0-ce"].export.iloc[0])["state_dict"]
-    b = torch_load(row.export)["state_dict"]
-    assert a.keys() == b.keys()
-    for name in a:   # model, optimizer state, scheduler and batch order all came back exactly
-        assert torch.equal(a[name], b[name]), name
-
-
-def test_a_packed_lane_killed_mid_unit_resumes_each_unit_from_its_own_epoch(
+def test_a_packed_lane_killed_mid_epoch_resumes_each_unit_to_bit_identical_weights(
         ray_session, tmp_path, digits_teacher):
     """Two units packed in one lane (one worker trains them one after the other); the worker is
-    SIGKILLed in the second unit's third epoch. The pack restarts: the finished first unit is not
-    trained again, the second resumes from its own last epoch to the same weights as an
-    unpacked, uninterrupted run."""
+    SIGKILLed mid-epoch once the second unit has reported its third. The pack restarts: the
+    finished first unit is not trained again, the second resumes from its own last checkpoint to
+    the same weights as an unpacked, uninterrupted run (a lone unit is a pack of one: the same
+    path)."""
     plain = run_job(job_from_dict(slow_job(tmp_path, digits_teacher, "alone",
                                            methods={"ce2": {"method": "ce"}})))
     spec = job_from_dict(slow_job(tmp_path, digits_teacher, "lane",
@@ -105,7 +85,8 @@ def test_a_packed_lane_killed_mid_unit_resumes_each_unit_from_its_own_epoch(
     assert second.resumed_from >= 2 and second.epochs == 6
     a = torch_load(plain.export.iloc[0])["state_dict"]
     b = torch_load(second.export)["state_dict"]
-    for name in a:
+    assert a.keys() == b.keys()
+    for name in a:   # model, optimizer state, scheduler and batch order all came back exactly
         assert torch.equal(a[name], b[name]), name
 
 
@@ -134,15 +115,18 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.ray   # starts its own Ray instance through `raykd run`
-def test_a_killed_driver_leaves_nothing_running_and_the_rerun_finishes(tmp_path, digits_teacher):
+def test_a_killed_driver_leaves_nothing_running_and_the_rerun_finishes(ray_session, tmp_path,
+                                                                      digits_teacher):
+    """The killed `raykd run` starts a Ray instance of its own (the kill takes it down too); the
+    rerun joins the session's, as a second machine's rerun would join its cluster."""
     job = slow_job(tmp_path, digits_teacher, "driver", methods={"ce": {}, "kd": {}})
     job["teacher"] = {"model": "cnn", "train": {"epochs": 2, "lr": 0.1}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     run_dir = tmp_path / "driver"
+    own_ray = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen([RAYKD, "run", str(path)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+                              stderr=subprocess.DEVNULL, start_new_session=True, env=own_ray)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and epochs_done(run_dir / "metrics" / "seed0-kd.jsonl") < 2:
         time.sleep(0.1)    # the student that needs the teacher is past a checkpoint
@@ -158,7 +142,9 @@ def test_a_killed_driver_leaves_nothing_running_and_the_rerun_finishes(tmp_path,
             for p in family if alive(p)}
     assert not left, f"processes of the killed job still running: {left}"
     started = time.monotonic()
-    rerun = subprocess.run([RAYKD, "run", str(path)], capture_output=True, text=True, timeout=400)
+    rerun = subprocess.run([RAYKD, "run", str(path)], capture_output=True, text=True, timeout=400,
+                           env={**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context()
+                                .gcs_address})
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert time.monotonic() - started < 300
     rows = pd.read_parquet(run_dir / "results.parquet")
