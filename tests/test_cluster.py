@@ -1,5 +1,5 @@
-"""Running on a Ray cluster: cluster.yaml checked by Ray's validator, `raykd submit` against a
-real head with token auth, address pitfalls, and a two-node cluster sharing output_dir.
+"""Running on a Ray cluster: cluster.yaml checked by Ray's validator, address pitfalls, and
+`raykd submit` to a real two-node cluster with token auth whose nodes share output_dir.
 
 The heads here are `ray start --head --block` subprocesses on loopback with their own ports and
 temp dirs, stopped by their own pid (never `ray stop`, which would kill every Ray here)."""
@@ -116,7 +116,8 @@ class Head:
                                 env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
-    def add_node(self, tmp: Path, cpus: int, resources: str) -> None:
+    def add_node(self, tmp: Path, cpus: int, resources: str) -> str:
+        """Start a second node; return its node ID once the head lists it as alive."""
         # its own temp dir, as on a machine of its own: nodes sharing one would share the
         # runtime-env packages too, and one node's clean-up would delete the other's
         temp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
@@ -124,13 +125,15 @@ class Head:
                                        f"--resources={resources}", f"--temp-dir={temp}"],
                                       tmp / "node.log"))
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:   # until the head lists the second node as alive
+        while time.monotonic() < deadline:
             listed = subprocess.run(
                 [sys.executable, "-c", "import ray; ray.init(address='127.0.0.1:%d', "
-                 "log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))" % self.port],
+                 "log_to_driver=False); print(*[n['NodeID'] for n in ray.nodes() if n['Alive'] "
+                 "and 'node:__internal_head__' not in n['Resources']])" % self.port],
                 env=self.env, capture_output=True, text=True, timeout=60)
-            if listed.stdout.strip().endswith("2"):
-                return
+            joined = listed.stdout.split()
+            if joined:
+                return joined[-1]
             time.sleep(1)
         raise AssertionError("the second node did not join: " + (tmp / "node.log").read_text()[-2000:])
 
@@ -157,23 +160,26 @@ def tiny_job(path: Path, out: Path, teacher: Path, name: str = "tiny", **extra) 
 @pytest.mark.ray
 def test_a_two_node_cluster_with_token_auth_takes_submitted_jobs_and_shares_output_dir(
         tmp_path, digits_teacher):
-    """One real cluster (a head and a second node, token auth on) for both flows: `raykd submit`
-    from a client without Ray's token setup, and `raykd run` joining it with units placed on the
-    second node by a custom resource."""
+    """One real cluster (a head and a second node, token auth on): `raykd submit` from a client
+    without Ray's token setup; the submitted job's unit is placed on the second node by a custom
+    resource, so the job's driver (on the head) and its worker share output_dir."""
     token = secrets.token_hex(16)
     head = Head(tmp_path, token, cpus=1, multi_node=True)
     try:
-        head.add_node(tmp_path, 2, '{"second_node": 2}')
-        submit_flow(tmp_path, head, token, digits_teacher)
-        shared_output_flow(tmp_path, head, digits_teacher)
+        second = head.add_node(tmp_path, 2, '{"second_node": 2}')
+        submit_flow(tmp_path, head, token, digits_teacher, second)
     finally:
         head.stop()
 
 
-def submit_flow(tmp_path: Path, head: Head, token: str, digits_teacher: Path) -> None:
+def submit_flow(tmp_path: Path, head: Head, token: str, digits_teacher: Path,
+                second_node: str) -> None:
     project = tmp_path / "project"
     project.mkdir()
-    job = tiny_job(project / "tiny.yaml", tmp_path / "cluster_out", digits_teacher)
+    out = tmp_path / "cluster_out"
+    job = tiny_job(project / "tiny.yaml", out, digits_teacher,
+                   ray={"workers": 1, "max_failures": 0,
+                        "resources_per_worker": {"second_node": 1}})
     client_env = {**os.environ, "HOME": str(tmp_path / "client"), "RAY_AUTH_MODE": "disabled"}
     client_env.pop("RAY_AUTH_TOKEN", None)
     # no token: refused, one line, nothing submitted
@@ -194,8 +200,13 @@ def submit_flow(tmp_path: Path, head: Head, token: str, digits_teacher: Path) ->
     assert "submitted raysubmit_" in ok.stdout and "SUCCEEDED" in ok.stdout
     assert "seed0-kd" in ok.stdout, "the job's log is streamed"
     assert "RAYKD-RESULTS" not in ok.stdout, "the results block is not shown"
+    assert "shared storage: all 2 nodes read and write" in ok.stdout
     rows = pd.read_parquet(local / "tiny" / "results.parquet")
     assert list(rows.method) == ["kd"] and 0 <= rows.test_top1[0] <= 1
+    assert rows.node[0] == second_node, "the unit ran on the node with the resource"
+    # its export and checkpoint are where the driver, on the other node, looks for them
+    assert Path(rows.export[0]).is_file()
+    assert latest_state(str(out / "tiny" / "ray"), "seed0-kd")
     # a job that fails on the cluster (its data is absent there): non-zero, status named
     bad = tiny_job(project / "bad.yaml", tmp_path / "cluster_out", digits_teacher,
                    data={"dataset": "cifar10", "root": str(tmp_path / "no_cifar")})
@@ -222,24 +233,3 @@ def submit_flow(tmp_path: Path, head: Head, token: str, digits_teacher: Path) ->
                             text=True, timeout=300)
     assert follow.returncode == 1 and f"job {job_id}: STOPPED" in follow.stdout, \
         follow.stdout[-2000:]
-
-
-def shared_output_flow(tmp_path: Path, head: Head, digits_teacher: Path) -> None:
-    job = tiny_job(tmp_path / "tiny.yaml", tmp_path / "out", digits_teacher)
-    run = subprocess.run(
-        [RAYKD, "run", str(job), f"ray.address=127.0.0.1:{head.port}",
-         "ray.resources_per_worker={second_node: 1}"],
-        env={**head.env, "HOME": os.environ.get("HOME", "/root")}, capture_output=True,
-        text=True, timeout=400)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "shared storage: all 2 nodes read and write" in run.stderr
-    rows = pd.read_parquet(tmp_path / "out" / "tiny" / "results.parquet")
-    assert Path(rows.export[0]).is_file()
-    # its checkpoint is where the driver looks for it (the unit's own folder of its run)
-    assert latest_state(str(tmp_path / "out" / "tiny" / "ray"), "seed0-kd")
-    nodes = subprocess.run(
-        [sys.executable, "-c", "import ray, json; ray.init(address='127.0.0.1:%d'); "
-         "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and "
-         "'second_node' in n['Resources']]))" % head.port],
-        env=head.env, capture_output=True, text=True, timeout=120)
-    assert rows.node[0] in nodes.stdout, "the unit ran on the node with the resource"
