@@ -204,8 +204,11 @@ def packed_outcome(unit: Unit, packed: int, num_classes: int, input_shape,
 
 
 def run_pack(queue, storage: str, lanes: int, cpus_per_worker: float, use_gpu: bool,
-             max_failures: int, num_classes: int, input_shape, resources, name: str) -> dict:
-    """Fit one run whose `lanes` workers drain `queue`; return every queued unit's outcome."""
+             max_failures: int, num_classes: int, input_shape, resources, name: str,
+             polled: bool = False) -> dict:
+    """Fit one run whose `lanes` workers drain `queue`; return every queued unit's outcome, or,
+    when `polled`, the outcomes of the units its lanes did not report finished (the driver's
+    `OpenPack.poll` has read the others)."""
     try:
         result = trainer_for({"queue": queue, "retries": max_failures}, lanes, cpus_per_worker,
                              use_gpu, max_failures, resources, storage, name).fit()
@@ -215,12 +218,17 @@ def run_pack(queue, storage: str, lanes: int, cpus_per_worker: float, use_gpu: b
     ray.get(queue.close.remote())     # nothing more may join a run that has ended
     units = ray.get(queue.all_units.remote())
     spans = ray.get(queue.lane_seconds.remote())
+    # A model's rows time its forward pass (seconds for an ImageNet ResNet): computing again rows
+    # the driver has polled would only delay this run's end, which the process's next run awaits.
+    reported = set(ray.get(queue.finished_since.remote(0))) if polled else set()
     out = {}
     for u in units:
+        if u.key in reported:
+            continue
         outcome = packed_outcome(u, len(units), num_classes, input_shape, spans.get(u.key))
         if outcome is not None:
             out[u.key] = outcome
-    unfinished = [u for u in units if u.key not in out]
+    unfinished = [u for u in units if u.key not in out and u.key not in reported]
     if not unfinished:
         return out
     if error is None:   # cannot happen unless a lane ended early; never silent
@@ -235,7 +243,7 @@ def fit_pack(queue, storage: str, lanes: int, cpus_per_worker: float, use_gpu: b
              max_failures: int, num_classes: int, input_shape, resources, name: str) -> dict:
     quiet_ray_logs()
     return run_pack(queue, storage, lanes, cpus_per_worker, use_gpu, max_failures, num_classes,
-                    input_shape, resources, name)
+                    input_shape, resources, name, polled=True)
 
 
 class OpenPack:
