@@ -1,0 +1,112 @@
+"""The test suite's wall time (what `make test` runs after its install and lint), now and at an
+earlier commit on the same machine, alternating. Rewrites the README's testing block and its
+RESULTS section.
+
+    .venv/bin/python bench/test_suite.py [--against COMMIT] [--repeats 1]
+
+`--against` checks COMMIT out into a temporary git worktree and runs its tests with this venv
+(PYTHONPATH first), so both sides share Python, torch and Ray; the suites differ in what they
+test (each side runs its own tests). About 15 minutes per suite on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_md import alternating, fresh_workdir, machine, median_spread, write_readme_block, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = str(Path(sys.executable).parent / "python")
+SLOWEST = 8
+
+
+def timed_suite(code: Path, log: Path) -> dict:
+    """Run `pytest` in `code`; return its wall time, its counts and its slowest tests."""
+    env = {**os.environ, "PYTHONPATH": str(code), "RAY_AUTH_MODE": "disabled"}
+    started = time.perf_counter()
+    done = subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"--durations={SLOWEST}"], capture_output=True, text=True, env=env,
+                          cwd=code)
+    wall = round(time.perf_counter() - started, 1)
+    log.write_text(done.stdout + done.stderr)
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?)", done.stdout)}
+    slowest = re.findall(r"^([\d.]+)s (?:call|setup)\s+(\S+)", done.stdout, re.M)
+    return {"wall_s": wall, "counts": counts,
+            "slowest": [(float(s), name) for s, name in slowest]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--against", help="an earlier commit whose suite to time on the same machine")
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args()
+    work = fresh_workdir("test_suite")
+    count = {"now": 0, "before": 0}
+
+    def run(side: str, code: Path):
+        def go() -> dict:
+            count[side] += 1
+            print(f"  {side}: running its test suite (about 15 minutes)", flush=True)
+            return timed_suite(code, work / f"{side}-{count[side]}.log")
+        return go
+
+    runs = {"now": run("now", ROOT)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.against:
+            old = Path(tmp) / "before"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old),
+                            args.against], check=True, capture_output=True)
+            runs["before"] = run("before", old)
+        try:
+            suites = alternating(runs, args.repeats)
+        finally:
+            if args.against:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)],
+                               capture_output=True)
+    (work / "suites.json").write_text(json.dumps(suites))
+    report(suites, args.against)
+
+
+def counted(suite: dict) -> str:
+    return ", ".join(f"{n} {k}" for k, n in suite["counts"].items())
+
+
+def report(suites: dict, against: str | None) -> None:
+    now = [s["wall_s"] for s in suites["now"]]
+    last = suites["now"][-1]
+    slowest = "\n".join(f"| {name} | {s:.1f} |" for s, name in last["slowest"])
+    before = ""
+    if "before" in suites:
+        then = [s["wall_s"] for s in suites["before"]]
+        before = (f"\nAt commit `{against[:7]}`, on the same machine in the same invocation: "
+                  f"{median_spread(then)} ({counted(suites['before'][-1])}); now / then "
+                  f"**{statistics.median(now) / statistics.median(then):.2f}x**.\n")
+    body = f"""## The test suite (`make test` after its install)
+
+`.venv/bin/python bench/test_suite.py{' --against ' + against[:7] if against else ''}`; {machine()}.
+`pytest` of the whole suite on a real local Ray: {median_spread(now)} ({counted(last)}).
+{before}
+| slowest tests | s |
+| --- | --- |
+{slowest}
+"""
+    write_section("test_suite", body)
+    write_readme_block("test_suite", f"""On this 2-core machine the suite took {statistics.median(now):.0f} s
+({counted(last)}; `.venv/bin/python bench/test_suite.py` measures it and rewrites this
+block){before.replace(chr(10), ' ').rstrip()} The slowest test: {last['slowest'][0][1]},
+{last['slowest'][0][0]:.0f} s.""")
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
