@@ -1,5 +1,5 @@
 # make demo   run the quickstart job on a local Ray instance (mnist5k, CPU, a few minutes)
-# make test   lint, then the whole test suite (real local Ray, 21-24 minutes on 2 cores): what CI runs
+# make test   lint, then the whole test suite (real local Ray, about 15 minutes on 2 cores): what CI runs
 # make test-fast  lint and every test that does not start Ray (about 2 minutes)
 # make bench  run the benchmarks and rewrite bench/RESULTS.md
 # Each target creates .venv and installs raykd into it on first use.
@@ -34,7 +34,7 @@ test-fast: lint
 	$(BIN)/python -m pytest -m "not ray"
 
 # Each script measures both sides of its comparison in one invocation (alternating, 3 repetitions
-# where a side takes minutes or less) and rewrites its section of bench/RESULTS.md. About 75 min.
+# where a side takes minutes or less) and rewrites its section of bench/RESULTS.md. About 110 min.
 QUICKSTART_BASELINE ?= b2f5373   # the commit the packed-run work started from
 bench: $(STAMP)
 	$(BIN)/python bench/startup.py
@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/quickstart.py --against $(QUICKSTART_BASELINE)
 	$(BIN)/python bench/neighbourhood.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/test_suite.py --against $(QUICKSTART_BASELINE)
 
 clean:
 	rm -rf runs bench/runs
