@@ -15,12 +15,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import alternating, fresh_workdir, machine, median_spread, write_readme_block, write_section  # noqa: E402
+from results_md import fresh_workdir, machine, median_spread, now_and_then, write_readme_block, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(Path(sys.executable).parent / "python")
@@ -50,25 +49,11 @@ def main() -> None:
     work = fresh_workdir("quickstart")
     count = {"now": 0, "before": 0}
 
-    def run(side: str, code: Path):
-        def go() -> float:
-            count[side] += 1
-            return timed_run(code, work / f"{side}-{count[side]}")
-        return go
+    def measure(side: str, code: Path) -> float:
+        count[side] += 1
+        return timed_run(code, work / f"{side}-{count[side]}")
 
-    runs = {"now": run("now", ROOT)}
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.against:
-            old = Path(tmp) / "before"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old),
-                            args.against], check=True, capture_output=True)
-            runs["before"] = run("before", old)
-        try:
-            walls = alternating(runs, args.repeats)
-        finally:
-            if args.against:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)],
-                               capture_output=True)
+    walls = now_and_then(measure, args.against, args.repeats)
     (work / "walls.json").write_text(json.dumps(walls))
     report(work, walls, args.against)
 

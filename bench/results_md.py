@@ -33,6 +33,29 @@ def alternating(runs: dict, repeats: int) -> dict[str, list]:
     return out
 
 
+def now_and_then(measure, against: str | None, repeats: int) -> dict[str, list]:
+    """`measure(side, code)` for this checkout ("now") and, with `against`, for that commit
+    checked out into a temporary git worktree ("before"), alternating (see `alternating`).
+    Each side's code runs with this venv (PYTHONPATH first), so both share Python, torch, Ray."""
+    import subprocess
+    import tempfile
+
+    root = RESULTS.parent.parent
+    runs = {"now": lambda: measure("now", root)}
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "before"
+        if against:
+            subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(old),
+                            against], check=True, capture_output=True)
+            runs["before"] = lambda: measure("before", old)
+        try:
+            return alternating(runs, repeats)
+        finally:
+            if against:
+                subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force",
+                                str(old)], capture_output=True)
+
+
 def median_spread(values, unit: str = "s", digits: int = 1) -> str:
     """`median (min-max)` of repeated measurements."""
     import statistics

@@ -17,12 +17,11 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import alternating, fresh_workdir, machine, median_spread, write_readme_block, write_section  # noqa: E402
+from results_md import fresh_workdir, machine, median_spread, now_and_then, write_readme_block, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(Path(sys.executable).parent / "python")
@@ -53,26 +52,12 @@ def main() -> None:
     work = fresh_workdir("test_suite")
     count = {"now": 0, "before": 0}
 
-    def run(side: str, code: Path):
-        def go() -> dict:
-            count[side] += 1
-            print(f"  {side}: running its test suite (about 15 minutes)", flush=True)
-            return timed_suite(code, work / f"{side}-{count[side]}.log")
-        return go
+    def measure(side: str, code: Path) -> dict:
+        count[side] += 1
+        print(f"  {side}: running its test suite (about 15 minutes)", flush=True)
+        return timed_suite(code, work / f"{side}-{count[side]}.log")
 
-    runs = {"now": run("now", ROOT)}
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.against:
-            old = Path(tmp) / "before"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old),
-                            args.against], check=True, capture_output=True)
-            runs["before"] = run("before", old)
-        try:
-            suites = alternating(runs, args.repeats)
-        finally:
-            if args.against:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)],
-                               capture_output=True)
+    suites = now_and_then(measure, args.against, args.repeats)
     (work / "suites.json").write_text(json.dumps(suites))
     report(suites, args.against)
 
