@@ -88,7 +88,7 @@ def report(suites: dict, against: str | None) -> None:
     write_section("test_suite", body)
     write_readme_block("test_suite", f"""On this 2-core machine the suite took {statistics.median(now):.0f} s
 ({counted(last)}; `.venv/bin/python bench/test_suite.py` measures it and rewrites this
-block){before.replace(chr(10), ' ').rstrip()} The slowest test: {last['slowest'][0][1]},
+block).{before.replace(chr(10), ' ').rstrip()} The slowest test: {last['slowest'][0][1]},
 {last['slowest'][0][0]:.0f} s.""")
     print(body)
 
