@@ -63,8 +63,8 @@ def test_a_packed_lane_killed_mid_epoch_resumes_each_unit_to_bit_identical_weigh
     """Two units packed in one lane (one worker trains them one after the other); the worker is
     SIGKILLed mid-epoch once the second unit has reported its third. The pack restarts: the
     finished first unit is not trained again, the second resumes from its own last checkpoint to
-    the same weights as an unpacked, uninterrupted run (a lone unit is a pack of one: the same
-    path)."""
+    the same weights as an unpacked, uninterrupted run (a lone unit with packing on is a pack of
+    one: the same path)."""
     plain = run_job(job_from_dict(slow_job(tmp_path, digits_teacher, "alone",
                                            methods={"ce2": {"method": "ce"}})))
     spec = job_from_dict(slow_job(tmp_path, digits_teacher, "lane",

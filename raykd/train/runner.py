@@ -221,14 +221,13 @@ def run_pack(queue, storage: str, lanes: int, cpus_per_worker: float, use_gpu: b
     # A model's rows time its forward pass (seconds for an ImageNet ResNet): computing again rows
     # the driver has polled would only delay this run's end, which the process's next run awaits.
     reported = set(ray.get(queue.finished_since.remote(0))) if polled else set()
+    owed = [u for u in units if u.key not in reported]
     out = {}
-    for u in units:
-        if u.key in reported:
-            continue
+    for u in owed:
         outcome = packed_outcome(u, len(units), num_classes, input_shape, spans.get(u.key))
         if outcome is not None:
             out[u.key] = outcome
-    unfinished = [u for u in units if u.key not in out and u.key not in reported]
+    unfinished = [u for u in owed if u.key not in out]
     if not unfinished:
         return out
     if error is None:   # cannot happen unless a lane ended early; never silent
