@@ -125,7 +125,7 @@ def _cmd_search(args) -> int:
             from None
     request = SearchRequest(args.library, args.teacher, args.max_params, args.max_macs,
                             args.max_latency_ms, args.top, args.proxy, args.finetune_epochs,
-                            seeds, args.out)
+                            seeds, args.out, args.bn_recalibration)
     request.check()
     # a bad library or an impossible budget fails here, before Ray starts
     solve(positions(library_entries(request)[0]), request)
@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KD fine-tuning epochs of the chosen student (0: none; default 4)")
     search.add_argument("--seeds", default="0", help="fine-tuning seeds, e.g. 0,1,2 (0)")
     search.add_argument("--out", help="output folder (default LIBRARY/search)")
+    search.add_argument("--bn-recalibration", type=int, default=2048, metavar="N",
+                        help="training images to recompute each stitched student's BatchNorm "
+                             "statistics on before it is scored (2048; 0 keeps the parts' own)")
     search.set_defaults(fn=_cmd_search)
 
     submit = sub.add_parser(

@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from raykd.errors import RaykdError
-from raykd.files import file_hash
+from raykd.files import atomic_copy, file_hash
 from raykd.library import NeighbourhoodLibrary
 from raykd.log import log
 from raykd.selection import best_choices
@@ -50,6 +50,7 @@ class SearchRequest:
     finetune_epochs: int = 4
     seeds: tuple[int, ...] = (0,)
     out: str | None = None
+    bn_recalibration: int = 2048     # training images for each student's BatchNorm statistics
 
     def check(self) -> None:
         for name in ("max_params", "max_macs", "max_latency_ms"):
@@ -58,6 +59,9 @@ class SearchRequest:
                 raise RaykdError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.top < 1:
             raise RaykdError(f"--top must be at least 1, got {self.top}")
+        if self.bn_recalibration < 0:
+            raise RaykdError(f"--bn-recalibration must be >= 0 (0 turns it off), got "
+                             f"{self.bn_recalibration}")
         if self.finetune_epochs < 0:
             raise RaykdError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         if self.proxy not in PROXIES:
@@ -149,25 +153,31 @@ def stitch_info(teacher: str, solution: list[dict]) -> dict:
             "parts": [[int(r["nb_start"]), int(r["nb_stop"]), r["checkpoint"]] for r in solution]}
 
 
-def score_students(infos: list[dict], data: dict) -> list[dict]:
-    """Val accuracy, parameters, MACs and measured latency of each stitched student, one Ray
-    task each (no training)."""
+def score_students(infos: list[dict], data: dict, bn_recalibration: int) -> list[dict]:
+    """Val accuracy, parameters, MACs and measured latency of each stitched student, its
+    BatchNorm statistics first recomputed on `bn_recalibration` training images
+    (raykd.models.batchnorm), one Ray task each (no training). Each score's "state_dict" holds
+    the student's weights as scored (the driver exports them: tasks may run on other nodes)."""
     import ray
 
     @ray.remote(num_cpus=1)
     def score(info: dict) -> dict:
         from raykd.data import load_dataset
         from raykd.models import count_macs, count_params
+        from raykd.models.batchnorm import recalibrate_batchnorm
         from raykd.models.export import build_stitched
         from raykd.models.staged import latency_ms
         from raykd.train.batches import evaluate
 
         spec = data_spec(data)
         splits = load_dataset(spec)
-        model = build_stitched(info).eval()
+        model = build_stitched(info)
+        recalibrate_batchnorm(model, splits.train, spec.eval_batch_size, bn_recalibration)
+        model.eval()
         return {"val_top1": evaluate(model, splits.val, spec.eval_batch_size, "cpu"),
                 "params": count_params(model), "macs": count_macs(model, splits.input_shape),
-                "latency_ms": latency_ms(model, splits.input_shape)}
+                "latency_ms": latency_ms(model, splits.input_shape),
+                "state_dict": model.state_dict()}
 
     return ray.get([score.remote(info) for info in infos])
 
@@ -218,6 +228,7 @@ def plot_pareto(table: pd.DataFrame, path: Path) -> None:
 def run_search(request: SearchRequest):
     """Solve, score, write the Pareto table and the chosen student; fine-tune it. Returns
     (pareto table, fine-tuning results or None)."""
+    from raykd.data import load_dataset
     from raykd.models.export import build_stitched, save_export
 
     request.check()
@@ -234,7 +245,8 @@ def run_search(request: SearchRequest):
              len(solutions), request.budgets or "no budget")
     infos = [stitch_info(teacher, s) for s in solutions]
     data = json.loads(solutions[0][0]["data"])
-    scores = score_students(infos, data)
+    scores = score_students(infos, data, request.bn_recalibration)
+    weights = [score.pop("state_dict") for score in scores]
     table = pd.DataFrame([{
         "rank": i + 1, "candidates": "+".join(r["candidate"] for r in s),
         "positions": "+".join(str(r["neighbourhood"]) for r in s),
@@ -249,14 +261,13 @@ def run_search(request: SearchRequest):
     table.attrs["search_s"] = search_s
     table.to_parquet(out / "pareto.parquet", index=False)
     plot_pareto(table, out / "pareto.png")
-    splits_spec = data_spec(data)
-    from raykd.data import load_dataset
-    splits = load_dataset(splits_spec)
-    for i, info in enumerate(infos):   # every solution, ready to train or deploy
-        save_export(build_stitched(info), out / "solutions" / f"rank{i + 1}.pt",
-                    splits.num_classes, splits.in_channels, splits.image_size)
-    save_export(build_stitched(infos[best]), out / "student.pt", splits.num_classes,
-                splits.in_channels, splits.image_size)
+    splits = load_dataset(data_spec(data))
+    exports = [out / "solutions" / f"rank{i + 1}.pt" for i in range(len(infos))]
+    for info, state, path in zip(infos, weights, exports):   # ready to train or deploy, as scored
+        model = build_stitched(info)
+        model.load_state_dict(state)
+        save_export(model, path, splits.num_classes, splits.in_channels, splits.image_size)
+    atomic_copy(exports[best], out / "student.pt")
     job = finetune_job(request, out, teacher, data)
     (out / "student.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
     log.info("search: chose %s (val_top1 %.4f, %d params) in %.1f s; wrote %s",

@@ -45,6 +45,7 @@ class StitchPlan:
     Stored inside the student's export (as a plain dict) so it can be rebuilt."""
     teacher: str
     parts: list[tuple[int, int, str]]     # (start, stop, candidate export), in block order
+    bn_recalibration: int = 0   # training images to recompute its BatchNorm statistics on
 
 
 @dataclass

@@ -94,6 +94,8 @@ def test_missing_and_malformed_files(tmp_path):
     ("methods: {nd: {method: neighbourhood, alpha: 2}}", "methods.nd.alpha must be in [0, 1]"),
     ("methods: {nd: {method: neighbourhood, train: {epochs: 0}}}",
      "methods.nd.train.epochs must be at least 1"),
+    ("methods: {nd: {method: neighbourhood, bn_recalibration: -1}}",
+     "methods.nd.bn_recalibration must be >= 0 (0 turns it off), got -1"),
 ])
 def test_bad_job_files_name_the_field(tmp_path, text, message):
     path = tmp_path / "job.yaml"

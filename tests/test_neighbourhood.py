@@ -6,14 +6,17 @@ import torch
 from torch import nn
 
 from raykd.config import job_from_dict
+from raykd.data import load_dataset
 from raykd.errors import RaykdError
 from raykd.methods.neighbourhood import choose_candidates
 from raykd.models import build_model, count_params
-from raykd.models.export import load_export
+from raykd.models.batchnorm import recalibrate_batchnorm
+from raykd.models.export import build_stitched, load_export
 from raykd.models.stitch import Candidate, block_shapes, neighbourhoods, stitch
 from raykd.pipeline import run_job
 from raykd.specs import DataSpec, OptimSpec
 from raykd.teacher import TeacherHandle
+from raykd.train.batches import evaluate
 from raykd.units import NeighbourhoodPart, Unit
 
 from conftest import small_job
@@ -100,6 +103,18 @@ def test_units_run_in_parallel_fail_once_resume_and_stitch(ray_session, tmp_path
     stitched = load_export(df.loc["nd", "export"])
     assert count_params(stitched) == df.loc["nd", "params"]
     assert [n for n in stitched.block_names if n.startswith("nb_")] == ["nb_stage2_block", "nb_stage3_block"]
+    # scored as stitched after its BatchNorm statistics were recomputed on training images
+    fresh = build_stitched(stitched.stitch_info)
+    splits = load_dataset(spec.data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                 # as its worker did: the same sums in the same order
+    try:
+        assert recalibrate_batchnorm(fresh, splits.train, spec.data.eval_batch_size, 2048) == \
+            len(splits.train)
+        assert evaluate(fresh, splits.val, spec.data.eval_batch_size, "cpu") == \
+            df.loc["nd.stitched", "val_top1"]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_gaussian_inputs_train_without_touching_the_dataset(ray_session, tmp_path, teacher_path):
@@ -132,9 +147,7 @@ def test_a_parts_validation_accuracies_from_its_boundary_activations_equal_the_s
     model and the teacher evaluated on the validation images."""
     from torch.utils.data import DataLoader
 
-    from raykd.data import load_dataset
     from raykd.models.export import save_export
-    from raykd.train.batches import evaluate
     from raykd.train.neighbourhood import NeighbourhoodTrainer
 
     data = DataSpec(dataset="digits", batch_size=64, eval_batch_size=100)

@@ -5,16 +5,20 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raykd.cli import main
 from raykd.config import job_from_dict, load_job
+from raykd.data import load_dataset
 from raykd.errors import RaykdError
 from raykd.files import file_hash
+from raykd.models.export import build_stitched, load_export
 from raykd.pipeline import run_job
 from raykd.search import SearchRequest, library_entries, positions, run_search, solve
 from raykd.selection import best_choices
+from raykd.train.batches import evaluate
 
 from conftest import small_job
 
@@ -119,6 +123,8 @@ def test_bad_libraries_are_one_line_errors(tmp_path, capsys):
     assert "no neighbourhood library at" in error(str(tmp_path / "nope"), "--teacher", "x")
     assert "--max-params must be positive" in error(str(lib), "--teacher", str(export),
                                                     "--max-params", "0")
+    assert "--bn-recalibration must be >= 0" in error(str(lib), "--teacher", str(export),
+                                                      "--bn-recalibration", "-5")
     assert "no stitched student fits" in error(str(lib), "--teacher", str(export),
                                                "--max-params", "900")
     part = lib / "parts" / "stage3-dw1d1.pt"
@@ -169,6 +175,20 @@ def test_two_jobs_share_a_library_and_search_retrains_nothing(ray_session, tmp_p
     # the only Ray Train run of the search is the chosen student's fine-tuning
     runs = [p.name for p in (out / "finetune" / "ray").iterdir() if p.name != "units"]
     assert runs == ["seed0-kd"], "its only Ray Train run is the fine-tuning"
+    # each student is exported as scored: its BatchNorm statistics recomputed on training images
+    chosen = load_export(out / "student.pt")
+    data = load_job(out / "student.yaml").data
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)              # as its scoring task did
+    try:
+        assert evaluate(chosen, load_dataset(data).val, data.eval_batch_size, "cpu") == \
+            table[table.chosen].val_top1.iloc[0]
+    finally:
+        torch.set_num_threads(threads)
+    as_stitched = build_stitched(chosen.stitch_info)
+    means = [(a, b) for (k, a), b in zip(chosen.state_dict().items(),
+                                         as_stitched.state_dict().values()) if "running_mean" in k]
+    assert means and not all(torch.equal(a, b) for a, b in means)
     tuned = results[results.method == "kd"].iloc[0]
     assert tuned.params == table[table.chosen].params.iloc[0]
     assert (out / "pareto.png").stat().st_size > 1000

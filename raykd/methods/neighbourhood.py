@@ -7,7 +7,8 @@ The teacher is split into neighbourhoods (`groups`: stages or blocks); every (ne
 candidate) pair is distilled independently and concurrently as its own Ray Train run
 (raykd.train.neighbourhood). Then one candidate per neighbourhood is chosen by local quality
 (relative reconstruction error on held-out inputs) under an optional parameter budget, stitched
-with the teacher's stem and classifier, evaluated, and optionally fine-tuned end to end with KD
+with the teacher's stem and classifier, its BatchNorm statistics recomputed on its own
+activations (raykd.models.batchnorm), evaluated, and optionally fine-tuned end to end with KD
 (the loss below; `finetune_epochs: 0` only evaluates).
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ class NeighbourhoodParams:
     train: OptimSpec = field(default_factory=lambda: OptimSpec(
         epochs=10, optimizer="adam", lr=0.005, weight_decay=0.0))
     max_params: int | None = None       # budget for the stitched student
+    bn_recalibration: int = 2048        # training images to recompute the stitched student's
+                                        # BatchNorm statistics on (0: keep each part's own)
     finetune_epochs: int = 0            # end-to-end KD after stitching
     scratch_epochs: int = 0             # also train the stitched architecture from scratch with
                                         # end-to-end KD for this many epochs (the baseline)
@@ -60,6 +63,9 @@ class NeighbourhoodParams:
             raise RaykdError(f"{where}.temperature must be positive, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise RaykdError(f"{where}.alpha must be in [0, 1], got {self.alpha}")
+        if self.bn_recalibration < 0:
+            raise RaykdError(f"{where}.bn_recalibration must be >= 0 (0 turns it off), got "
+                             f"{self.bn_recalibration}")
         if self.gaussian_samples < 1:
             raise RaykdError(f"{where}.gaussian_samples must be at least 1, got "
                              f"{self.gaussian_samples}")
@@ -112,7 +118,8 @@ class NeighbourhoodDistillation(DistillMethod):
         teacher = unit.teacher_candidates[0]
         chosen, _ = choose_candidates(mine, count_params(load_export(teacher)), params.max_params)
         unit.stitch = StitchPlan(teacher, sorted(
-            (int(r["nb_start"]), int(r["nb_stop"]), r["export"]) for r in chosen.values()))
+            (int(r["nb_start"]), int(r["nb_stop"]), r["export"]) for r in chosen.values()),
+            params.bn_recalibration)
 
     def __init__(self, params: NeighbourhoodParams, ctx):
         super().__init__(params, ctx)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from raykd.data import load_dataset
 from raykd.methods import MethodContext, Step, build_method
 from raykd.models import build_model, count_macs, count_params
+from raykd.models.batchnorm import recalibrate_batchnorm
 from raykd.models.export import build_stitched, candidate_spec, load_export, load_heads, save_export
 from raykd.models.staged import latency_ms
 from raykd.teacher.access import open_teachers
@@ -63,6 +64,9 @@ class ModelTrainer(UnitTrainer):
                 for m in model.modules():
                     if hasattr(m, "reset_parameters"):
                         m.reset_parameters()
+            elif unit.stitch and unit.stitch.bn_recalibration:
+                recalibrate_batchnorm(model.to(device), splits.train, unit.data.eval_batch_size,
+                                      unit.stitch.bn_recalibration, device)
         else:
             model = build_model(unit.model, splits.num_classes, splits.in_channels,
                                 splits.image_size)
