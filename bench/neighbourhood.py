@@ -65,10 +65,19 @@ def main() -> None:
         reached = hist[hist.val_top1 >= n.val_top1]
         kd_to_nd = (reached.epoch_finished_at.iloc[0] - (s.finished_at - s.lane_s)
                     if len(reached) else float("nan"))
+        # the stitched student's own parts ("stitched:c1+c2+c3", in block order): what ND of
+        # this one architecture trains, without the other candidates it was chosen among
+        chosen = n.model.split(":", 1)[1].split("+")
+        starts = sorted(p.nb_start.unique())
+        own = pd.concat([p[(p.nb_start == start) & (p.candidate == candidate)]
+                         for start, candidate in zip(starts, chosen)])
+        assert len(own) == len(chosen), (n.model, p[["nb_start", "candidate"]])
         per_seed.append({
             # lane_s: the time a worker spent on the unit (set-up, training, evaluation, export)
             "nd_one_worker": p.lane_s.sum() + n.lane_s,
             "nd_two_workers": max(p.lane_s.sum() / 2, p.lane_s.max()) + n.lane_s,
+            "alone_one_worker": own.lane_s.sum() + n.lane_s,
+            "alone_two_workers": max(own.lane_s.sum() / 2, own.lane_s.max()) + n.lane_s,
             "nd_cluster": p.lane_s.max() + n.lane_s + 2 * startup,
             "kd_one_worker": s.lane_s, "kd_cluster": s.lane_s + startup,
             "nd_train_total": p.train_s.sum() + n.train_s, "kd_train": s.train_s,
@@ -135,11 +144,16 @@ those, not what the part before it now produces.
 | one worker does all of it (sum of its units' lane time) | {t.nd_one_worker:.1f} s | {t.kd_one_worker:.1f} s | {t.kd_one_worker / t.nd_one_worker:.2f}x |
 | two workers, as here (parts split over 2 lanes, then fine-tuning) | {t.nd_two_workers:.1f} s | {t.kd_one_worker:.1f} s | {t.kd_one_worker / t.nd_two_workers:.2f}x |
 | cluster, one worker per unit (projected, below) | {t.nd_cluster:.1f} s | {t.kd_cluster:.1f} s | **{t.kd_cluster / t.nd_cluster:.2f}x** |
+| this student alone, one worker (its own {len(chosen)} parts, not the other candidates, then fine-tuning) | {t.alone_one_worker:.1f} s | {t.kd_one_worker:.1f} s | {t.kd_one_worker / t.alone_one_worker:.2f}x |
+| this student alone, two workers (its own parts over 2 lanes, then fine-tuning) | {t.alone_two_workers:.1f} s | {t.kd_one_worker:.1f} s | {t.kd_one_worker / t.alone_two_workers:.2f}x |
 | training compute, all units summed | {t.nd_train_total:.1f} s | {t.kd_train:.1f} s | {t.kd_train / t.nd_train_total:.2f}x |
-| to ND's val accuracy (KD: its first epoch that reaches it, epoch {t.kd_to_nd_epoch:.1f} on average) | {t.nd_two_workers:.1f} s | {t.kd_to_nd:.1f} s | {t.kd_to_nd / t.nd_two_workers:.2f}x |
+| to ND's val accuracy, this student alone on two workers (KD: its first epoch that reaches it, epoch {t.kd_to_nd_epoch:.1f} on average) | {t.alone_two_workers:.1f} s | {t.kd_to_nd:.1f} s | {t.kd_to_nd / t.alone_two_workers:.2f}x |
 
 Lane time is what a worker spent on a unit, from taking it off its run's queue to finishing it
-(set-up, every epoch's training and validation, the final test, the export); the whole job (3
+(set-up, every epoch's training and validation, the final test, the export). The "alone" rows
+schedule the measured lanes of the chosen student's own parts (a job that trains only those
+parts trains the same units: each part's seed depends only on the run seed, its neighbourhood
+and its candidate). The whole job (3
 teachers, 18 parts, 3 fine-tunings, 3 end-to-end KD runs on 2 workers) took {job_wall:.0f} s.
 The cluster projection: ND = slowest part ({t.parts_max:.1f} s) + fine-tuning ({t.finetune:.1f} s)
 + two run start-ups (parts, then fine-tuning; {startup:.1f} s each, this job's first run); KD =

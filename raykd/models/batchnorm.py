@@ -2,12 +2,12 @@
 
 Each part of a stitched student was distilled on the teacher's activations, so its BatchNorm
 running statistics describe the teacher's boundary, not the activations that the part before it
-now produces. The mismatch compounds through the stack: on mnist5k the three-part student of
-jobs/mnist_neighbourhood.yaml scores about 0.60 test top-1 as stitched, whose parts each score
-about 0.94 when swapped into the teacher alone. One no-gradient pass over training images, in
-train mode, replaces every BatchNorm's running mean and variance with their averages over that
-pass. No weight changes. One-shot architecture search does the same for each sub-network
-before scoring it (Guo et al. 2020, "Single Path One-Shot NAS", section 3.4).
+now produces. The mismatch compounds through the stack: a stitched student can score far below
+what each of its parts scores when swapped into the teacher alone (bench/neighbourhood.py
+measures both). One no-gradient pass over training images, in train mode, replaces every
+BatchNorm's running mean and variance with their averages over that pass; no weight changes.
+One-shot architecture search does the same for each sub-network before scoring it (Guo et al.
+2020, "Single Path One-Shot Neural Architecture Search with Uniform Sampling").
 """
 from __future__ import annotations
 
