@@ -79,7 +79,6 @@ def report(work: Path, walls: dict, against: str | None) -> None:
                  f"({top}: now {means[0].xs(top, level='method').iloc[0]:.4f}, then "
                  f"{means[1].xs(top, level='method').iloc[0]:.4f}); in any other row: "
                  f"{(rest.max() if len(rest) else 0.0):.4f}.")
-        old_rows = read_results(work / "before-1" / "quickstart")
         before = (f"\nAt commit `{against[:7]}`, on the same machine in the same invocation: "
                   f"{median_spread(walls['before'])}; now / then **{now / then:.2f}x**.\n\n"
                   f"Test accuracy then (mean over seeds), per method: " + ", ".join(

@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from raykd.errors import RaykdError
-from raykd.files import atomic_copy, file_hash
+from raykd.files import atomic_copy, file_hash, torch_save
 from raykd.library import NeighbourhoodLibrary
 from raykd.log import log
 from raykd.selection import best_choices
@@ -156,8 +156,8 @@ def stitch_info(teacher: str, solution: list[dict]) -> dict:
 def score_students(infos: list[dict], data: dict, bn_recalibration: int) -> list[dict]:
     """Val accuracy, parameters, MACs and measured latency of each stitched student, its
     BatchNorm statistics first recomputed on `bn_recalibration` training images
-    (raykd.models.batchnorm), one Ray task each (no training). Each score's "state_dict" holds
-    the student's weights as scored (the driver exports them: tasks may run on other nodes)."""
+    (raykd.models.batchnorm), one Ray task each (no training). Each score's "export" holds the
+    student's export payload as scored (the driver writes it: tasks may run on other nodes)."""
     import ray
 
     @ray.remote(num_cpus=1)
@@ -165,7 +165,7 @@ def score_students(infos: list[dict], data: dict, bn_recalibration: int) -> list
         from raykd.data import load_dataset
         from raykd.models import count_macs, count_params
         from raykd.models.batchnorm import recalibrate_batchnorm
-        from raykd.models.export import build_stitched
+        from raykd.models.export import build_stitched, model_payload
         from raykd.models.staged import latency_ms
         from raykd.train.batches import evaluate
 
@@ -177,7 +177,8 @@ def score_students(infos: list[dict], data: dict, bn_recalibration: int) -> list
         return {"val_top1": evaluate(model, splits.val, spec.eval_batch_size, "cpu"),
                 "params": count_params(model), "macs": count_macs(model, splits.input_shape),
                 "latency_ms": latency_ms(model, splits.input_shape),
-                "state_dict": model.state_dict()}
+                "export": model_payload(model, splits.num_classes, splits.in_channels,
+                                        splits.image_size)}
 
     return ray.get([score.remote(info) for info in infos])
 
@@ -228,9 +229,6 @@ def plot_pareto(table: pd.DataFrame, path: Path) -> None:
 def run_search(request: SearchRequest):
     """Solve, score, write the Pareto table and the chosen student; fine-tune it. Returns
     (pareto table, fine-tuning results or None)."""
-    from raykd.data import load_dataset
-    from raykd.models.export import build_stitched, save_export
-
     request.check()
     started = time.perf_counter()
     entries, teacher = library_entries(request)
@@ -246,7 +244,7 @@ def run_search(request: SearchRequest):
     infos = [stitch_info(teacher, s) for s in solutions]
     data = json.loads(solutions[0][0]["data"])
     scores = score_students(infos, data, request.bn_recalibration)
-    weights = [score.pop("state_dict") for score in scores]
+    payloads = [score.pop("export") for score in scores]
     table = pd.DataFrame([{
         "rank": i + 1, "candidates": "+".join(r["candidate"] for r in s),
         "positions": "+".join(str(r["neighbourhood"]) for r in s),
@@ -261,12 +259,9 @@ def run_search(request: SearchRequest):
     table.attrs["search_s"] = search_s
     table.to_parquet(out / "pareto.parquet", index=False)
     plot_pareto(table, out / "pareto.png")
-    splits = load_dataset(data_spec(data))
     exports = [out / "solutions" / f"rank{i + 1}.pt" for i in range(len(infos))]
-    for info, state, path in zip(infos, weights, exports):   # ready to train or deploy, as scored
-        model = build_stitched(info)
-        model.load_state_dict(state)
-        save_export(model, path, splits.num_classes, splits.in_channels, splits.image_size)
+    for payload, path in zip(payloads, exports):   # ready to train or deploy, as scored
+        torch_save(payload, path)
     atomic_copy(exports[best], out / "student.pt")
     job = finetune_job(request, out, teacher, data)
     (out / "student.yaml").write_text(yaml.safe_dump(job, sort_keys=False))

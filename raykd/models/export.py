@@ -43,13 +43,18 @@ def read_export(path: str | Path, kind: str) -> dict:
 
 # ---- staged models (teachers, students, stitched students) ---------------------------------
 
+def model_payload(model: StagedModel, num_classes: int, in_channels: int,
+                  image_size: int) -> dict:
+    """What a model export holds (plain values and CPU tensors: it can cross processes)."""
+    return {"kind": "model", "arch": model.arch, "num_classes": num_classes,
+            "in_channels": in_channels, "image_size": image_size, "state_dict": _weights(model),
+            # a stitched student: the teacher export it came from and its candidates
+            "stitch": getattr(model, "stitch_info", None)}
+
+
 def save_export(model: StagedModel, path: str | Path, num_classes: int, in_channels: int,
                 image_size: int) -> None:
-    torch_save({"kind": "model", "arch": model.arch, "num_classes": num_classes,
-                "in_channels": in_channels, "image_size": image_size,
-                "state_dict": _weights(model),
-                # a stitched student: the teacher export it came from and its candidates
-                "stitch": getattr(model, "stitch_info", None)}, path)
+    torch_save(model_payload(model, num_classes, in_channels, image_size), path)
 
 
 def load_export(path: str | Path, map_location="cpu") -> StagedModel:
