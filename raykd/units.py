@@ -37,6 +37,9 @@ class NeighbourhoodPart:
     gaussian_samples: int
     input_shape: tuple[int, int, int]
     library: str = ""             # the neighbourhood library it is kept in ("" none)
+    # block indices where any neighbourhood of the teacher's partition starts or stops: the
+    # activations there are cached once per split and teacher, for all of its parts
+    boundaries: tuple[int, ...] = ()
 
 
 @dataclass

@@ -117,3 +117,47 @@ def test_unknown_tap_and_model_errors_name_the_allowed_values():
         build_model("resnet9", 10)
     with pytest.raises(RaykdError, match="unknown model"):
         build_model("wrn_15_2", 10)
+
+
+def test_macs_equal_pytorchs_flop_counter_beyond_the_zoo():
+    """count_macs counts with hooks on conv and linear layers; PyTorch's FlopCounterMode counts
+    every op. They agree on what raykd builds besides the zoo (ND candidates of both families,
+    DIH heads) and on grouped, strided and transposed convolutions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from raykd.models.heads import StageHead
+    from raykd.models.stitch import Candidate
+
+    def flop_counter_macs(model, shape):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.eval()(torch.zeros(1, *shape))
+        return counter.get_total_flops() // 2
+
+    cases = [(Candidate("w0.5d2", (32, 14, 14), (64, 7, 7)), (32, 14, 14)),
+             (Candidate("dw2d1", (64, 7, 7), (128, 3, 3)), (64, 7, 7)),
+             (StageHead((32, 14, 14), 10), (32, 14, 14)),
+             (torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, stride=2, groups=2),
+                                  torch.nn.ConvTranspose2d(8, 4, 4, stride=2, groups=2)),
+              (4, 9, 9))]
+    for model, shape in cases:
+        assert count_macs(model, shape) == flop_counter_macs(model, shape) > 0
+
+
+def test_measuring_a_wrapper_leaves_the_wrapped_teacher_in_eval_mode():
+    """A BlockRange (or a stitched model) around a frozen teacher's blocks is itself in training
+    mode; helpers that switch to eval and back restore every submodule's own mode, so measuring
+    it does not switch the teacher's BatchNorms to batch statistics."""
+    from raykd.models.staged import BlockRange, mode, tap_shapes
+    from raykd.train.batches import evaluate
+
+    teacher = build_model("cnn", 10, 1, 8).eval()
+    wrapper = BlockRange(teacher, 1, 3)
+    assert wrapper.training
+    count_macs(wrapper, (16, 8, 8))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8).long())
+    evaluate(torch.nn.Sequential(teacher), data, 4, "cpu")
+    tap_shapes(teacher, ["stage1"], (1, 8, 8))
+    assert wrapper.training and not any(m.training for m in teacher.modules())
+    with mode(wrapper, True):
+        assert all(m.training for m in teacher.modules())
+    assert not any(m.training for m in teacher.modules())

@@ -82,7 +82,9 @@ class NeighbourhoodDistillation(DistillMethod):
         trained from scratch)."""
         library = params.library or str(Path(plan.spec.output_dir) / LIBRARY_DIR)
         parts = []
-        for name, start, stop in neighbourhoods(plan.teacher_arch, params.groups):
+        partition = neighbourhoods(plan.teacher_arch, params.groups)
+        boundaries = tuple(sorted({i for _, start, stop in partition for i in (start, stop)}))
+        for name, start, stop in partition:
             for cand in params.candidates:
                 parts.append(plan.add(plan.unit(
                     f"seed{plan.seed}-{label}-{name}-{cand}", role="neighbourhood",
@@ -91,7 +93,7 @@ class NeighbourhoodDistillation(DistillMethod):
                     depends_on=plan.first_teacher, seed_stream=f"neighbourhood-{name}-{cand}",
                     neighbourhood=NeighbourhoodPart(
                         name, start, stop, cand, params.inputs, params.gaussian_samples,
-                        tuple(plan.input_shape), library=library))))
+                        tuple(plan.input_shape), library=library, boundaries=boundaries))))
         students = plan.students(label, cls.name, entry, params, cls,
                                  depends_on=[p.key for p in parts], model="stitched",
                                  stitch_from=[p.key for p in parts])

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from raykd.models.staged import mode
+
 
 def recalibrate_batchnorm(model: nn.Module, images: Dataset, batch_size: int,
                           max_images: int, device="cpu") -> int:
@@ -25,15 +27,14 @@ def recalibrate_batchnorm(model: nn.Module, images: Dataset, batch_size: int,
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or max_images <= 0:
         return 0
-    momenta, was_training = [m.momentum for m in norms], model.training
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None            # a cumulative average over the pass's batches
-    model.train()
     seen = 0
     try:
         batches = DataLoader(images, batch_size=min(batch_size, max_images))
-        with torch.no_grad():
+        with mode(model, True), torch.no_grad():
             for x, *_ in batches:
                 x = x[:max_images - seen]
                 model(x.to(device))
@@ -43,5 +44,4 @@ def recalibrate_batchnorm(model: nn.Module, images: Dataset, batch_size: int,
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        model.train(was_training)
     return seen

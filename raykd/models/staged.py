@@ -8,8 +8,10 @@ so no code ever depends on a model's module layout or positional indices.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -112,6 +114,21 @@ def weights_checksum(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+@contextmanager
+def mode(model: nn.Module, training: bool):
+    """`model` in training or evaluation mode for the duration, then *every submodule* back to
+    its own mode. Restoring only the top flag (`model.train(was)`) would be wrong for a wrapper
+    around a frozen teacher's blocks (a stitched model, a BlockRange): the new wrapper is in
+    training mode, and restoring it would switch the teacher's BatchNorms to batch statistics."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -120,13 +137,8 @@ def tap_shapes(model: StagedModel, taps: Iterable[str], input_shape) -> dict[str
     """The shape (without the batch dimension) of each requested tap for one input, from one
     forward pass in eval mode (the model's mode is restored)."""
     taps = list(taps)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            feats = model.features(torch.zeros(1, *input_shape), taps)
-    finally:
-        model.train(was)
+    with mode(model, False), torch.no_grad():
+        feats = model.features(torch.zeros(1, *input_shape), taps)
     return {t: tuple(feats[t].shape[1:]) for t in taps}
 
 
@@ -137,29 +149,41 @@ def nonnegative_taps(model: StagedModel, taps: Iterable[str], input_shape, probe
     ResNet's stage outputs are about half negative)."""
     taps = list(taps)
     x = torch.randn(probes, *input_shape, generator=torch.Generator().manual_seed(seed))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            feats = model.features(x, taps)
-    finally:
-        model.train(was)
+    with mode(model, False), torch.no_grad():
+        feats = model.features(x, taps)
     return {t: bool((feats[t] >= 0).all()) for t in taps}
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass on one input, from PyTorch's own FLOP counter
-    (every op it knows: convolutions, matrix products, ...; one MAC is two FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Multiply-accumulates of one forward pass on one input: each convolution's output elements
+    times its (input channels / groups) x kernel size, each linear layer's output elements times
+    its input features. Those are the only layers with multiply-accumulates in raykd's models,
+    and the totals equal PyTorch's FlopCounterMode / 2 (tests/test_models.py checks it). Forward
+    hooks, not that mode: its first use in a process imports torch._dynamo, 1.6 s that every
+    Ray Train worker finishing a unit paid."""
+    macs = 0
 
-    was_training = model.training
-    model.eval()
+    def conv(module, inputs, output):
+        nonlocal macs
+        kernel = math.prod(module.kernel_size)
+        if module.transposed:   # each input element is spread over a kernel of outputs
+            macs += inputs[0].numel() * module.out_channels // module.groups * kernel
+        else:
+            macs += output.numel() * module.in_channels // module.groups * kernel
+
+    def linear(module, inputs, output):
+        nonlocal macs
+        macs += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, nn.modules.conv._ConvNd) else linear)
+             for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with mode(model, False), torch.no_grad():
             model(torch.zeros(1, *input_shape))
     finally:
-        model.train(was_training)
-    return int(counter.get_total_flops()) // 2
+        for hook in hooks:
+            hook.remove()
+    return macs
 
 
 class BlockRange(nn.Module):

@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
+from raykd.models.staged import mode
+
 
 class WithIndex(torch.utils.data.Dataset):
     """Yields (x, y, index) so a cached teacher can look its outputs up."""
@@ -45,14 +47,12 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int, device, rank: int
              world: int = 1) -> float:
     """Top-1 accuracy; with several workers each scores a disjoint shard and counts are summed."""
     shard = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
-    was_training = model.training
-    model.eval()
     correct = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in DataLoader(shard, batch_size=batch_size):
-        x, y = x.to(device), y.to(device)
-        correct[0] += (model(x).argmax(1) == y).sum()
-        correct[1] += len(y)
+    with mode(model, False):
+        for x, y in DataLoader(shard, batch_size=batch_size):
+            x, y = x.to(device), y.to(device)
+            correct[0] += (model(x).argmax(1) == y).sum()
+            correct[1] += len(y)
     if world > 1:
         dist.all_reduce(correct)
-    model.train(was_training)
     return float(correct[0] / correct[1].clamp_min(1))

@@ -6,7 +6,9 @@ images (`inputs: data`, through the teacher service or its cache) or synthetic (
 gaussian`: per-channel Gaussians matched to the statistics of a_{i-1} for Gaussian-noise images,
 so no dataset is read at all). Reported per epoch: the reconstruction error on held-out inputs,
 relative to the target's variance; at the end, in data mode, the teacher's accuracy with just
-this neighbourhood swapped for the candidate.
+this neighbourhood swapped for the candidate, on val and test. The teacher's activations at every
+boundary of its partition are cached once per split (train, val, test) and serve all of its parts
+and candidates, so a part runs only itself and the teacher blocks after it.
 """
 from __future__ import annotations
 
@@ -19,14 +21,16 @@ from torch.utils.data import DataLoader
 from raykd.data import load_dataset
 from raykd.files import atomic_copy, file_hash
 from raykd.library import NeighbourhoodLibrary, recipe_digest
+from raykd.log import log
 from raykd.losses import neighbourhood_loss
-from raykd.models import count_macs, count_params
+from raykd.models import LOGITS, count_macs, count_params
 from raykd.models.export import save_candidate
-from raykd.models.staged import BlockRange, latency_ms, nonnegative_taps
-from raykd.models.stitch import Candidate, block_shapes, parse_candidate, stitch
+from raykd.models.staged import BlockRange, latency_ms, mode, nonnegative_taps
+from raykd.models.stitch import Candidate, block_shapes, parse_candidate
 from raykd.teacher import LocalTeacher
 from raykd.teacher.access import open_teachers
-from raykd.train.batches import WithIndex, epoch_order, evaluate, with_teacher
+from raykd.teacher.cache import cached_teacher
+from raykd.train.batches import WithIndex, epoch_order, with_teacher
 from raykd.train.skeleton import UnitTrainer, register_kind
 
 
@@ -77,14 +81,35 @@ class NeighbourhoodTrainer(UnitTrainer):
                 self.val_pairs = [(held_out, teacher.model.run_blocks(held_out, nb.start, nb.stop))]
             return
         self.splits = load_dataset(unit.data)
-        taps = [self.in_tap, self.out_tap]
-        [self.source] = open_teachers(unit.teachers, taps, unit.data, self.splits, self.device,
-                                      unit.key)
-        self.val_pairs, self.val_labels = [], []
-        for x, y in DataLoader(self.splits.val, batch_size=unit.data.eval_batch_size):
-            f = teacher.features(x, taps)
-            self.val_pairs.append((f[self.in_tap], f[self.out_tap]))
-            self.val_labels.append(y)
+        [self.source] = open_teachers(unit.teachers, self.boundary_taps(), unit.data,
+                                      self.splits, self.device, unit.key)
+        self.val_pairs, self.val_labels = self.split_pairs("val", self.splits.val)
+
+    def boundary_taps(self) -> list[str]:
+        """The teacher's activations at every boundary of its partition, and its logits: one
+        cache entry per split serves all of the teacher's parts and candidates (each reads its
+        own two ends), and the teacher's own accuracy is read, not computed again."""
+        nb, names = self.unit.neighbourhood, self.teacher.model.block_names
+        boundaries = nb.boundaries or (nb.start, nb.stop)
+        return sorted({names[i - 1] for i in boundaries} | {self.in_tap, self.out_tap, LOGITS})
+
+    def split_pairs(self, split: str, dataset) -> tuple[list[tuple], list[torch.Tensor]]:
+        """Batches of (activation entering the neighbourhood, its output, the teacher's logits)
+        on an evaluation split, and the labels: from the teacher cache when the job has one
+        (computed there by the first part that needs it), otherwise computed here."""
+        unit, taps = self.unit, [self.in_tap, self.out_tap, LOGITS]
+        batch, handle = unit.data.eval_batch_size, unit.teachers[0]
+        labels = [y for _, y in DataLoader(dataset, batch_size=batch)]
+        if handle.cache_dir:
+            stored = cached_teacher(self.teacher, handle.cache_dir, handle.export_path, unit.data,
+                                    split, dataset, self.boundary_taps(), batch,
+                                    log=lambda m: log.info("[%s] %s", unit.key, m)).stored
+            rows = [slice(lo, lo + batch) for lo in range(0, len(dataset), batch)]
+            return [tuple(stored[t][r] for t in taps) for r in rows], labels
+        with torch.no_grad():
+            pairs = [tuple(self.teacher.features(x, taps)[t] for t in taps)
+                     for x, _ in DataLoader(dataset, batch_size=batch)]
+        return pairs, labels
 
     def train_mode(self):
         self.candidate.train()
@@ -113,28 +138,27 @@ class NeighbourhoodTrainer(UnitTrainer):
     @torch.no_grad()
     def relative_error(self) -> float:
         candidate, device = self.candidate, self.device
-        candidate.eval()
-        err = sum(float(neighbourhood_loss(candidate(a.to(device)), t.to(device))) * len(a)
-                  for a, t in self.val_pairs)
-        var = sum(float(t.var()) * len(t) for _, t in self.val_pairs)
-        candidate.train()
+        with mode(candidate, False):
+            err = sum(float(neighbourhood_loss(candidate(a.to(device)), t.to(device))) * len(a)
+                      for a, t, *_ in self.val_pairs)
+        var = sum(float(t.var()) * len(t) for _, t, *_ in self.val_pairs)
         return err / max(var, 1e-12)
 
     @torch.no_grad()
-    def val_accuracies(self) -> tuple[float, float]:
-        """Validation top-1 of the teacher with just this neighbourhood swapped, and of the
-        teacher itself, from the activations stored at the neighbourhood's two ends: only the
-        candidate and the blocks after it run (the blocks before it ran once, in `start`)."""
+    def accuracies(self, pairs, labels) -> tuple[float, float]:
+        """Top-1 of the teacher with just this neighbourhood swapped, and of the teacher itself,
+        from the activations stored at the neighbourhood's input and the teacher's logits: only
+        the candidate and the blocks after it run (the blocks before it ran once, for the
+        cache). The same numbers as evaluating the swapped teacher whole, in less time."""
         model, stop, n = self.teacher.model, self.unit.neighbourhood.stop, len(
             self.teacher.model.block_names)
-        self.candidate.eval()
         swapped = teacher = total = 0
-        for (a_in, a_out), y in zip(self.val_pairs, self.val_labels):
-            swapped += int((model.run_blocks(self.candidate(a_in.to(self.device)).cpu(), stop, n)
-                            .argmax(1) == y).sum())
-            teacher += int((model.run_blocks(a_out, stop, n).argmax(1) == y).sum())
-            total += len(y)
-        self.candidate.train()
+        with mode(self.candidate, False), mode(model, False):
+            for (a_in, _a_out, logits), y in zip(pairs, labels):
+                outputs = model.run_blocks(self.candidate(a_in.to(self.device)).cpu(), stop, n)
+                swapped += int((outputs.argmax(1) == y).sum())
+                teacher += int((logits.argmax(1) == y).sum())
+                total += len(y)
         return swapped / max(total, 1), teacher / max(total, 1)
 
     def evaluate(self, epoch, final, seen):
@@ -147,12 +171,10 @@ class NeighbourhoodTrainer(UnitTrainer):
             metrics.update(self.costs())
             if not self.synthetic:
                 # the teacher with just this neighbourhood swapped: a local quality signal
-                metrics["val_top1"], metrics["teacher_val_top1"] = self.val_accuracies()
-                eval_batch = self.unit.data.eval_batch_size
-                swapped = stitch(teacher.model, [(nb.start, nb.stop, self.candidate.cpu())])
-                swapped = swapped.to(self.device)
-                metrics["test_top1"] = evaluate(swapped, self.splits.test, eval_batch, self.device)
-                self.candidate.to(self.device)
+                metrics["val_top1"], metrics["teacher_val_top1"] = self.accuracies(
+                    self.val_pairs, self.val_labels)
+                metrics["test_top1"], _ = self.accuracies(*self.split_pairs(
+                    "test", self.splits.test))
         return metrics
 
     def costs(self) -> dict:
