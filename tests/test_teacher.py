@@ -217,6 +217,18 @@ def test_cache_miss_then_hit_then_invalidation(tmp_path):
     assert CountingTeacher.calls == 0          # a hit: nothing recomputed
     assert torch.equal(second.stored["logits"], first.stored["logits"])
 
+    # fewer taps of the same teacher, data and split: the wider entry serves them (only the
+    # asked-for taps are read), nothing is recomputed and no second entry is written
+    narrower = cached_teacher(teacher, cache_dir, str(path), spec, "train", train, ["logits"],
+                              128, log=lambda m: None)
+    assert CountingTeacher.calls == 0 and set(narrower.stored) == {"logits"}
+    assert torch.equal(narrower.stored["logits"], first.stored["logits"])
+    assert len(list(cache_dir.glob("*/manifest.json"))) == 1
+    # another split is not served by it
+    cached_teacher(teacher, cache_dir, str(path), spec, "val", load_dataset(spec).val,
+                   ["logits"], 128, log=lambda m: None)
+    assert CountingTeacher.calls > 0
+
     # a changed teacher, split or tap set is another key: never stale data
     _, other = _export(tmp_path, "cnn", 1, 8, seed=1)
     keys = {cache_key(str(path), spec, "train", ["logits", "stage2"]),

@@ -34,20 +34,27 @@ STALE_S = 3600.0     # a writer's private folder older than this was left by a k
 _verified: set[tuple[str, int, int]] = set()   # (file, size, mtime) hashed by this process
 
 
-def cache_key(teacher_export: str, data_spec, split: str, taps: list[str]) -> str:
+def source_key(teacher_export: str, data_spec, split: str) -> str:
+    """What an entry's rows are computed from (teacher weights, data, split), whatever its taps."""
     data = dataclasses.asdict(data_spec)
     for k in ("batch_size", "eval_batch_size", "loader_workers"):   # don't change the data
         data.pop(k, None)
-    blob = json.dumps({"teacher": file_hash(teacher_export), "data": data, "split": split,
-                       "taps": sorted(taps)}, sort_keys=True, default=str)
+    blob = json.dumps({"teacher": file_hash(teacher_export), "data": data, "split": split},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def cache_key(teacher_export: str, data_spec, split: str, taps: list[str]) -> str:
+    blob = json.dumps({"source": source_key(teacher_export, data_spec, split),
+                       "taps": sorted(taps)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 class EntryWriter:
     """Fills one entry batch by batch in a private folder; `commit` renames it into place."""
 
-    def __init__(self, cache: "FeatureCache", key: str, rows: int):
-        self.cache, self.key, self.rows = cache, key, rows
+    def __init__(self, cache: "FeatureCache", key: str, rows: int, source: str = ""):
+        self.cache, self.key, self.rows, self.source = cache, key, rows, source
         cache.root.mkdir(parents=True, exist_ok=True)
         self.tmp = cache.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
@@ -69,7 +76,7 @@ class EntryWriter:
             for array in self.arrays.values():
                 array.flush()
             self.arrays.clear()
-            meta = {"rows": self.rows,
+            meta = {"rows": self.rows, "source": self.source,
                     "taps": {tap: name for tap, name in self.files.items()},
                     "sizes": {name: (self.tmp / name).stat().st_size for name in self.files.values()},
                     "hashes": {name: file_hash(self.tmp / name) for name in self.files.values()}}
@@ -95,19 +102,31 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.root / key
 
-    def load(self, key: str) -> dict[str, torch.Tensor] | None:
-        """The entry's tensors, memory-mapped (copy-on-write: a write stays private to the
-        process); None if absent, or if damaged (then it is discarded)."""
+    def load(self, key: str, taps: list[str] | None = None) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors (only `taps`, when given), memory-mapped (copy-on-write: a write
+        stays private to the process); None if absent, or if damaged (then it is discarded)."""
         entry = self.path(key)
         if not entry.exists():
             return None
         try:
-            return self._read(entry)
+            return self._read(entry, taps)
         except Exception as e:   # truncated, altered, half-deleted: never serve it
             log.warning("teacher cache entry %s is damaged (%s); discarding it and computing "
                         "it again", entry, str(e).splitlines()[0] if str(e) else type(e).__name__)
             self.discard(key)
             return None
+
+    def holding(self, source: str, taps: list[str]) -> str | None:
+        """The key of an entry computed from the same teacher, data and split that holds at
+        least `taps` (e.g. logits from an entry that also holds stage maps), or None."""
+        for manifest in sorted(self.root.glob("*/" + MANIFEST)) if self.root.is_dir() else []:
+            try:
+                meta = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                continue
+            if meta.get("source") == source and set(taps) <= set(meta.get("taps", {})):
+                return manifest.parent.name
+        return None
 
     def discard(self, key: str) -> None:
         aside = self.root / f".tmp-discard-{key}-{uuid.uuid4().hex[:8]}"
@@ -132,9 +151,11 @@ class FeatureCache:
         return removed
 
     @staticmethod
-    def _read(entry: Path) -> dict[str, torch.Tensor]:
+    def _read(entry: Path, taps: list[str] | None = None) -> dict[str, torch.Tensor]:
         meta = json.loads((entry / MANIFEST).read_text())
-        for name, digest in meta["hashes"].items():
+        wanted = meta["taps"] if taps is None else {t: meta["taps"][t] for t in taps}
+        for name in wanted.values():
+            digest = meta["hashes"][name]
             stat = (entry / name).stat()
             if stat.st_size != meta["sizes"][name]:
                 raise ValueError(f"{name} is {stat.st_size} bytes, the manifest says "
@@ -145,7 +166,7 @@ class FeatureCache:
                     raise ValueError(f"{name} does not match its recorded hash")
                 _verified.add(seen)
         out = {}
-        for tap, name in meta["taps"].items():
+        for tap, name in wanted.items():
             array = np.load(entry / name, mmap_mode="c")
             if len(array) != meta["rows"]:
                 raise ValueError(f"{name} has {len(array)} rows, the manifest says {meta['rows']}")
@@ -191,11 +212,15 @@ def cached_teacher(teacher, cache_dir: str, export_path: str, data_spec, split: 
     """Load the entry for (teacher, data, split, taps), computing and storing it if absent."""
     cache = FeatureCache(cache_dir)
     cache.remove_stale()
+    source = source_key(export_path, data_spec, split)
     key = cache_key(export_path, data_spec, split, taps)
     stored = cache.load(key)
+    if stored is None and (holder := cache.holding(source, taps)) is not None:
+        stored, key = cache.load(holder, taps), holder    # a wider entry serves these taps
     if stored is None:
+        key = cache_key(export_path, data_spec, split, taps)
         log(f"teacher cache miss ({split}, {', '.join(taps)}): computing {key}")
-        writer, lo = EntryWriter(cache, key, len(dataset)), 0
+        writer, lo = EntryWriter(cache, key, len(dataset), source), 0
         try:
             for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
                 writer.write(lo, teacher.features(x, taps))
