@@ -270,6 +270,37 @@ def test_concurrent_writer_processes_leave_one_valid_entry(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))   # the loser cleaned up after itself
 
 
+def _fill_after(barrier, root: str, export: str, result) -> None:
+    """A separate process missing the same entry as another: it fills it or waits and reads it."""
+    spec = DataSpec(dataset="digits", train_size=300)
+    teacher = CountingTeacher(export)
+    barrier.wait()
+    got = cached_teacher(teacher, root, export, spec, "train", load_dataset(spec).train,
+                         ["logits", "stage2"], 128, log=lambda m: None)
+    result.put((CountingTeacher.calls, float(got.stored["logits"].sum())))
+
+
+def test_processes_missing_the_same_entry_at_once_compute_it_once(tmp_path):
+    """Parts of one teacher start together and miss the same entry: one fills it (3 batches of
+    the 300 images), the other waits on the entry's lock and reads what it wrote."""
+    import multiprocessing as mp
+
+    _, path = _export(tmp_path, "cnn", 1, 8)
+    ctx = mp.get_context("spawn")
+    barrier, result = ctx.Barrier(2), ctx.Queue()
+    fillers = [ctx.Process(target=_fill_after,
+                           args=(barrier, str(tmp_path / "cache"), str(path), result))
+               for _ in range(2)]
+    for p in fillers:
+        p.start()
+    for p in fillers:
+        p.join(120)
+        assert p.exitcode == 0
+    (calls_a, sum_a), (calls_b, sum_b) = result.get(), result.get()
+    assert sorted([calls_a, calls_b]) == [0, 3] and sum_a == sum_b
+    assert len(list((tmp_path / "cache").glob("*/manifest.json"))) == 1
+
+
 def _store_forever(root: str) -> None:
     FeatureCache(root).store("j", {"feat": torch.randn(400_000, 64)})
 

@@ -6,19 +6,22 @@ tap is one `.npy` array (samples first) that readers memory-map: the workers of 
 pages through the OS page cache, a batch reads only its own rows, and an entry larger than memory
 still works. A changed key (new teacher weights, another split) is another entry, so stale data is
 never served. Writers fill an entry in a private folder, streaming batch by batch, and rename it
-into place: concurrent writers cannot corrupt one, and the first to finish wins. The manifest
-records each file's size and hash: an entry damaged afterwards (truncated, altered) is detected on
-load (hashed once per process and file), discarded with a warning and computed again. Private
-folders left by a killed writer are removed once they are an hour old.
+into place: concurrent writers cannot corrupt one, and the first to finish wins. Processes on
+one machine that miss the same entry at once compute it once: the others wait on its lock. The
+manifest records each file's size and hash: an entry damaged afterwards (truncated, altered) is
+detected on load (hashed once per process and file), discarded with a warning and computed again.
+Private folders left by a killed writer are removed once they are an hour old.
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +118,19 @@ class FeatureCache:
                         "it again", entry, str(e).splitlines()[0] if str(e) else type(e).__name__)
             self.discard(key)
             return None
+
+    @contextmanager
+    def filling(self, key: str):
+        """Hold the entry's fill lock: of the processes on one machine that miss the same entry
+        at once (parts of one teacher starting together), one computes it and the others wait
+        and read it. The OS drops the lock of a process that dies; the empty lock file stays."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".lock-{key}", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def holding(self, source: str, taps: list[str]) -> str | None:
         """The key of an entry computed from the same teacher, data and split that holds at
@@ -214,24 +230,32 @@ def cached_teacher(teacher, cache_dir: str, export_path: str, data_spec, split: 
     cache.remove_stale()
     source = source_key(export_path, data_spec, split)
     key = cache_key(export_path, data_spec, split, taps)
-    stored = cache.load(key)
-    if stored is None and (holder := cache.holding(source, taps)) is not None:
-        stored, key = cache.load(holder, taps), holder    # a wider entry serves these taps
-    if stored is None:
-        key = cache_key(export_path, data_spec, split, taps)
-        log(f"teacher cache miss ({split}, {', '.join(taps)}): computing {key}")
-        writer, lo = EntryWriter(cache, key, len(dataset), source), 0
-        try:
-            for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                writer.write(lo, teacher.features(x, taps))
-                lo += len(x)
-        except BaseException:
-            writer.abandon()
-            raise
-        writer.commit()
+
+    def lookup() -> tuple[dict | None, str]:
         stored = cache.load(key)
-        if stored is None:
-            raise RuntimeError(f"teacher cache entry {key} could not be read back after writing")
-    else:
-        log(f"teacher cache hit ({split}, {', '.join(taps)}): {key}")
+        if stored is None and (holder := cache.holding(source, taps)) is not None:
+            return cache.load(holder, taps), holder    # a wider entry serves these taps
+        return stored, key
+
+    stored, found = lookup()
+    if stored is None:
+        with cache.filling(key):
+            stored, found = lookup()      # filled by another process while this one waited
+            if stored is None:
+                log(f"teacher cache miss ({split}, {', '.join(taps)}): computing {key}")
+                writer, lo = EntryWriter(cache, key, len(dataset), source), 0
+                try:
+                    for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                        writer.write(lo, teacher.features(x, taps))
+                        lo += len(x)
+                except BaseException:
+                    writer.abandon()
+                    raise
+                writer.commit()
+                stored = cache.load(key)
+                if stored is None:
+                    raise RuntimeError(
+                        f"teacher cache entry {key} could not be read back after writing")
+                return CachedTeacher(teacher, stored, getattr(teacher, "device", "cpu"))
+    log(f"teacher cache hit ({split}, {', '.join(taps)}): {found}")
     return CachedTeacher(teacher, stored, getattr(teacher, "device", "cpu"))
