@@ -242,6 +242,16 @@ def test_cache_miss_then_hit_then_invalidation(tmp_path):
         str(path), DataSpec(dataset="digits", train_size=300, batch_size=7), "train", ["logits"])
 
 
+def _run_to_the_end(processes: list) -> list:
+    """Start the processes together and wait for each to exit cleanly."""
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(120)
+        assert p.exitcode == 0
+    return processes
+
+
 def _store_after(barrier, root: str, key: str, fill: float, rows: int, result) -> None:
     """A separate writer process: wait for the others, then store an entry."""
     cache = FeatureCache(root)
@@ -256,14 +266,9 @@ def test_concurrent_writer_processes_leave_one_valid_entry(tmp_path):
     for round_ in range(3):
         key = f"k{round_}"
         barrier, result = ctx.Barrier(2), ctx.Queue()
-        writers = [ctx.Process(target=_store_after,
-                               args=(barrier, str(tmp_path), key, float(i + 1), 20000, result))
-                   for i in range(2)]
-        for w in writers:
-            w.start()
-        for w in writers:
-            w.join(120)
-            assert w.exitcode == 0
+        writers = _run_to_the_end([ctx.Process(
+            target=_store_after, args=(barrier, str(tmp_path), key, float(i + 1), 20000, result))
+            for i in range(2)])
         assert sorted(result.get() for _ in writers) == [False, True]   # exactly one won
         feat = FeatureCache(tmp_path).load(key)["feat"]
         assert feat.shape == (20000, 64) and feat.unique().numel() == 1   # one writer's, whole
@@ -288,14 +293,9 @@ def test_processes_missing_the_same_entry_at_once_compute_it_once(tmp_path):
     _, path = _export(tmp_path, "cnn", 1, 8)
     ctx = mp.get_context("spawn")
     barrier, result = ctx.Barrier(2), ctx.Queue()
-    fillers = [ctx.Process(target=_fill_after,
-                           args=(barrier, str(tmp_path / "cache"), str(path), result))
-               for _ in range(2)]
-    for p in fillers:
-        p.start()
-    for p in fillers:
-        p.join(120)
-        assert p.exitcode == 0
+    _run_to_the_end([ctx.Process(target=_fill_after,
+                                 args=(barrier, str(tmp_path / "cache"), str(path), result))
+                     for _ in range(2)])
     (calls_a, sum_a), (calls_b, sum_b) = result.get(), result.get()
     assert sorted([calls_a, calls_b]) == [0, 3] and sum_a == sum_b
     assert len(list((tmp_path / "cache").glob("*/manifest.json"))) == 1
