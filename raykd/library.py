@@ -28,9 +28,11 @@ KEY = ["teacher_hash", "nb_start", "nb_stop", "candidate", "recipe"]
 
 def recipe_digest(unit) -> str:
     """How a part was distilled (besides teacher, position and candidate): training settings,
-    inputs, data and seed. A part with another recipe is another library entry."""
+    inputs, data, seed and how the candidate downsamples. A part with another recipe is another
+    library entry."""
     nb = unit.neighbourhood
     blob = json.dumps({"optim": dataclasses.asdict(unit.optim), "inputs": nb.inputs,
+                       "pool": nb.pool,
                        "gaussian_samples": nb.gaussian_samples,
                        "data": dataclasses.asdict(unit.data), "seed": unit.random_seed},
                       sort_keys=True, default=str)

@@ -40,6 +40,7 @@ class NeighbourhoodPart:
     # block indices where any neighbourhood of the teacher's partition starts or stops: the
     # activations there are cached once per split and teacher, for all of its parts
     boundaries: tuple[int, ...] = ()
+    pool: bool = False            # the teacher's blocks here downsample by max-pooling
 
 
 @dataclass

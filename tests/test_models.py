@@ -135,6 +135,7 @@ def test_macs_equal_pytorchs_flop_counter_beyond_the_zoo():
 
     cases = [(Candidate("w0.5d2", (32, 14, 14), (64, 7, 7)), (32, 14, 14)),
              (Candidate("dw2d1", (64, 7, 7), (128, 3, 3)), (64, 7, 7)),
+             (Candidate("w0.5d2", (32, 14, 14), (64, 7, 7), pool=True), (32, 14, 14)),
              (StageHead((32, 14, 14), 10), (32, 14, 14)),
              (torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, stride=2, groups=2),
                                   torch.nn.ConvTranspose2d(8, 4, 4, stride=2, groups=2)),

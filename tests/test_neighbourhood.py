@@ -14,7 +14,8 @@ from raykd.methods.neighbourhood import choose_candidates
 from raykd.models import build_model, count_params
 from raykd.models.batchnorm import recalibrate_batchnorm
 from raykd.models.export import build_stitched, load_export
-from raykd.models.stitch import Candidate, block_shapes, neighbourhoods, stitch
+from raykd.models.export import load_candidate, save_candidate
+from raykd.models.stitch import Candidate, block_shapes, neighbourhoods, pools, stitch
 from raykd.pipeline import run_job
 from raykd.specs import DataSpec, OptimSpec
 from raykd.teacher import TeacherHandle
@@ -55,6 +56,42 @@ def test_candidates_keep_the_neighbourhoods_shapes_and_bad_groups_are_errors():
         neighbourhoods(teacher, ["stage7"])
     with pytest.raises(RaykdError, match="unknown candidate 'half'"):
         Candidate("half", (1, 8, 8), (1, 8, 8))
+
+
+def test_candidates_downsample_like_their_neighbourhood_and_pooling_reconstructs_a_pooling_stage(
+        tmp_path):
+    """cnn stages end in a max-pool, resnet stages stride: a candidate follows its teacher. On a
+    conv-BN-ReLU-max-pool stage the pooling candidate's reconstruction error is far below the
+    strided one's (same spec, parameters, data and steps): a stride-2 convolution sees one
+    position in four and cannot take a max over a window."""
+    cnn, resnet = build_model("cnn_wide", 10, 1, 28), build_model("resnet8", 10)
+    assert [pools(cnn, a, b) for _, a, b in neighbourhoods(cnn, [])] == [True] * 3
+    assert [pools(resnet, a, b) for _, a, b in neighbourhoods(resnet, [])] == [False] * 3
+    cnn = build_model("cnn_small", 10, 1, 28).eval()
+    shapes = block_shapes(cnn, (1, 28, 28))
+    x = torch.randn(512, *shapes[1][0], generator=torch.Generator().manual_seed(0)).relu()
+    with torch.no_grad():
+        target = cnn.run_blocks(x, 1, 2)
+    errors = {}
+    for pool in (False, True):
+        torch.manual_seed(0)
+        cand = Candidate("w0.5d1", shapes[1][0], shapes[1][1], pool=pool)
+        assert any(isinstance(m, nn.MaxPool2d) for m in cand.modules()) == pool
+        assert tuple(cand(x[:2]).shape[1:]) == shapes[1][1]
+        opt = torch.optim.Adam(cand.parameters(), lr=0.005)
+        for step in range(200):
+            batch = slice(64 * (step % 8), 64 * (step % 8 + 1))
+            loss = nn.functional.mse_loss(cand(x[batch]), target[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        cand.eval()
+        with torch.no_grad():
+            errors[pool] = float(nn.functional.mse_loss(cand(x), target) / target.var())
+        save_candidate(cand, tmp_path / f"{pool}.pt")      # the export keeps how it downsamples
+        again = load_candidate(tmp_path / f"{pool}.pt").eval()
+        assert again.pool == pool and torch.equal(again(x[:4]), cand(x[:4]))
+    assert errors[True] < 0.75 * errors[False], errors   # 0.27 against 0.47
 
 
 def test_selection_under_a_parameter_budget():

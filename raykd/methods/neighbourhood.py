@@ -24,7 +24,7 @@ from raykd.losses import kd_loss
 from raykd.methods.base import DistillMethod, Step, parse_params, register_method
 from raykd.models import count_params
 from raykd.models.export import load_export
-from raykd.models.stitch import neighbourhoods, parse_candidate
+from raykd.models.stitch import neighbourhoods, parse_candidate, pools
 from raykd.selection import choose_one_per_group
 from raykd.specs import OptimSpec
 from raykd.units import Inputs, NeighbourhoodPart, StitchPlan
@@ -93,7 +93,8 @@ class NeighbourhoodDistillation(DistillMethod):
                     depends_on=plan.first_teacher, seed_stream=f"neighbourhood-{name}-{cand}",
                     neighbourhood=NeighbourhoodPart(
                         name, start, stop, cand, params.inputs, params.gaussian_samples,
-                        tuple(plan.input_shape), library=library, boundaries=boundaries))))
+                        tuple(plan.input_shape), library=library, boundaries=boundaries,
+                        pool=pools(plan.teacher_arch, start, stop)))))
         students = plan.students(label, cls.name, entry, params, cls,
                                  depends_on=[p.key for p in parts], model="stitched",
                                  stitch_from=[p.key for p in parts])

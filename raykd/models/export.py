@@ -101,7 +101,7 @@ def load_heads(paths: list[str]) -> nn.ModuleDict:
 def save_candidate(module: Candidate, path: str | Path) -> None:
     torch_save({"kind": "candidate", "spec": module.spec, "in_shape": list(module.in_shape),
                 "out_shape": list(module.out_shape), "relu_out": module.relu_out,
-                "state_dict": _weights(module)}, path)
+                "pool": module.pool, "state_dict": _weights(module)}, path)
 
 
 def candidate_spec(path: str | Path) -> str:
@@ -111,6 +111,6 @@ def candidate_spec(path: str | Path) -> str:
 def load_candidate(path: str | Path) -> Candidate:
     payload = read_export(path, "candidate")
     module = Candidate(payload["spec"], tuple(payload["in_shape"]), tuple(payload["out_shape"]),
-                       payload.get("relu_out", True))
+                       payload.get("relu_out", True), payload.get("pool", False))
     module.load_state_dict(payload["state_dict"])
     return module

@@ -7,6 +7,11 @@ same input and output shapes. Two families, each with a width and a depth:
 - `dw<width>d<depth>`: a MobileNet-style depthwise-separable unit: a 1x1 expansion to `width`
   times the output channels, `depth` depthwise 3x3 convolutions, a 1x1 projection (`dw1d1`,
   `dw2d1`): far fewer parameters and MACs for the same width.
+A candidate downsamples the way its neighbourhood does: where the teacher's blocks there pool
+(conv-BN-ReLU-max-pool stages), by a max-pool after its first spatial convolution, run at the input's
+resolution; otherwise (strided residual stages) by striding that convolution. A strided
+convolution sees one position in four and cannot express a max over a window, so on pooling
+teachers it left every part with a large reconstruction error (bench/RESULTS.md, ND section).
 A stitched student is the teacher's own blocks (stem, classifier,
 anything between) with chosen candidates in place of their neighbourhoods.
 """
@@ -43,30 +48,35 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, groups: int
 class Candidate(nn.Module):
     """The family's body (conv: conv3x3-BN-ReLU x depth; depthwise: 1x1 expand, depthwise
     conv3x3-BN-ReLU x depth), then 1x1 conv-BN to the output channels, plus a projected
-    shortcut, then a ReLU only if the neighbourhood's output is post-activation. The output is
-    resized to the neighbourhood's output size when strides can't match it exactly (e.g. 7x7 ->
-    3x3 after a floor max-pool)."""
+    shortcut, then a ReLU only if the neighbourhood's output is post-activation. Downsampling
+    happens at the first spatial convolution: by its stride, or with `pool` by a max-pool right
+    after it (and before the shortcut's projection). The output is resized to the
+    neighbourhood's output size when neither can match it exactly."""
 
     def __init__(self, spec: str, in_shape: tuple[int, int, int], out_shape: tuple[int, int, int],
-                 relu_out: bool = True):
+                 relu_out: bool = True, pool: bool = False):
         super().__init__()
         family, width, depth = parse_candidate(spec)
         self.relu_out = relu_out   # only where the teacher's boundary is itself post-ReLU
         (cin, hin, _), (cout, hout, _) = in_shape, out_shape
         self.spec, self.in_shape, self.out_shape = spec, tuple(in_shape), tuple(out_shape)
-        stride = max(1, round(hin / max(hout, 1)))
+        factor = max(1, round(hin / max(hout, 1)))
+        self.pool = pool and factor > 1
+        stride = 1 if self.pool else factor
+        downsample = [nn.MaxPool2d(factor)] if self.pool else []
         inner = max(1, round(width * cout))
         if family == "conv":
-            layers = _conv_bn_relu(cin, inner, 3, stride)
+            layers = _conv_bn_relu(cin, inner, 3, stride) + downsample
             for _ in range(depth - 1):
                 layers += _conv_bn_relu(inner, inner, 3)
-        else:   # the strided step is the first depthwise convolution
+        else:   # the downsampling step is the first depthwise convolution
             layers = _conv_bn_relu(cin, inner, 1)
             for i in range(depth):
                 layers += _conv_bn_relu(inner, inner, 3, stride if i == 0 else 1, groups=inner)
+                layers += downsample if i == 0 else []
         layers += [nn.Conv2d(inner, cout, 1, bias=False), nn.BatchNorm2d(cout)]
         self.body = nn.Sequential(*layers)
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+        self.shortcut = nn.Sequential(*downsample, nn.Conv2d(cin, cout, 1, stride, bias=False),
                                       nn.BatchNorm2d(cout))
         # start from a small output and grow into the neighbourhood's scale, which can be far from
         # BatchNorm's unit variance (a damped last BN, after the zero-init of residual networks)
@@ -88,6 +98,12 @@ def block_shapes(model: StagedModel, input_shape) -> list[tuple[tuple, tuple]]:
         shapes.append((entering, outs[name]))
         entering = outs[name]
     return shapes
+
+
+def pools(model: StagedModel, start: int, stop: int) -> bool:
+    """Whether the teacher's blocks [start, stop) downsample with a max-pool."""
+    return any(isinstance(m, nn.MaxPool2d) for name in model.block_names[start:stop]
+               for m in model.blocks[name].modules())
 
 
 def neighbourhoods(model: StagedModel, groups: list[str]) -> list[tuple[str, int, int]]:

@@ -68,7 +68,7 @@ class NeighbourhoodTrainer(UnitTrainer):
         torch.manual_seed(unit.random_seed)
         relu_out = nonnegative_taps(self.teacher.model, [self.out_tap], nb.input_shape)
         self.candidate = Candidate(nb.candidate, shapes[nb.start][0], shapes[nb.stop - 1][1],
-                                   relu_out[self.out_tap]).to(self.device)
+                                   relu_out[self.out_tap], nb.pool).to(self.device)
         return self.candidate
 
     def start(self, start_epoch):
