@@ -142,6 +142,8 @@ def test_units_run_in_parallel_fail_once_resume_and_stitch(ray_session, tmp_path
     stitched = load_export(df.loc["nd", "export"])
     assert count_params(stitched) == df.loc["nd", "params"]
     assert [n for n in stitched.block_names if n.startswith("nb_")] == ["nb_stage2_block", "nb_stage3_block"]
+    # the cnn teacher's stages max-pool, so its parts do too
+    assert all(load_candidate(p).pool for p in parts.export)
     # scored as stitched after its BatchNorm statistics were recomputed on training images
     fresh = build_stitched(stitched.stitch_info)
     splits = load_dataset(spec.data)
