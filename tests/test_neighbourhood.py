@@ -13,8 +13,7 @@ from raykd.errors import RaykdError
 from raykd.methods.neighbourhood import choose_candidates
 from raykd.models import build_model, count_params
 from raykd.models.batchnorm import recalibrate_batchnorm
-from raykd.models.export import build_stitched, load_export
-from raykd.models.export import load_candidate, save_candidate
+from raykd.models.export import build_stitched, load_candidate, load_export, save_candidate
 from raykd.models.stitch import Candidate, block_shapes, neighbourhoods, pools, stitch
 from raykd.pipeline import run_job
 from raykd.specs import DataSpec, OptimSpec
