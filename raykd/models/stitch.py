@@ -63,20 +63,23 @@ class Candidate(nn.Module):
         factor = max(1, round(hin / max(hout, 1)))
         self.pool = pool and factor > 1
         stride = 1 if self.pool else factor
-        downsample = [nn.MaxPool2d(factor)] if self.pool else []
+
+        def downsample() -> list:   # a fresh module for the body and for the shortcut
+            return [nn.MaxPool2d(factor)] if self.pool else []
+
         inner = max(1, round(width * cout))
         if family == "conv":
-            layers = _conv_bn_relu(cin, inner, 3, stride) + downsample
+            layers = _conv_bn_relu(cin, inner, 3, stride) + downsample()
             for _ in range(depth - 1):
                 layers += _conv_bn_relu(inner, inner, 3)
         else:   # the downsampling step is the first depthwise convolution
             layers = _conv_bn_relu(cin, inner, 1)
             for i in range(depth):
                 layers += _conv_bn_relu(inner, inner, 3, stride if i == 0 else 1, groups=inner)
-                layers += downsample if i == 0 else []
+                layers += downsample() if i == 0 else []
         layers += [nn.Conv2d(inner, cout, 1, bias=False), nn.BatchNorm2d(cout)]
         self.body = nn.Sequential(*layers)
-        self.shortcut = nn.Sequential(*downsample, nn.Conv2d(cin, cout, 1, stride, bias=False),
+        self.shortcut = nn.Sequential(*downsample(), nn.Conv2d(cin, cout, 1, stride, bias=False),
                                       nn.BatchNorm2d(cout))
         # start from a small output and grow into the neighbourhood's scale, which can be far from
         # BatchNorm's unit variance (a damped last BN, after the zero-init of residual networks)

@@ -243,19 +243,26 @@ def cached_teacher(teacher, cache_dir: str, export_path: str, data_spec, split: 
             stored, found = lookup()      # filled by another process while this one waited
             if stored is None:
                 log(f"teacher cache miss ({split}, {', '.join(taps)}): computing {key}")
-                writer, lo = EntryWriter(cache, key, len(dataset), source), 0
-                try:
-                    for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                        writer.write(lo, teacher.features(x, taps))
-                        lo += len(x)
-                except BaseException:
-                    writer.abandon()
-                    raise
-                writer.commit()
-                stored = cache.load(key)
-                if stored is None:
-                    raise RuntimeError(
-                        f"teacher cache entry {key} could not be read back after writing")
-                return CachedTeacher(teacher, stored, getattr(teacher, "device", "cpu"))
-    log(f"teacher cache hit ({split}, {', '.join(taps)}): {found}")
+                stored, found = fill_entry(cache, key, source, teacher, dataset, taps,
+                                           batch_size), None
+    if found:
+        log(f"teacher cache hit ({split}, {', '.join(taps)}): {found}")
     return CachedTeacher(teacher, stored, getattr(teacher, "device", "cpu"))
+
+
+def fill_entry(cache: FeatureCache, key: str, source: str, teacher, dataset, taps: list[str],
+               batch_size: int) -> dict:
+    """Compute the entry from the teacher, batch by batch in dataset order, and read it back."""
+    writer, lo = EntryWriter(cache, key, len(dataset), source), 0
+    try:
+        for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            writer.write(lo, teacher.features(x, taps))
+            lo += len(x)
+    except BaseException:
+        writer.abandon()
+        raise
+    writer.commit()
+    stored = cache.load(key)
+    if stored is None:
+        raise RuntimeError(f"teacher cache entry {key} could not be read back after writing")
+    return stored
