@@ -96,9 +96,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
                  run_dir)
     todo = [u for k, u in units.items() if k not in done]
     pool = TeacherPool(
-        spec.name, spec.teacher,
-        (spec.teacher.cache_dir or str(Path(spec.output_dir) / "feature_cache"))
-        if spec.teacher.cache else None, splits.input_shape,
+        spec.name, spec.teacher, spec.teacher_cache_dir, splits.input_shape,
         users=[u.teacher_candidates for u in todo],
         most_at_once=max([len(u.teacher_candidates) if u.teacher_mode == "all" else 1
                           for u in todo] or [1]),

@@ -12,7 +12,7 @@ from raykd.methods import MethodContext, method_params
 from raykd.models import StagedModel, build_model
 from raykd.models.export import load_export
 from raykd.specs import JobSpec
-from raykd.units import Unit
+from raykd.units import OutputsToStore, Unit
 
 
 def teacher_models(spec: JobSpec) -> list[str]:
@@ -52,6 +52,16 @@ class SeedPlan:
         """Add a unit, or return the one already planned under its key (shared work, e.g. heads
         that two methods use, is planned once)."""
         return self.units.setdefault(unit.key, unit)
+
+    def store_outputs(self, keys: list[str], taps: list[str],
+                      splits=("train", "val", "test")) -> None:
+        """Have the units `keys` (this seed's teachers) store these outputs of theirs once
+        trained, for the units that read them from the teacher cache (no-op when it is off)."""
+        cache_dir = self.spec.teacher_cache_dir
+        for key in keys if cache_dir else []:
+            unit = self.units[key]
+            unit.store_outputs = unit.store_outputs or OutputsToStore(cache_dir)
+            unit.store_outputs.add(splits, taps)
 
     @property
     def first_teacher(self) -> list[str]:

@@ -167,3 +167,10 @@ class JobSpec:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir).expanduser().resolve() / self.name
+
+    @property
+    def teacher_cache_dir(self) -> str | None:
+        """Where teacher outputs are stored (raykd.teacher.cache); None when the cache is off."""
+        if not self.teacher.cache:
+            return None
+        return self.teacher.cache_dir or str(Path(self.output_dir) / "feature_cache")

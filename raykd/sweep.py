@@ -262,8 +262,7 @@ def run_sweep(raw: dict, fail_when: dict | None = None):
         run_job(spec, splits=splits, only=before)
     wait_for_teardowns()   # the trials' runs start on CPUs the prerequisites' run frees
     rows = ResultsTable(run_dir).rows
-    cache = (spec.teacher.cache_dir or str(Path(spec.output_dir) / "feature_cache")) \
-        if spec.teacher.cache else None
+    cache = spec.teacher_cache_dir
     fill_teacher_cache(trial_unit(raw, {}, sweep, run_dir, "probe", rows, cache), splits)
 
     trainable = tune.with_resources(make_trial(raw, sweep, run_dir, rows, cache, fail_when),

@@ -53,6 +53,20 @@ class StitchPlan:
 
 
 @dataclass
+class OutputsToStore:
+    """Outputs of a unit's trained model that the units distilling from it read from the teacher
+    cache (raykd.teacher.cache). The unit stores them as soon as it is trained, while it holds the
+    model and the data: its dependants then all start on a cache hit, instead of the first of them
+    loading the teacher to compute the entries while its siblings wait on the fill lock."""
+    cache_dir: str
+    taps: dict[str, list[str]] = field(default_factory=dict)   # split -> taps
+
+    def add(self, splits, taps) -> None:
+        for split in splits:
+            self.taps[split] = sorted(set(self.taps.get(split, [])) | set(taps))
+
+
+@dataclass
 class Unit:
     key: str                      # unique in the job, e.g. "seed0-kd"; also the Ray Train run name
     role: Role
@@ -86,6 +100,7 @@ class Unit:
     resume_dir: str | None = None      # a checkpoint folder of an earlier run to resume from
     state_dir: str = ""           # packed: the unit's own checkpoint folder ("" report to Ray Train)
     queued_at: float = 0.0        # packed: when it joined its run's queue (its wall time's start)
+    store_outputs: OutputsToStore | None = None   # for its dependants, once trained
     fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint
 
     @property

@@ -397,3 +397,20 @@ def test_stale_private_folders_of_killed_writers_are_removed(tmp_path):
     os.utime(old, (hour_ago, hour_ago))
     assert cache.remove_stale() == 1
     assert not old.exists() and young.exists(), "a live writer's folder is left alone"
+
+
+def test_a_trained_teacher_stores_what_its_parts_and_heads_read_so_none_of_them_fills(
+        tracked_run):
+    """In the quickstart, each teacher stores its outputs on train, val and test (every boundary
+    of the neighbourhood partition, the DIH heads' stages, its logits) as soon as it is trained:
+    no neighbourhood part and no heads unit computes a cache entry, or waits on another's fill."""
+    import re
+
+    log = tracked_run.first.stdout + tracked_run.first.stderr
+    for seed in (0, 1):
+        assert re.search(rf"\[seed{seed}-teacher\] stored its outputs for the units that distil "
+                         r"from it \(train, val, test: logits, stage1, stage1_block", log), \
+            log[-3000:]
+    assert re.search(r"\[seed0-nd-stage2-w0.5d1\] teacher cache hit \(val, ", log)
+    misses = [line for line in log.splitlines() if "teacher cache miss" in line]
+    assert not [line for line in misses if "-nd-" in line or "-heads" in line], misses

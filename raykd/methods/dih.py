@@ -68,6 +68,7 @@ class DIH(DistillMethod):
                     # together or separate: the same initialisation and batch order per head
                     seed_stream=f"{prefix}-heads")))
             heads_made.extend(units)
+            plan.store_outputs(teacher_keys[:1], stages)   # read on train, val and test
             return {"depends_on": [u.key for u in units],
                     "head_exports": [u.export_path for u in units]}
 

@@ -24,7 +24,7 @@ from raykd.losses import kd_loss
 from raykd.methods.base import DistillMethod, Step, parse_params, register_method
 from raykd.models import count_params
 from raykd.models.export import load_export
-from raykd.models.stitch import neighbourhoods, parse_candidate, pools
+from raykd.models.stitch import boundary_taps, neighbourhoods, parse_candidate, pools
 from raykd.selection import choose_one_per_group
 from raykd.specs import OptimSpec
 from raykd.units import Inputs, NeighbourhoodPart, StitchPlan
@@ -95,6 +95,8 @@ class NeighbourhoodDistillation(DistillMethod):
                         name, start, stop, cand, params.inputs, params.gaussian_samples,
                         tuple(plan.input_shape), library=library, boundaries=boundaries,
                         pool=pools(plan.teacher_arch, start, stop)))))
+        if params.inputs == "data":   # every part reads these on train, val and test
+            plan.store_outputs(plan.first_teacher, boundary_taps(plan.teacher_arch, boundaries))
         students = plan.students(label, cls.name, entry, params, cls,
                                  depends_on=[p.key for p in parts], model="stitched",
                                  stitch_from=[p.key for p in parts])

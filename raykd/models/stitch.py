@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raykd.errors import RaykdError
-from raykd.models.staged import StagedModel, tap_shapes
+from raykd.models.staged import LOGITS, StagedModel, tap_shapes
 
 _CANDIDATE = re.compile(r"^(w|dw)(\d+(?:\.\d+)?)d(\d+)$")
 FAMILIES = {"w": "conv", "dw": "depthwise"}
@@ -133,6 +133,13 @@ def neighbourhoods(model: StagedModel, groups: list[str]) -> list[tuple[str, int
     if any(a[1] > b[0] for a, b in zip(ranges, ranges[1:])):
         raise RaykdError("neighbourhoods overlap; give disjoint stages or blocks")
     return out
+
+
+def boundary_taps(model: StagedModel, boundaries) -> list[str]:
+    """The teacher's taps at a partition's block boundaries (the output of the block before each)
+    and its logits: one teacher-cache entry per split holds them for all of the partition's parts
+    and candidates, each reading its own two ends."""
+    return sorted({model.block_names[i - 1] for i in boundaries} | {LOGITS})
 
 
 def stitch(teacher: StagedModel, parts: list[tuple[int, int, nn.Module]]) -> StagedModel:

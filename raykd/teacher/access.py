@@ -4,7 +4,9 @@ deterministic inputs the teacher's stored outputs (computed once, raykd.teacher.
 from __future__ import annotations
 
 import logging
+import time
 
+from raykd.data import load_dataset
 from raykd.teacher.cache import cached_teacher
 from raykd.teacher.handle import TeacherHandle
 from raykd.teacher.local import LocalTeacher
@@ -30,3 +32,20 @@ def open_teachers(handles: list[TeacherHandle], taps: list[str], data_spec, spli
                            data_spec.eval_batch_size,
                            log=lambda m: log.info("[%s] %s", name, m))
             if h.cache_dir else t for t, h in zip(teachers, handles)]
+
+
+def store_outputs(unit, device) -> None:
+    """Store, from the export just written, the outputs that the units distilling from this one
+    read from the teacher cache (`unit.store_outputs`), so that they all start on a hit."""
+    request = unit.store_outputs
+    splits = load_dataset(unit.data) if request else None
+    if not (request and request.taps and splits.deterministic):
+        return
+    started, teacher = time.perf_counter(), LocalTeacher(unit.export_path, device)
+    for split, taps in request.taps.items():
+        cached_teacher(teacher, request.cache_dir, unit.export_path, unit.data, split,
+                       getattr(splits, split), taps, unit.data.eval_batch_size, log=lambda m: None)
+    log.info("[%s] stored its outputs for the units that distil from it (%s: %s) in %.1fs",
+             unit.key, ", ".join(request.taps), ", ".join(sorted(
+                 {t for taps in request.taps.values() for t in taps})),
+             time.perf_counter() - started)

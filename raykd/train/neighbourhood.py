@@ -26,7 +26,7 @@ from raykd.losses import neighbourhood_loss
 from raykd.models import LOGITS, count_macs, count_params
 from raykd.models.export import save_candidate
 from raykd.models.staged import BlockRange, latency_ms, mode, nonnegative_taps
-from raykd.models.stitch import Candidate, block_shapes, parse_candidate
+from raykd.models.stitch import Candidate, block_shapes, boundary_taps, parse_candidate
 from raykd.teacher import LocalTeacher
 from raykd.teacher.access import open_teachers
 from raykd.teacher.cache import cached_teacher
@@ -86,12 +86,11 @@ class NeighbourhoodTrainer(UnitTrainer):
         self.val_pairs, self.val_labels = self.split_pairs("val", self.splits.val)
 
     def boundary_taps(self) -> list[str]:
-        """The teacher's activations at every boundary of its partition, and its logits: one
-        cache entry per split serves all of the teacher's parts and candidates (each reads its
-        own two ends), and the teacher's own accuracy is read, not computed again."""
-        nb, names = self.unit.neighbourhood, self.teacher.model.block_names
-        boundaries = nb.boundaries or (nb.start, nb.stop)
-        return sorted({names[i - 1] for i in boundaries} | {self.in_tap, self.out_tap, LOGITS})
+        """The teacher's activations at every boundary of its partition, and its logits (the
+        teacher's own accuracy is read, not computed again); its teacher unit stores them when
+        the job planned it (raykd.methods.neighbourhood)."""
+        nb = self.unit.neighbourhood
+        return boundary_taps(self.teacher.model, nb.boundaries or (nb.start, nb.stop))
 
     def split_pairs(self, split: str, dataset) -> tuple[list[tuple], list[torch.Tensor]]:
         """Batches of (activation entering the neighbourhood, its output, the teacher's logits)

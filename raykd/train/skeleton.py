@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from raykd.log import duration, log, quiet_ray_logs, setup_logging
+from raykd.teacher.access import store_outputs
 from raykd.train.optim import make_optimizer, make_scheduler
 from raykd.train.progress import Progress
 from raykd.units import Unit
@@ -158,3 +159,4 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False,
     progress.finish(start_epoch, epochs)
     if rank == 0:
         trainer.export()
+        store_outputs(unit, trainer.device)
