@@ -1,4 +1,5 @@
 """The teacher service: shard actors chained, replicas, faults, timeouts; and the feature cache."""
+import json
 import time
 from pathlib import Path
 
@@ -382,6 +383,33 @@ def test_a_damaged_cache_entry_is_discarded_and_recomputed_with_a_warning(tmp_pa
     assert CountingTeacher.calls == 3, "recomputed from the teacher"
     assert torch.allclose(again.stored["logits"], good, atol=1e-6)
     assert FeatureCache(cache_dir).load(key) is not None, "and stored again, intact"
+
+
+def test_a_reader_maps_and_verifies_only_the_taps_it_reads(tmp_path, caplog):
+    """An entry holding several taps (a neighbourhood partition's boundaries) serves a reader of
+    a few of them without reading the others' bytes: damage in a tap it does not read goes
+    unnoticed by it, and is caught by the first reader of that tap."""
+    _, path = _export(tmp_path, "cnn", 1, 8)
+    spec = DataSpec(dataset="digits", train_size=300)
+    train = load_dataset(spec).train
+    teacher = CountingTeacher(path)
+    cache_dir, taps = tmp_path / "cache", ["stage2", "logits"]
+    cached_teacher(teacher, cache_dir, str(path), spec, "train", train, taps, 128,
+                   log=lambda m: None)
+    entry = cache_dir / cache_key(str(path), spec, "train", taps)
+    meta = json.loads((entry / "manifest.json").read_text())
+    wide = entry / meta["taps"]["stage2"]
+    data = wide.read_bytes()
+    wide.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))     # same size: only its hash tells
+    CountingTeacher.calls = 0
+    with caplog.at_level("WARNING", logger="raykd"):
+        few = cached_teacher(teacher, cache_dir, str(path), spec, "train", train, taps, 128,
+                             log=lambda m: None, read=["logits"])
+        assert set(few.stored) == {"logits"} and CountingTeacher.calls == 0
+        assert "is damaged" not in caplog.text
+        cached_teacher(teacher, cache_dir, str(path), spec, "train", train, taps, 128,
+                       log=lambda m: None)
+    assert "is damaged" in caplog.text and CountingTeacher.calls == 3, "recomputed"
 
 
 def test_stale_private_folders_of_killed_writers_are_removed(tmp_path):

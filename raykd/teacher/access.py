@@ -22,15 +22,15 @@ def open_teacher(handle: TeacherHandle, device):
 
 
 def open_teachers(handles: list[TeacherHandle], taps: list[str], data_spec, splits, device,
-                  name: str = "") -> list:
+                  name: str = "", read: list[str] | None = None) -> list:
     """The unit's teachers; for deterministic inputs, their stored outputs on the training split
-    (computed on first use by whichever run needs them first)."""
+    (computed on first use by whichever run needs them first), of which it reads `read`."""
     teachers = [open_teacher(h, device) for h in handles]
     if not (taps and splits.deterministic):
         return teachers
     return [cached_teacher(t, h.cache_dir, h.export_path, data_spec, "train", splits.train, taps,
                            data_spec.eval_batch_size,
-                           log=lambda m: log.info("[%s] %s", name, m))
+                           log=lambda m: log.info("[%s] %s", name, m), read=read)
             if h.cache_dir else t for t, h in zip(teachers, handles)]
 
 

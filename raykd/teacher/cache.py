@@ -88,6 +88,10 @@ class EntryWriter:
                 os.rename(self.tmp, self.cache.path(self.key))
             except OSError:   # someone else renamed theirs in first
                 return False
+            for name in self.files.values():   # hashed just now, by this process: verified
+                path = self.cache.path(self.key) / name
+                stat = path.stat()
+                _verified.add((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
             return True
         finally:
             self.abandon()
@@ -224,17 +228,22 @@ class CachedTeacher:
 
 
 def cached_teacher(teacher, cache_dir: str, export_path: str, data_spec, split: str, dataset,
-                   taps: list[str], batch_size: int, log=log.info) -> CachedTeacher:
-    """Load the entry for (teacher, data, split, taps), computing and storing it if absent."""
+                   taps: list[str], batch_size: int, log=log.info,
+                   read: list[str] | None = None) -> CachedTeacher:
+    """Load the entry for (teacher, data, split, taps), computing and storing it if absent.
+    `read`: the taps this reader uses, when fewer than the entry's (a neighbourhood part reads
+    its own two ends of an entry holding every boundary): only those are mapped and verified, so
+    a part deep in the network never hashes the wide early activations it does not read."""
     cache = FeatureCache(cache_dir)
     cache.remove_stale()
     source = source_key(export_path, data_spec, split)
     key = cache_key(export_path, data_spec, split, taps)
+    read = read or taps
 
     def lookup() -> tuple[dict | None, str]:
-        stored = cache.load(key)
+        stored = cache.load(key, read)
         if stored is None and (holder := cache.holding(source, taps)) is not None:
-            return cache.load(holder, taps), holder    # a wider entry serves these taps
+            return cache.load(holder, read), holder    # a wider entry serves these taps
         return stored, key
 
     stored, found = lookup()
@@ -244,15 +253,16 @@ def cached_teacher(teacher, cache_dir: str, export_path: str, data_spec, split: 
             if stored is None:
                 log(f"teacher cache miss ({split}, {', '.join(taps)}): computing {key}")
                 stored, found = fill_entry(cache, key, source, teacher, dataset, taps,
-                                           batch_size), None
+                                           batch_size, read), None
     if found:
         log(f"teacher cache hit ({split}, {', '.join(taps)}): {found}")
     return CachedTeacher(teacher, stored, getattr(teacher, "device", "cpu"))
 
 
 def fill_entry(cache: FeatureCache, key: str, source: str, teacher, dataset, taps: list[str],
-               batch_size: int) -> dict:
-    """Compute the entry from the teacher, batch by batch in dataset order, and read it back."""
+               batch_size: int, read: list[str]) -> dict:
+    """Compute the entry from the teacher, batch by batch in dataset order, and read back the
+    taps in `read`."""
     writer, lo = EntryWriter(cache, key, len(dataset), source), 0
     try:
         for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
@@ -262,7 +272,7 @@ def fill_entry(cache: FeatureCache, key: str, source: str, teacher, dataset, tap
         writer.abandon()
         raise
     writer.commit()
-    stored = cache.load(key)
+    stored = cache.load(key, read)
     if stored is None:
         raise RuntimeError(f"teacher cache entry {key} could not be read back after writing")
     return stored

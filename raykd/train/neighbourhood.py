@@ -82,7 +82,8 @@ class NeighbourhoodTrainer(UnitTrainer):
             return
         self.splits = load_dataset(unit.data)
         [self.source] = open_teachers(unit.teachers, self.boundary_taps(), unit.data,
-                                      self.splits, self.device, unit.key)
+                                      self.splits, self.device, unit.key,
+                                      read=[self.in_tap, self.out_tap])
         self.val_pairs, self.val_labels = self.split_pairs("val", self.splits.val)
 
     def boundary_taps(self) -> list[str]:
@@ -102,7 +103,8 @@ class NeighbourhoodTrainer(UnitTrainer):
         if handle.cache_dir:
             stored = cached_teacher(self.teacher, handle.cache_dir, handle.export_path, unit.data,
                                     split, dataset, self.boundary_taps(), batch,
-                                    log=lambda m: log.info("[%s] %s", unit.key, m)).stored
+                                    log=lambda m: log.info("[%s] %s", unit.key, m),
+                                    read=taps).stored
             rows = [slice(lo, lo + batch) for lo in range(0, len(dataset), batch)]
             return [tuple(stored[t][r] for t in taps) for r in rows], labels
         with torch.no_grad():
