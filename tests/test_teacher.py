@@ -412,6 +412,24 @@ def test_a_reader_maps_and_verifies_only_the_taps_it_reads(tmp_path, caplog):
     assert "is damaged" in caplog.text and CountingTeacher.calls == 3, "recomputed"
 
 
+def test_two_names_of_one_activation_are_stored_once(tmp_path):
+    """A stage and the block it names (DIH heads read `stage2`, neighbourhood parts the block
+    `stage2_block`, both from the entry their teacher stores) are one array on disk, read back
+    under either name."""
+    _, path = _export(tmp_path, "cnn", 1, 8)
+    spec = DataSpec(dataset="digits", train_size=300)
+    train = load_dataset(spec).train
+    taps = ["stage2", "stage2_block", "logits"]
+    stored = cached_teacher(LocalTeacher(path, "cpu"), tmp_path / "cache", str(path), spec,
+                            "train", train, taps, 128, log=lambda m: None).stored
+    entry = tmp_path / "cache" / cache_key(str(path), spec, "train", taps)
+    assert len(list(entry.glob("*.npy"))) == 2, "stage2 and stage2_block share one file"
+    assert torch.equal(stored["stage2"], stored["stage2_block"])
+    x = torch.stack([train[i][0] for i in range(4)])
+    expected = LocalTeacher(path, "cpu").features(x, ["stage2"])["stage2"]
+    assert torch.allclose(stored["stage2_block"][:4], expected, atol=1e-6)
+
+
 def test_stale_private_folders_of_killed_writers_are_removed(tmp_path):
     import os
     import time

@@ -2,7 +2,8 @@
 
 An entry holds the requested taps for every sample of one split, in the split's order, keyed by
 the teacher export's hash, the dataset and its split parameters, the split name and the taps. Each
-tap is one `.npy` array (samples first) that readers memory-map: the workers of a node share its
+tap is one `.npy` array (samples first; two names of one activation share it) that readers
+memory-map: the workers of a node share its
 pages through the OS page cache, a batch reads only its own rows, and an entry larger than memory
 still works. A changed key (new teacher weights, another split) is another entry, so stale data is
 never served. Writers fill an entry in a private folder, streaming batch by batch, and rename it
@@ -63,9 +64,20 @@ class EntryWriter:
         self.tmp.mkdir()
         self.arrays: dict[str, np.ndarray] = {}
         self.files: dict[str, str] = {}
+        self.aliases: set[str] = set()   # taps stored in another tap's file
 
     def write(self, lo: int, tensors: dict[str, torch.Tensor]) -> None:
+        first_of: dict[int, str] = {}   # id of a tensor in this batch -> the tap it came first as
         for tap, t in tensors.items():
+            if tap in self.aliases:
+                continue
+            if tap not in self.files and id(t) in first_of:
+                # two names of one activation (a stage and its block, asked for by DIH heads
+                # and neighbourhood parts of one teacher): one file, listed under both
+                self.files[tap] = self.files[first_of[id(t)]]
+                self.aliases.add(tap)
+                continue
+            first_of[id(t)] = tap
             if tap not in self.arrays:   # the first batch tells each tap's per-sample shape
                 name = f"tap-{len(self.files)}.npy"
                 self.files[tap] = name
