@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.raykd-installed
 # Ray 2.60 enables token auth by default; local runs and job submission need none of it.
 export RAY_AUTH_MODE := disabled
 
-.PHONY: install demo lint test test-fast bench clean
+.PHONY: install browser demo lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -27,7 +27,19 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check raykd tests bench
 
-test: lint
+# The report test renders raykd's HTML page in a real headless browser: Debian's chromium.
+# As root (CI, containers) it is installed here; otherwise one line says the command to run.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make: installing Debian's chromium for the report test (apt-get)"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else \
+	    echo "make: the report test needs a headless browser: run 'sudo apt-get install chromium', then make test again" >&2; \
+	    exit 1; \
+	  fi; }
+
+test: lint browser
 	$(BIN)/python -m pytest
 
 test-fast: lint

@@ -1,6 +1,6 @@
 """`raykd report`: the quickstart's page (the job made small by the `tracked_run` fixture), one
-self-contained HTML file, rendered in a real headless browser (Debian's chromium; `.ci/run`
-installs it)."""
+self-contained HTML file, rendered in a real headless browser (Debian's chromium; `make test`
+installs it when it runs as root)."""
 import re
 import shutil
 import subprocess
@@ -16,7 +16,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "the report test needs a browser: apt-get install chromium (.ci/run does)"
+    assert found, "the report test needs a browser: `make test` installs chromium as root; " \
+        "otherwise sudo apt-get install chromium"
     return found
 
 
