@@ -1,9 +1,11 @@
 """Starting or joining Ray with the settings this project relies on (measured on Ray 2.60)."""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 
+from raykd.errors import RaykdError
 from raykd.log import log
 
 # Set before ray.init so that every Ray process inherits them.
@@ -24,13 +26,24 @@ _DEFAULTS = {
 }
 
 
+# Ray's switch for clusters on macOS and Windows; "0" keeps a node on 127.0.0.1 on every platform
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def set_ray_env() -> None:
     for k, v in _DEFAULTS.items():
         os.environ.setdefault(k, v)
     if not os.environ.get("RAY_ADDRESS"):
-        # A local instance (loopback only) needs no token: Ray 2.60 would otherwise turn token
-        # auth on and write ~/.ray/auth_token on the first init. Inside a job submitted to a
-        # cluster (RAY_ADDRESS set) the cluster's own mode, inherited from its raylet, applies.
+        # A local instance listens on loopback only: with this set before ray is imported, Ray
+        # takes 127.0.0.1 as the node's address and every server it starts (GCS, raylet, object
+        # manager, agents, each worker's and actor's gRPC port) binds there instead of on all
+        # interfaces (measured on Ray 2.60 by tests/test_faults.py's listener check). Ray reads
+        # it once, at import. A driver that joins a cluster takes its node's address from the
+        # cluster, so this changes nothing there.
+        os.environ.setdefault(LOOPBACK_ONLY, "0")
+        # Bound to loopback, a local instance needs no token: Ray 2.60 would otherwise turn
+        # token auth on and write ~/.ray/auth_token on the first init. Inside a job submitted to
+        # a cluster (RAY_ADDRESS set) the cluster's own mode, inherited from its raylet, applies.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
@@ -47,13 +60,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, **quiet)
     else:
-        # a local instance on loopback only
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # The dashboard serves the state API that Train's placement-group cleaner polls; without
         # it that cleaner logs a warning every second.
         # `raykd_trial`: the slots sweep trial drivers take instead of a CPU (raykd.sweep)
         context = ray.init(num_cpus=num_cpus, include_dashboard=True,
                            log_to_driver=log_to_driver, resources={"raykd_trial": 16}, **quiet)
+        node_ip = ray.util.get_node_ip_address()
+        if not ipaddress.ip_address(node_ip).is_loopback:
+            ray.shutdown()
+            raise RaykdError(
+                f"the local Ray instance would listen on {node_ip}, not on loopback only: ray was "
+                f"imported before raykd set {LOOPBACK_ONLY}=0; import raykd first, or set it "
+                "in the environment")
         if context.dashboard_url:
             log.info("started a local Ray instance (%d CPUs); dashboard: http://%s",
                      int(ray.cluster_resources().get("CPU", 0)), context.dashboard_url)

@@ -1,5 +1,6 @@
 """Real faults injected into running jobs: a packed Ray Train worker SIGKILLed mid-epoch, the `raykd run`
 driver SIGKILLed mid-job, and a run failing through the command (its dependants not run)."""
+import ipaddress
 import json
 import os
 import signal
@@ -107,6 +108,41 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def listening_addresses(pids: set[int]) -> dict[tuple[str, int], str]:
+    """{(address, port): process} for every TCP socket these processes listen on (from /proc,
+    as `ss -ltnp` reads it)."""
+    listening = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":                  # LISTEN
+                hex_ip, hex_port = fields[1].split(":")
+                raw = bytes.fromhex(hex_ip)        # each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                listening[fields[9]] = (str(ipaddress.ip_address(raw)), int(hex_port, 16))
+    out = {}
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+            name = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:60]
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            inode = target[len("socket:["):-1] if target.startswith("socket:[") else None
+            if inode in listening:
+                out[listening[inode]] = name
+    return out
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -117,24 +153,33 @@ def alive(pid: int) -> bool:
 
 def test_a_killed_driver_leaves_nothing_running_and_the_rerun_finishes(ray_session, tmp_path,
                                                                       digits_teacher):
-    """The killed `raykd run` starts a Ray instance of its own (the kill takes it down too); the
-    rerun joins the session's, as a second machine's rerun would join its cluster."""
+    """The killed `raykd run` starts a Ray instance of its own (the kill takes it down too), and
+    while it trains, every socket its processes listen on is on loopback; the rerun joins the
+    session's, as a second machine's rerun would join its cluster."""
     job = slow_job(tmp_path, digits_teacher, "driver", methods={"ce": {}, "kd": {}})
     job["teacher"] = {"model": "cnn", "train": {"epochs": 2, "lr": 0.1}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     run_dir = tmp_path / "driver"
-    own_ray = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # as a user starts it: no RAY_ADDRESS, and none of the settings the test session made
+    own_ray = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")}
     driver = subprocess.Popen([RAYKD, "run", str(path)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True, env=own_ray)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and epochs_done(run_dir / "metrics" / "seed0-kd.jsonl") < 2:
         time.sleep(0.1)    # the student that needs the teacher is past a checkpoint
     family = descendants(driver.pid)
+    listening = listening_addresses(family | {driver.pid})
     os.killpg(driver.pid, signal.SIGKILL)     # the driver and every process it started
     driver.wait()
     finished = pd.read_parquet(run_dir / "results.parquet")
     assert "seed0-teacher" in set(finished.unit) and "seed0-kd" not in set(finished.unit)
+    # GCS, raylet, dashboard and its agents, the driver, the Train workers: all on loopback
+    assert len(listening) >= 8, listening
+    exposed = {f"{ip}:{port}": name for (ip, port), name in listening.items()
+               if not is_loopback(ip)}
+    assert not exposed, f"the local Ray instance listens beyond loopback: {exposed}"
     deadline = time.monotonic() + 30   # Ray's workers notice their raylet is gone, and exit
     while any(alive(p) for p in family) and time.monotonic() < deadline:
         time.sleep(0.5)
