@@ -26,7 +26,7 @@ def main() -> None:
     from raykd.ray_env import init_ray
     from raykd.teacher import LocalTeacher, TeacherHandle
     from raykd.teacher.cache import cached_teacher
-    from raykd.train.runner import fit_units
+    from raykd.train.runner import RunSettings, fit_units
 
     work = fresh_workdir("heads_layout")
     teacher_path = quickstart_teacher(work)
@@ -52,8 +52,8 @@ def main() -> None:
         cached_teacher(LocalTeacher(teacher_path), u.teachers[0].cache_dir, str(teacher_path), s.data,
                        "train", splits.train, ["stage1", "stage2", "stage3"], 512, log=lambda m: None)
         started = time.perf_counter()
-        rows = [r for out in ray.get([fit_units.remote([u], str(s.run_dir / "ray"), 1, False, 0, 10,
-                                                       splits.input_shape) for u in units])
+        rows = [r for out in ray.get([fit_units.remote([u], RunSettings(
+                    str(s.run_dir / "ray"), 10, splits.input_shape, max_failures=0)) for u in units])
                 for r in out.values()]
         timings[layout] = (time.perf_counter() - started, len(units),
                            sum(r["train_s"] for group in rows for r in group[:1]))

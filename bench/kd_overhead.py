@@ -63,7 +63,7 @@ def main() -> None:
     import ray
 
     from raykd.ray_env import init_ray
-    from raykd.train.runner import fit_units
+    from raykd.train.runner import RunSettings, fit_units
 
     torch.set_num_threads(1)
     work = fresh_workdir("kd_overhead")
@@ -90,8 +90,8 @@ def main() -> None:
                     teacher_candidates=[str(teacher_path)],
                     # same work as the plain loop: the teacher runs every step (no output cache)
                     teachers=[TeacherHandle(str(teacher_path), "local", cache_dir=None)])
-        [row] = ray.get(fit_units.remote([unit], str(run / "ray"), 1, False, 0, 10,
-                                         (1, 28, 28)))["kd"]
+        [row] = ray.get(fit_units.remote([unit], RunSettings(str(run / "ray"), 10, (1, 28, 28),
+                                                              max_failures=0)))["kd"]
         history = pd.read_parquet(run / "metrics" / "kd.parquet")
         return round(float(history.epoch_s.median()), 3), round(row["wall_s"], 1)
 

@@ -72,7 +72,7 @@ def main() -> None:
     from raykd.ray_env import init_ray
     from raykd.teacher import TeacherHandle
     from raykd.train.batches import evaluate
-    from raykd.train.runner import fit_units
+    from raykd.train.runner import RunSettings, fit_units
 
     work = ROOT / "bench" / "runs" / "neighbourhood"
     shutil.rmtree(work, ignore_errors=True)
@@ -140,7 +140,7 @@ def main() -> None:
         started = time.perf_counter()
         refs, done = [], []
         for u in units:   # at most `parallel` runs in flight
-            refs.append(fit_units.remote([u], str(s.run_dir / "ray"), 1, False, 0, 10, splits.input_shape))
+            refs.append(fit_units.remote([u], RunSettings(str(s.run_dir / "ray"), 10, splits.input_shape, max_failures=0)))
             if len(refs) >= parallel:
                 ready, refs = ray.wait(refs, num_returns=1)
                 done += ready

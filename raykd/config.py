@@ -129,6 +129,9 @@ def validate(spec: JobSpec) -> None:
         raise RaykdError(f"ray.workers must be at least 1, got {spec.ray.workers}")
     if spec.ray.pack_max < 1:
         raise RaykdError(f"ray.pack_max must be at least 1, got {spec.ray.pack_max}")
+    if spec.ray.placement_timeout_s <= 0:
+        raise RaykdError(f"ray.placement_timeout_s must be positive, got "
+                         f"{spec.ray.placement_timeout_s:g}")
     check_tracking(spec)
     for where, value in (("teacher.train.lr", spec.teacher.train.lr),
                          ("student.train.lr", spec.student.train.lr),

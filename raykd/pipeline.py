@@ -47,15 +47,50 @@ def default_parallelism(spec: JobSpec) -> int:
 
 # Packs whose units all finished, still tearing their Ray Train run down. The job does not
 # wait for them at its end (a `raykd run` exits seconds sooner), but whatever starts Ray work
-# next in this process does, so that new runs never queue for CPUs a finished run still holds
-# (Train and Tune wait for resources in coarse steps).
+# next in this process does (`release_finished_runs`), so that new runs never queue for CPUs a
+# finished run still holds (Train and Tune wait for resources in coarse steps).
 _TEARDOWNS: list = []
+TEARDOWN_BOUND_S = 60.0   # a finished run's teardown takes seconds; past this it is stuck
 
 
-def wait_for_teardowns(timeout_s: float = 120.0) -> None:
-    if _TEARDOWNS:
-        ray.wait(list(_TEARDOWNS), num_returns=len(_TEARDOWNS), timeout=timeout_s)
-        _TEARDOWNS.clear()
+def release_finished_runs(bound_s: float = TEARDOWN_BOUND_S) -> None:
+    """Return once the runs this process finished have ended. A run still shutting down after
+    `bound_s` is stopped: the task that launched it is killed, and its Train controller and
+    workers with it (Train's placement-group cleaner then frees their CPUs). Never waits longer
+    than twice `bound_s`."""
+    if not _TEARDOWNS:
+        return
+    refs = list(_TEARDOWNS)
+    _TEARDOWNS.clear()
+    _, stuck = ray.wait(refs, num_returns=len(refs), timeout=bound_s)
+    if stuck:
+        log.warning("%d finished run%s still shutting down after %.0f s; stopping %s",
+                    len(stuck), "s were" if len(stuck) > 1 else " was", bound_s,
+                    "them" if len(stuck) > 1 else "it")
+        for ref in stuck:
+            ray.cancel(ref, force=True)
+        ray.wait(stuck, num_returns=len(stuck), timeout=bound_s)
+
+
+def wait_for_room(need: dict[str, float], what: str, bound_s: float = TEARDOWN_BOUND_S) -> None:
+    """Return once the cluster has `need` free (e.g. {"CPU": 1}: one trial's worker), so that
+    `what` starts placed, not queued behind resources nothing will give back; one line naming
+    what it waited for, and what holds the resources, after `bound_s`."""
+    deadline = time.monotonic() + bound_s
+    while True:
+        free = ray.available_resources()
+        short = {k: v for k, v in need.items() if free.get(k, 0.0) + 1e-9 < v}
+        if not short:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    total = ray.cluster_resources()
+    held = [f"{k}: {free.get(k, 0.0):g} of {total.get(k, 0.0):g} free" for k in short]
+    groups = [g for g in ray.util.placement_group_table().values() if g.get("state") == "CREATED"]
+    raise RaykdError(f"{what} needs {need} and after {bound_s:.0f} s the cluster still has "
+                     f"{'; '.join(held)} ({len(groups)} placement groups hold resources: "
+                     "`ray list placement-groups` shows whose); free them and re-run")
 
 
 def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
@@ -66,9 +101,9 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
     `fail_at` (unit key -> epoch) injects a failure after that epoch's checkpoint, for tests.
     """
     from raykd.train.kinds import unit_kind
-    from raykd.train.runner import OpenPack, fit_units
+    from raykd.train.runner import OpenPack, RunSettings, fit_units
 
-    wait_for_teardowns()
+    release_finished_runs()
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     check_shared_storage(spec.output_dir)   # multi-node clusters only
@@ -103,6 +138,7 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
         run_cpus=spec.ray.workers * spec.ray.cpus_per_worker)
     tracker = start_tracking(spec, units, done, table)
     started = time.perf_counter()
+    settings = RunSettings.for_job(spec, splits.num_classes, splits.input_shape)
 
     def packable(unit) -> bool:
         """May this unit share a run with others (each in a lane, no gradient exchange)?
@@ -165,13 +201,8 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
             return ray.put({keys[0]: first}), [keys[0]]
         if not packable(first):
             announce([first], 1)
-            return fit_units.remote([first], str(run_dir / "ray"), spec.ray.workers,
-                                    spec.ray.use_gpu, spec.ray.max_failures, splits.num_classes,
-                                    splits.input_shape, spec.ray.resources_per_worker), [keys[0]]
-        pack = OpenPack([first], str(run_dir / "ray"), lanes, spec.ray.use_gpu,
-                        spec.ray.max_failures, splits.num_classes, splits.input_shape,
-                        spec.ray.resources_per_worker, accept=join, priority=waiting_on,
-                        lend_idle_cpus=spec.ray.lend_idle_cpus)
+            return fit_units.remote([first], settings), [keys[0]]
+        pack = OpenPack([first], settings, lanes, accept=join, priority=waiting_on)
         join(pack, keys[1:], announced=False)
         announce(list(pack.units.values()), lanes)
         return pack

@@ -23,6 +23,10 @@ _DEFAULTS = {
     # worker lines reach the driver as plain "(RayTrainWorker pid=N) raykd: ..." text, with no
     # colour codes, so a run's output stays readable when piped to a file
     "RAY_COLOR_PREFIX": "0",
+    # Ctrl-C stops `raykd sweep` at once, as it stops `raykd run` (exit 130; re-run to resume):
+    # Tune's own handler would first wait for every trial to save, which a trial that is not
+    # placed never does
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
 
 

@@ -108,6 +108,8 @@ class RaySpec:
                                       # with their CPUs as extra torch threads (not bit-stable)
     resources_per_worker: dict[str, float] = field(default_factory=dict)   # custom resources
                                       # each Train worker needs, e.g. {gpu_node: 1} (a node type)
+    placement_timeout_s: float = 600.0  # a run whose workers cannot be placed by then fails,
+                                      # naming what it needs (autoscaling GPU nodes take minutes)
 
 
 @dataclass

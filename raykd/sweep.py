@@ -185,16 +185,15 @@ def finished_trial(unit) -> dict | None:
 
 
 def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
-               teacher_cache: str | None, fail_when: dict | None):
-    """The Tune function trial (closed over plain, picklable values)."""
+               teacher_cache: str | None, fail_when: dict | None, settings):
+    """The Tune function trial (closed over plain, picklable values); `settings`: how its Train
+    run is made (raykd.train.runner.RunSettings)."""
 
     def trial(config: dict) -> None:
-        import ray.train
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from raykd.train.kinds import train_worker
-        from raykd.train.runner import QUIET_TRAIN, scaling_config, trainer_class
+        from raykd.train.runner import fit, trainer_for
 
         trial_id = tune.get_context().get_trial_id()
         fail = bool(fail_when) and all(config.get(k) == v for k, v in fail_when.items())
@@ -207,16 +206,12 @@ def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
         folder = Path(unit.history_path).parent
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps({k: _plain(v) for k, v in config.items()}))
-        scaling = scaling_config(sweep.workers, sweep.cpus_per_worker, sweep.gpus_per_worker)
-        trainer_class(sweep.workers)(
-            train_worker, train_loop_config={"units": [unit]}, scaling_config=scaling,
-            run_config=ray.train.RunConfig(
-                # named by the trial: a restored trial continues its Train run
-                name=unit.key, storage_path=str(run_dir / SWEEP_DIR / "train"),
-                callbacks=[TuneReportCallback()],
-                failure_config=ray.train.FailureConfig(max_failures=0),
-                logging_config=QUIET_TRAIN),
-        ).fit()
+        # named by the trial: a restored trial continues its Train run
+        _, error = fit(trainer_for({"units": [unit]}, settings, sweep.workers,
+                                   sweep.cpus_per_worker, unit.key,
+                                   callbacks=(TuneReportCallback(),)))
+        if error is not None:
+            raise error
 
     return trial
 
@@ -231,9 +226,10 @@ def run_sweep(raw: dict, fail_when: dict | None = None):
     from ray import tune
 
     from raykd.data import load_dataset
-    from raykd.pipeline import run_job, wait_for_teardowns
+    from raykd.pipeline import release_finished_runs, run_job, wait_for_room
     from raykd.plan import plan_units
     from raykd.results import ResultsTable
+    from raykd.train.runner import RunSettings
 
     spec = job_from_dict(copy.deepcopy(raw))
     sweep = check_sweep(raw, spec)
@@ -260,13 +256,21 @@ def run_sweep(raw: dict, fail_when: dict | None = None):
     if before:
         log.info("sweep: training what every trial needs first: %s", ", ".join(sorted(before)))
         run_job(spec, splits=splits, only=before)
-    wait_for_teardowns()   # the trials' runs start on CPUs the prerequisites' run frees
+    # the trials' runs start on the CPUs the prerequisites' run frees: never queued behind it
+    release_finished_runs()
+    need = {"CPU": sweep.workers * sweep.cpus_per_worker}
+    if sweep.gpus_per_worker:
+        need["GPU"] = sweep.workers * sweep.gpus_per_worker
+    wait_for_room(need, "the sweep's first trial")
     rows = ResultsTable(run_dir).rows
     cache = spec.teacher_cache_dir
     fill_teacher_cache(trial_unit(raw, {}, sweep, run_dir, "probe", rows, cache), splits)
 
-    trainable = tune.with_resources(make_trial(raw, sweep, run_dir, rows, cache, fail_when),
-                                    {TRIAL_RESOURCE: 1})
+    settings = RunSettings(str(folder / "train"), splits.num_classes, splits.input_shape,
+                           workers=sweep.workers, gpus_per_worker=sweep.gpus_per_worker,
+                           max_failures=0, placement_timeout_s=spec.ray.placement_timeout_s)
+    trainable = tune.with_resources(
+        make_trial(raw, sweep, run_dir, rows, cache, fail_when, settings), {TRIAL_RESOURCE: 1})
     experiment = folder / "tune"
     epochs = units[target].optim.epochs
     if tune.Tuner.can_restore(str(experiment)):

@@ -12,7 +12,9 @@ import pytest
 from raykd.ray_env import set_ray_env
 
 set_ray_env()
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Train waits this long for a run's workers to be placed before it tries again (60 s by default):
+# the test of a run that cannot be placed waits one such step (read by Ray's processes at start)
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
 
 
 def pytest_collection_modifyitems(items):

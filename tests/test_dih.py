@@ -144,7 +144,7 @@ def test_a_chain_works_with_the_method_taken_from_the_label(tmp_path):
 def test_heads_packed_as_workers_of_one_run_equal_heads_trained_together(ray_session, tmp_path,
                                                                          teacher_export):
     from raykd.teacher import TeacherHandle
-    from raykd.train.runner import fit_units
+    from raykd.train.runner import RunSettings, fit_units
 
     together = _dih_job(tmp_path, teacher_export, "together", "together")
     separate = _dih_job(tmp_path, teacher_export, "separate", "separate")
@@ -156,8 +156,8 @@ def test_heads_packed_as_workers_of_one_run_equal_heads_trained_together(ray_ses
         for u in units:
             u.teachers = [TeacherHandle(str(teacher_export), "local")]
         # the separate heads as one pack: one run, one head per worker, no gradient exchange
-        rows = ray.get(fit_units.remote(units, str(spec.run_dir / "ray"), 1, False, 0, 10,
-                                        splits.input_shape))
+        rows = ray.get(fit_units.remote(units, RunSettings(
+            str(spec.run_dir / "ray"), 10, splits.input_shape, max_failures=0)))
         assert all(not isinstance(r, BaseException) for r in rows.values()), rows
         assert {r[0]["packed"] for r in rows.values()} == {len(units)}
         weights[spec.name] = load_heads([u.export_path for u in units])

@@ -158,7 +158,7 @@ def test_units_run_in_parallel_fail_once_resume_and_stitch(ray_session, tmp_path
 
 
 def test_gaussian_inputs_train_without_touching_the_dataset(ray_session, tmp_path, teacher_path):
-    from raykd.train.runner import fit_units
+    from raykd.train.runner import RunSettings, fit_units
 
     unit = Unit(
         key="gauss", role="neighbourhood", kind="neighbourhood", label="nd:stage2:w0.5d1",
@@ -171,8 +171,8 @@ def test_gaussian_inputs_train_without_touching_the_dataset(ray_session, tmp_pat
         teachers=[TeacherHandle(str(teacher_path), "local", cache_dir=None)],
         neighbourhood=NeighbourhoodPart("stage2", 2, 3, "w0.5d1", inputs="gaussian",
                                         gaussian_samples=512, input_shape=(1, 8, 8)))
-    [row] = ray.get(fit_units.remote([unit], str(tmp_path / "ray"), 1, False, 0, 10,
-                                     (1, 8, 8)))["gauss"]
+    [row] = ray.get(fit_units.remote([unit], RunSettings(str(tmp_path / "ray"), 10, (1, 8, 8),
+                                                              max_failures=0)))["gauss"]
     assert row["epochs"] == 3
     hist = pd.read_parquet(tmp_path / "gauss.parquet")
     assert hist.loss_mse.iloc[-1] < hist.loss_mse.iloc[0]

@@ -1,13 +1,22 @@
-"""End to end on a real local Ray: teacher, CE and KD students as real TorchTrainer runs."""
+"""End to end on a real local Ray: teacher, CE and KD students as real TorchTrainer runs; runs
+that cannot be placed, and finished runs that do not let go of their CPUs."""
+import time
+
 import pandas as pd
+import pytest
+import ray
 
 from raykd.cli import main
 from raykd.config import job_from_dict
+from raykd.data import load_dataset
+from raykd.errors import RaykdError
 from raykd.files import file_hash
 from raykd.models import count_params
 from raykd.models.export import load_export
-from raykd.pipeline import run_job
+from raykd.pipeline import run_job, wait_for_room
+from raykd.plan import plan_units
 from raykd.results import REQUIRED_COLUMNS, read_results
+from raykd.scheduler import one_line
 
 from conftest import small_job
 
@@ -82,3 +91,64 @@ def test_actor_served_and_cached_teachers_train_the_same_student_as_local(ray_se
     assert (tmp_path / "feature_cache").is_dir()
     assert abs(served - local).max() < 1e-5 * abs(local).max()
     assert abs(cached - local).max() < 1e-3 * abs(local).max()
+
+
+@ray.remote(num_cpus=1)
+def _stuck_teardown() -> None:
+    """A finished run whose teardown never ends, holding a CPU (a Train controller that does
+    not exit keeps its workers' placement group)."""
+    time.sleep(3600)
+
+
+def _free_cpus(ray_session, timeout_s: float = 30) -> float:
+    deadline = time.monotonic() + timeout_s
+    while (ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]
+           and time.monotonic() < deadline):
+        time.sleep(0.2)
+    return ray_session.available_resources().get("CPU", 0)
+
+
+def test_a_finished_run_stuck_in_teardown_is_stopped_before_new_runs_start(ray_session):
+    from raykd import pipeline
+
+    stuck = _stuck_teardown.remote()
+    while ray_session.available_resources().get("CPU", 0) >= 2:   # it holds its CPU
+        time.sleep(0.1)
+    pipeline._TEARDOWNS.append(stuck)
+    started = time.monotonic()
+    pipeline.release_finished_runs(bound_s=2)
+    assert time.monotonic() - started < 10, "bounded: never waits for the stuck run"
+    assert _free_cpus(ray_session) == ray_session.cluster_resources()["CPU"]
+    pipeline.wait_for_room({"CPU": 2}, "the sweep's first trial", bound_s=5)   # returns
+
+
+def test_what_cannot_be_placed_fails_in_one_line_naming_what_it_waits_for(ray_session, tmp_path):
+    """Both CPUs held by a placement group nothing removes: the sweep's wait for room, and a
+    Train run itself (after its placement timeout), each end in one line."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from raykd.train.runner import RunSettings, fit_units
+
+    holder = placement_group([{"CPU": 2}])
+    ray_session.get(holder.ready(), timeout=60)
+    try:
+        with pytest.raises(RaykdError) as err:
+            wait_for_room({"CPU": 1}, "the sweep's first trial", bound_s=1)
+        message = str(err.value)
+        assert "\n" not in message
+        assert "the sweep's first trial needs {'CPU': 1}" in message
+        assert "CPU: 0 of 2 free" in message and "1 placement groups hold resources" in message
+        spec = job_from_dict(small_job(tmp_path, methods={"ce": {}}))
+        [teacher] = [u for u in plan_units(spec, load_dataset(spec.data)) if u.role == "teacher"]
+        started = time.monotonic()
+        outcome = ray_session.get(fit_units.remote([teacher], RunSettings(
+            str(tmp_path / "ray"), 10, (1, 8, 8), max_failures=0, placement_timeout_s=1)))
+        reason = one_line(outcome[teacher.key])
+        assert reason == ("no room for the run's 1 worker(s) ({'CPU': 1.0} each) within the "
+                          "placement timeout (ray.placement_timeout_s); the cluster has "
+                          "{'CPU': 0.0} free"), reason
+        # one start timeout of Train's (the session sets 10 s), no retry
+        assert time.monotonic() - started < 40
+    finally:
+        remove_placement_group(holder)
+    assert _free_cpus(ray_session) == 2

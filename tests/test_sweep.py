@@ -19,6 +19,7 @@ from raykd.sweep import check_sweep, run_sweep
 from conftest import small_job
 
 RAYKD = str(Path(sys.executable).parent / "raykd")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _sweep_job(tmp_path, name, space, **sweep):
@@ -129,39 +130,43 @@ def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session,
     assert "<h2>Sweep</h2>" in page and "data:image/png;base64," in page
 
 
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, tmp_path,
-                                                                  digits_teacher):
-    """`raykd sweep` joins the session's Ray as a driver of its own: killing it ends its Ray job,
-    and Ray stops the trials it started (their placement groups are freed by Train's cleaner).
-    The teacher is a given checkpoint: prerequisites are the ASHA test's subject."""
-    job = _sweep_job(tmp_path, "killed", {"methods.kd.temperature": {
-        "type": "grid", "values": [1, 4]}}, scheduler="fifo", max_concurrent=1)
-    job["teacher"] = {"checkpoint": str(digits_teacher)}
-    job["student"]["train"]["epochs"] = 2
-    job["output_dir"] = "relative_out"   # resolved by the driver, not in Tune's trial folders
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    trials = tmp_path / "relative_out" / "killed" / "sweep" / "trials"
+def test_the_readme_sweep_on_a_fresh_folder_stops_on_ctrl_c_and_resumes_to_the_end(
+        ray_session, tmp_path):
+    """`raykd sweep jobs/sweep_kd.yaml` as the README gives it, on a fresh output folder (so its
+    teacher is trained first, in a run of its own) and made small by overrides; it joins the
+    session's 2-CPU Ray as a driver of its own. Ctrl-C in the middle of the trials stops it at
+    once, as it stops `raykd run`; the same command then resumes and finishes, without training
+    a finished trial again."""
+    overrides = ["output_dir=relative_out", "seeds=[0]", "data.dataset=digits",
+                 "teacher.model=cnn", "teacher.train.epochs=2", "student.train.epochs=2",
+                 "sweep.num_samples=2", "sweep.max_concurrent=1", "sweep.scheduler=fifo"]
+    command = [RAYKD, "sweep", str(REPO / "jobs" / "sweep_kd.yaml"), *overrides]
+    trials = tmp_path / "relative_out" / "sweep_kd" / "sweep" / "trials"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([RAYKD, "sweep", str(path)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path,
-                              env=env)
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True, cwd=tmp_path, env=env)
     deadline = time.monotonic() + 240
     while not list(trials.glob("*/model.pt")) and time.monotonic() < deadline:
         time.sleep(0.5)
-    os.killpg(driver.pid, signal.SIGKILL)   # the driver and everything it started
-    driver.wait()
+    os.kill(driver.pid, signal.SIGINT)
+    try:
+        _, err = driver.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        raise AssertionError("Ctrl-C did not stop the sweep within 30 s") from None
+    assert driver.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == \
+        "raykd: interrupted; re-run the same command to resume", err[-2000:]
     finished = {p.parent.name: p.parent.joinpath("metrics.jsonl").read_text()
                 for p in trials.glob("*/model.pt")}
-    assert finished, "no trial finished before the kill"
-    res = subprocess.run([RAYKD, "sweep", str(path)], capture_output=True, text=True,
-                         timeout=400, cwd=tmp_path, env=env)
+    assert finished, "no trial finished before Ctrl-C"
+    res = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp_path,
+                         env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     for trial, history in finished.items():   # not trained again: its history is unchanged
         assert (trials / trial / "metrics.jsonl").read_text() == history
-    table = pd.read_parquet(tmp_path / "relative_out" / "killed" / "sweep.parquet")
-    assert sorted(table["methods.kd.temperature"]) == [1, 4]
-    assert (table.status == "finished").all()
+    table = pd.read_parquet(tmp_path / "relative_out" / "sweep_kd" / "sweep.parquet")
+    assert len(table) == 2 and (table.status == "finished").all()
     # nothing of either driver holds the session's CPUs (trials, their Train runs, PGs)
     deadline = time.monotonic() + 60
     while (ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -75,10 +77,34 @@ def unit_folder(storage: str, key: str) -> str:
     return str(Path(storage) / "units" / key)
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """How a job's Ray Train runs are made (where they checkpoint, their workers and resources,
+    how many failures they survive, how long they may wait to be placed) and the data shapes their
+    results rows are computed with. One value, passed whole to every function that builds a run."""
+    storage: str                        # the runs' checkpoint folder (RUN_DIR/ray)
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    workers: int = 1                    # a data-parallel unit's workers (a pack: its lanes)
+    gpus_per_worker: float = 0.0
+    max_failures: int = 1
+    resources: dict[str, float] = field(default_factory=dict)   # custom resources per worker
+    placement_timeout_s: float = 600.0  # a run not placed by then fails, naming what it needs
+    lend_idle_cpus: bool = False
+
+    @classmethod
+    def for_job(cls, spec, num_classes: int, input_shape) -> "RunSettings":
+        return cls(storage=str(spec.run_dir / "ray"), num_classes=num_classes,
+                   input_shape=tuple(input_shape), workers=spec.ray.workers,
+                   gpus_per_worker=1.0 if spec.ray.use_gpu else 0.0,
+                   max_failures=spec.ray.max_failures,
+                   resources=dict(spec.ray.resources_per_worker),
+                   placement_timeout_s=spec.ray.placement_timeout_s,
+                   lend_idle_cpus=spec.ray.lend_idle_cpus)
+
+
 @ray.remote(num_cpus=0)
-def fit_units(units: list[Unit], storage: str, workers: int, use_gpu: bool, max_failures: int,
-              num_classes: int, input_shape: tuple[int, int, int],
-              resources: dict[str, float] | None = None,
+def fit_units(units: list[Unit], settings: RunSettings,
               lanes: int | None = None) -> dict[str, list[dict] | Exception]:
     """Train these units to completion (resuming if they ran before), one run; return each
     unit's results rows, or the exception that failed it. Several units are a pack over `lanes`
@@ -86,26 +112,46 @@ def fit_units(units: list[Unit], storage: str, workers: int, use_gpu: bool, max_
     quiet_ray_logs()
     if len(units) > 1:
         queue = UnitQueue.remote()
-        ray.get(queue.add.remote(queued(units, storage)))
+        ray.get(queue.add.remote(queued(units, settings.storage)))
         ray.get(queue.close.remote())
-        return run_pack(queue, storage, max(1, min(lanes or len(units), len(units))),
-                        units[0].cpus_per_worker, use_gpu, max_failures, num_classes,
-                        input_shape, resources, run_name(units))
+        return run_pack(queue, settings, max(1, min(lanes or len(units), len(units))),
+                        units[0].cpus_per_worker, run_name(units))
     [unit] = units
-    unit.resume_dir = unit.resume_dir or latest_state(storage, unit.key)
-    workers = workers if unit_kind(unit.kind).data_parallel else 1
+    unit.resume_dir = unit.resume_dir or latest_state(settings.storage, unit.key)
+    workers = settings.workers if unit_kind(unit.kind).data_parallel else 1
     started_at = time.time()
-    try:
-        result = trainer_for({"units": units}, workers, unit.cpus_per_worker, use_gpu,
-                             max_failures, resources, storage, unit.key).fit()
-        error = result.error
-    except TrainingFailedError as e:   # Train V2 raises once max_failures are spent
-        result, error = None, e
+    result, error = fit(trainer_for({"units": units}, settings, workers, unit.cpus_per_worker,
+                                    unit.key))
     if error is not None:
         return {unit.key: error}
     last = result.checkpoint.path if result.checkpoint is not None else None
     return {unit.key: unit_rows(unit, read_metrics(last, unit.key), started_at, workers, 1,
-                                num_classes, input_shape)}
+                                settings)}
+
+
+def fit(trainer):
+    """(result, error) of one run: Train V2 raises once a run's retries are spent; a run that
+    could not be placed in time fails with one line naming what it waited for."""
+    try:
+        result = trainer.fit()
+        return result, result.error
+    except TrainingFailedError as e:
+        return None, unplaced(e, trainer.scaling_config) or e
+
+
+def unplaced(error: BaseException, scaling: ScalingConfig) -> RuntimeError | None:
+    """The one-line error for a run whose workers could not be placed (Train V2 gives up on a
+    worker group it cannot place after its start timeout, `controller_failure_limit` times)."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    if not isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
+        return None
+    need = scaling.resources_per_worker or {"CPU": 1}
+    available = ray.available_resources()
+    free = {k: round(available.get(k, 0.0), 2) for k in need}
+    return RuntimeError(f"no room for the run's {scaling.num_workers} worker(s) ({need} each) "
+                        "within the placement timeout (ray.placement_timeout_s); the cluster has "
+                        f"{free} free")
 
 
 def trainer_class(workers: int, packed: bool = False):
@@ -160,18 +206,34 @@ def train_worker(config: dict) -> None:
     train(config)
 
 
-def trainer_for(config: dict, workers: int, cpus_per_worker: float, use_gpu: bool,
-                max_failures: int, resources, storage: str, name: str):
+def trainer_for(config: dict, settings: RunSettings, workers: int, cpus_per_worker: float,
+                name: str, callbacks: tuple = ()):
+    """The one place a Ray Train run is built, for job runs and sweep trials alike: `workers`
+    with `cpus_per_worker` each (and the settings' GPUs and custom resources), named `name` under
+    the settings' storage, so re-running resumes it. A run waits at most about
+    `placement_timeout_s` for its workers to be placed, in Train's start-timeout steps."""
     return trainer_class(workers, packed="queue" in config)(
         train_worker,
         train_loop_config=config,
-        scaling_config=scaling_config(workers, cpus_per_worker, 1.0 if use_gpu else 0.0,
-                                      resources),
+        scaling_config=scaling_config(workers, cpus_per_worker, settings.gpus_per_worker,
+                                      settings.resources),
         run_config=RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=settings.storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(
+                max_failures=settings.max_failures,
+                controller_failure_limit=placement_attempts(settings.placement_timeout_s)),
+            callbacks=list(callbacks),
             logging_config=QUIET_TRAIN))
+
+
+def placement_attempts(timeout_s: float) -> int:
+    """Retries of a worker group that could not be placed, so that all of them together wait
+    about `timeout_s`: Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) per attempt."""
+    import os
+
+    per_attempt = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    return max(0, math.ceil(timeout_s / per_attempt) - 1)
 
 
 # Train's controller logs each worker group's start at INFO; raykd's own lines say enough
@@ -189,13 +251,12 @@ def queued(units: list[Unit], storage: str) -> list[Unit]:
     return units
 
 
-def packed_outcome(unit: Unit, packed: int, num_classes: int, input_shape,
-                   lane_s: float | None = None):
+def packed_outcome(unit: Unit, packed: int, settings: RunSettings, lane_s: float | None = None):
     """A packed unit's rows once its lane finished it, the exception that failed it, or None
     (not finished). `lane_s`: how long its lane spent on it."""
     metrics = read_metrics(unit.state_dir, unit.key)
     if metrics.get("epoch") == unit.optim.epochs and Path(unit.export_path).exists():
-        rows = unit_rows(unit, metrics, unit.queued_at, 1, packed, num_classes, input_shape)
+        rows = unit_rows(unit, metrics, unit.queued_at, 1, packed, settings)
         return [{**row, "lane_s": lane_s} for row in rows]
     failed = Path(unit.state_dir) / FAILED
     if failed.is_file():
@@ -203,18 +264,13 @@ def packed_outcome(unit: Unit, packed: int, num_classes: int, input_shape,
     return None
 
 
-def run_pack(queue, storage: str, lanes: int, cpus_per_worker: float, use_gpu: bool,
-             max_failures: int, num_classes: int, input_shape, resources, name: str,
+def run_pack(queue, settings: RunSettings, lanes: int, cpus_per_worker: float, name: str,
              polled: bool = False) -> dict:
     """Fit one run whose `lanes` workers drain `queue`; return every queued unit's outcome, or,
     when `polled`, the outcomes of the units its lanes did not report finished (the driver's
     `OpenPack.poll` has read the others)."""
-    try:
-        result = trainer_for({"queue": queue, "retries": max_failures}, lanes, cpus_per_worker,
-                             use_gpu, max_failures, resources, storage, name).fit()
-        error = result.error
-    except TrainingFailedError as e:   # Train V2 raises once max_failures are spent
-        error = e
+    _, error = fit(trainer_for({"queue": queue, "retries": settings.max_failures}, settings,
+                               lanes, cpus_per_worker, name))
     ray.get(queue.close.remote())     # nothing more may join a run that has ended
     units = ray.get(queue.all_units.remote())
     spans = ray.get(queue.lane_seconds.remote())
@@ -224,7 +280,7 @@ def run_pack(queue, storage: str, lanes: int, cpus_per_worker: float, use_gpu: b
     owed = [u for u in units if u.key not in reported]
     out = {}
     for u in owed:
-        outcome = packed_outcome(u, len(units), num_classes, input_shape, spans.get(u.key))
+        outcome = packed_outcome(u, len(units), settings, spans.get(u.key))
         if outcome is not None:
             out[u.key] = outcome
     unfinished = [u for u in owed if u.key not in out]
@@ -233,16 +289,13 @@ def run_pack(queue, storage: str, lanes: int, cpus_per_worker: float, use_gpu: b
     if error is None:   # cannot happen unless a lane ended early; never silent
         error = RuntimeError("the pack ended before a lane trained this unit")
     running = ray.get(queue.running.remote())
-    return {**out, **_rescue(unfinished, running, lanes, error, storage, use_gpu, max_failures,
-                             num_classes, input_shape, resources)}
+    return {**out, **_rescue(unfinished, running, lanes, error, settings)}
 
 
 @ray.remote(num_cpus=0)
-def fit_pack(queue, storage: str, lanes: int, cpus_per_worker: float, use_gpu: bool,
-             max_failures: int, num_classes: int, input_shape, resources, name: str) -> dict:
+def fit_pack(queue, settings: RunSettings, lanes: int, cpus_per_worker: float, name: str) -> dict:
     quiet_ray_logs()
-    return run_pack(queue, storage, lanes, cpus_per_worker, use_gpu, max_failures, num_classes,
-                    input_shape, resources, name, polled=True)
+    return run_pack(queue, settings, lanes, cpus_per_worker, name, polled=True)
 
 
 class OpenPack:
@@ -250,26 +303,24 @@ class OpenPack:
     ones are read as they finish (`poll`), and `ref` resolves to every unit's outcome once the
     queue is closed and drained."""
 
-    def __init__(self, units: list[Unit], storage: str, lanes: int, use_gpu: bool,
-                 max_failures: int, num_classes: int, input_shape, resources=None,
-                 accept=None, priority: dict[str, int] | None = None,
-                 lend_idle_cpus: bool = False):
+    def __init__(self, units: list[Unit], settings: RunSettings, lanes: int, accept=None,
+                 priority: dict[str, int] | None = None):
         """`accept(pack, keys)`: which offered keys join it (the caller queues them);
-        `priority`: key -> how many units wait on it (those are trained first);
-        `lend_idle_cpus`: a busy lane borrows its idle neighbours' CPUs (raykd.train.lanes)."""
-        self.storage, self.num_classes, self.input_shape = storage, num_classes, input_shape
+        `priority`: key -> how many units wait on it (those are trained first); with
+        `settings.lend_idle_cpus` a busy lane borrows its idle neighbours' CPUs (train.lanes)."""
+        self.settings, self.storage = settings, settings.storage
         self.accept, self.priority = accept, priority or {}
         self.cpus_per_worker = units[0].cpus_per_worker
-        self.queue = UnitQueue.remote(lend_idle_cpus)
+        self.queue = UnitQueue.remote(settings.lend_idle_cpus)
         self.resolved: dict[str, list[dict]] = {}   # settled without training (reused)
         self.reported = 0
         # A new queue takes every unit, so the run is launched without waiting for the queue's
         # actor to start (its process start overlaps the run's); a lane that asks before the
         # units are in is told to wait, and `poll` surfaces an error of this first add.
-        self.first_add = self.queue.add.remote(queued(units, storage), self.priorities(units))
+        self.first_add = self.queue.add.remote(queued(units, self.storage),
+                                               self.priorities(units))
         self.units: dict[str, Unit] = {u.key: u for u in units}
-        self.ref = fit_pack.remote(self.queue, storage, lanes, self.cpus_per_worker, use_gpu,
-                                   max_failures, num_classes, input_shape, resources,
+        self.ref = fit_pack.remote(self.queue, settings, lanes, self.cpus_per_worker,
                                    run_name(units))
 
     @property
@@ -311,15 +362,14 @@ class OpenPack:
         out, self.resolved = self.resolved, {}
         spans = ray.get(self.queue.lane_seconds.remote()) if keys else {}
         for key in keys:
-            outcome = packed_outcome(self.units[key], len(self.units), self.num_classes,
-                                     self.input_shape, spans.get(key))
+            outcome = packed_outcome(self.units[key], len(self.units), self.settings,
+                                     spans.get(key))
             out[key] = outcome if outcome is not None else RuntimeError(
                 f"{key} left its lane unfinished")
         return out
 
 
-def _rescue(unfinished, running, workers, error, storage, use_gpu, max_failures, num_classes,
-            input_shape, resources) -> dict:
+def _rescue(unfinished, running, lanes: int, error, settings: RunSettings) -> dict:
     """A pack failed after its restarts: the unit each failed worker was training fails; every
     other unfinished unit goes on in a new pack, from its newest state."""
     blamed = getattr(error, "worker_failures", None) or dict.fromkeys(running, error)
@@ -334,9 +384,8 @@ def _rescue(unfinished, running, workers, error, storage, use_gpu, max_failures,
     rest = [u for u in unfinished if u.key not in out]
     if rest:
         for u in rest:
-            u.resume_dir, u.state_dir = latest_state(storage, u.key), ""
-        out.update(ray.get(fit_units.remote(rest, storage, 1, use_gpu, max_failures,
-                                            num_classes, input_shape, resources, lanes=workers)))
+            u.resume_dir, u.state_dir = latest_state(settings.storage, u.key), ""
+        out.update(ray.get(fit_units.remote(rest, settings, lanes=lanes)))
     return out
 
 
@@ -349,7 +398,7 @@ def read_metrics(folder: str | None, key: str) -> dict:
 
 
 def unit_rows(unit: Unit, metrics: dict, started_at: float, workers: int, packed: int,
-              num_classes: int, input_shape) -> list[dict]:
+              settings: RunSettings) -> list[dict]:
     """`started_at`: when its run was launched (a packed unit: when it was queued)."""
     history = read_history(unit.history_path)
     wall_s = time.time() - started_at
@@ -369,4 +418,5 @@ def unit_rows(unit: Unit, metrics: dict, started_at: float, workers: int, packed
         "resumed_from": metrics.get("resumed_from", 0), "export": unit.export_path,
         "teachers": ",".join(Path(e).stem for e in unit.teacher_exports),
     }
-    return unit_kind(unit.kind).rows(unit, metrics, common, num_classes, input_shape)
+    return unit_kind(unit.kind).rows(unit, metrics, common, settings.num_classes,
+                                     settings.input_shape)
