@@ -31,7 +31,7 @@ def _cmd_run(args) -> int:
     splits = load_dataset(spec.data)  # absent data fails here, before Ray starts
     preflight(spec, splits)
     init_ray(spec.ray.address, spec.ray.num_cpus)
-    df = run_job(spec, splits=splits, fail_at=injected_failures())
+    df = run_job(spec, splits=splits, fail_at=injected_failures(), checked=True)
     print(f"\nresults: {spec.run_dir / 'results.parquet'}")
     print_report(spec.run_dir, df)
     if args.emit_results:
@@ -335,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("RAYKD_DEBUG"):
             raise
-        first = str(e).strip().splitlines()
-        print(f"raykd: error: {type(e).__name__}: {first[-1] if first else ''} "
-              "(set RAYKD_DEBUG=1 for the traceback)", file=sys.stderr)
+        from raykd.errors import one_line
+
+        print(f"raykd: error: {one_line(e, typed=True)} (set RAYKD_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         return 1
 
 

@@ -21,7 +21,7 @@ from raykd.log import duration, log
 from raykd.methods import method_class
 from raykd.plan import needed_by, plan_units, preflight, resolve_teachers
 from raykd.results import ResultsTable
-from raykd.scheduler import run_in_order
+from raykd.scheduler import Launch, run_in_order
 from raykd.specs import JobSpec
 from raykd.storage import check_shared_storage
 from raykd.teacher.pool import TeacherPool
@@ -93,129 +93,194 @@ def wait_for_room(need: dict[str, float], what: str, bound_s: float = TEARDOWN_B
                      "`ray list placement-groups` shows whose); free them and re-run")
 
 
-def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
-            only=None):
+def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None, only=None,
+            checked: bool = False):
     """Run every unit of the job (or only those `only` names and what they depend on); return
-    the results table as a DataFrame.
+    the results table as a DataFrame. `checked`: the caller has run `preflight` on the job.
 
     `fail_at` (unit key -> epoch) injects a failure after that epoch's checkpoint, for tests.
     """
-    from raykd.train.kinds import unit_kind
-    from raykd.train.runner import OpenPack, RunSettings, fit_units
+    return JobRun(spec, splits, only, fail_at, checked).run()
 
-    release_finished_runs()
-    run_dir = spec.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    check_shared_storage(spec.output_dir)   # multi-node clusters only
-    (run_dir / "job.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
-    splits = splits or load_dataset(spec.data)   # absent data fails here, before any run
-    preflight(spec, splits)
-    table = ResultsTable(run_dir)
-    units = {u.key: u for u in plan_units(spec, splits)}
-    if only is not None:
-        keep = needed_by(units, only)
-        units = {k: u for k, u in units.items() if k in keep}
-    for key, epoch in (fail_at or {}).items():
-        units[key].fail_at_epoch = epoch
-    done = {k for k, u in units.items() if table.get(k) and Path(u.export_path).exists()}
-    store = TeacherStore(Path(spec.output_dir) / STORE_DIR, spec.ray.workers) \
-        if spec.teacher.reuse else None
-    reused = [k for k, u in units.items() if store and u.role == "teacher" and k not in done
-              and _take(store, u, table)]
-    if reused:
-        log.info("reusing %d trained teachers from %s: %s", len(reused), store.root,
-                 ", ".join(reused))
-    done |= set(reused)
-    if done:
-        log.info("%d of %d runs already finished in %s; running the rest", len(done), len(units),
-                 run_dir)
-    todo = [u for k, u in units.items() if k not in done]
-    pool = TeacherPool(
-        spec.name, spec.teacher, spec.teacher_cache_dir, splits.input_shape,
-        users=[u.teacher_candidates for u in todo],
-        most_at_once=max([len(u.teacher_candidates) if u.teacher_mode == "all" else 1
-                          for u in todo] or [1]),
-        run_cpus=spec.ray.workers * spec.ray.cpus_per_worker)
-    tracker = start_tracking(spec, units, done, table)
-    started = time.perf_counter()
-    settings = RunSettings.for_job(spec, splits.num_classes, splits.input_shape)
 
-    def packable(unit) -> bool:
+@dataclasses.dataclass
+class Progress:
+    """What a running job says every PROGRESS_S: units done, training, waiting, failed."""
+    total: int
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    said: float = dataclasses.field(default_factory=time.perf_counter)
+    training: int = 0
+    failed: int = 0
+
+    def summary(self, done: int) -> str:
+        waiting = self.total - done - self.training - self.failed
+        return (f"units: {done} done, {self.training} training, {waiting} waiting"
+                + (f", {self.failed} failed" if self.failed else "")
+                + f"; {duration(time.perf_counter() - self.started)} elapsed")
+
+
+class JobRun:
+    """One run of a job, its steps in the order they happen: `plan` the units (finished ones
+    and teachers found in the store are not run again), `schedule` them over packed Ray Train
+    runs in dependency order (`pick` chooses what starts together, `launch` starts it with its
+    teachers attached, `join` queues more in a running pack), `record` each unit's rows as it
+    finishes, and `finish` (one line naming what failed; finished work is kept)."""
+
+    def __init__(self, spec: JobSpec, splits=None, only=None, fail_at=None,
+                 checked: bool = False):
+        from raykd.train.runner import RunSettings
+
+        self.spec, self.run_dir = spec, spec.run_dir
+        self.splits = splits or load_dataset(spec.data)   # absent data fails here
+        if not checked:
+            preflight(spec, self.splits)
+        self.only, self.fail_at = only, fail_at or {}
+        self.settings = RunSettings.for_job(spec, self.splits.num_classes,
+                                            self.splits.input_shape)
+        self.table = ResultsTable(self.run_dir)
+        self.store = TeacherStore(Path(spec.output_dir) / STORE_DIR, spec.ray.workers) \
+            if spec.teacher.reuse else None
+        self.prepared: dict = {}       # key -> its Unit with teachers attached, or stored rows
+
+    def run(self):
+        release_finished_runs()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_shared_storage(self.spec.output_dir)   # multi-node clusters only
+        (self.run_dir / "job.yaml").write_text(
+            yaml.safe_dump(dataclasses.asdict(self.spec), sort_keys=False))
+        self.plan()
+        self.pool = self.teacher_pool()
+        self.tracker = start_tracking(self.spec, self.units, self.done, self.table)
+        self.progress = Progress(len(self.units))
+        try:
+            failures = self.schedule()
+        finally:
+            self.pool.stop_all()
+            if self.tracker:
+                self.tracker.close()
+        return self.finish(failures)
+
+    # ---- plan ----
+
+    def plan(self) -> None:
+        """The job's units, those already finished (a row and an export), and teachers taken
+        from the store."""
+        units = {u.key: u for u in plan_units(self.spec, self.splits)}
+        if self.only is not None:
+            keep = needed_by(units, self.only)
+            units = {k: u for k, u in units.items() if k in keep}
+        for key, epoch in self.fail_at.items():
+            units[key].fail_at_epoch = epoch
+        self.units = units
+        self.done = {k for k, u in units.items()
+                     if self.table.get(k) and Path(u.export_path).exists()}
+        reused = [k for k, u in units.items() if self.store and u.role == "teacher"
+                  and k not in self.done and self.take_stored(u)]
+        if reused:
+            log.info("reusing %d trained teachers from %s: %s", len(reused), self.store.root,
+                     ", ".join(reused))
+        self.done |= set(reused)
+        if self.done:
+            log.info("%d of %d runs already finished in %s; running the rest", len(self.done),
+                     len(units), self.run_dir)
+        self.waiting_on = {k: sum(k in u.depends_on for u in units.values()) for k in units}
+
+    def take_stored(self, unit) -> bool:
+        row = self.store.fetch(unit)
+        if row:
+            self.table.add([row])
+        return row is not None
+
+    def teacher_pool(self) -> TeacherPool:
+        todo = [u for k, u in self.units.items() if k not in self.done]
+        return TeacherPool(
+            self.spec.name, self.spec.teacher, self.spec.teacher_cache_dir,
+            self.splits.input_shape, users=[u.teacher_candidates for u in todo],
+            most_at_once=max([len(u.teacher_candidates) if u.teacher_mode == "all" else 1
+                              for u in todo] or [1]),
+            run_cpus=self.spec.ray.workers * self.spec.ray.cpus_per_worker)
+
+    # ---- schedule ----
+
+    def schedule(self) -> dict[str, str]:
+        failures = run_in_order(
+            {k: u.depends_on for k, u in self.units.items()}, self.launch,
+            on_done=self.record, on_failed=self.failed,
+            limit=self.spec.ray.max_parallel or default_parallelism(self.spec),
+            done=self.done, pick=self.pick, on_tick=self.tick, teardowns=_TEARDOWNS)
+        self.progress.training = 0
+        log.info(self.progress.summary(len(self.done)))
+        return failures
+
+    def packable(self, unit) -> bool:
         """May this unit share a run with others (each in a lane, no gradient exchange)?
         Not when packing is off, nor when it is to train data-parallel over several workers."""
-        return spec.ray.pack != "off" and not (
-            spec.ray.workers > 1 and unit_kind(unit.kind).data_parallel)
+        from raykd.train.kinds import unit_kind
 
-    def joins(unit, cpus: float) -> bool:
-        return packable(unit) and unit.cpus_per_worker == cpus
+        return self.spec.ray.pack != "off" and not (
+            self.spec.ray.workers > 1 and unit_kind(unit.kind).data_parallel)
 
-    def group(key: str, others: list[str], room: int) -> tuple[list[str], int]:
+    def joins(self, unit, cpus: float) -> bool:
+        return self.packable(unit) and unit.cpus_per_worker == cpus
+
+    def pick(self, key: str, others: list[str], room: int) -> tuple[list[str], int]:
         """Every ready unit that can share a run with `key` (same CPUs per worker), on as many
         lanes as there are free slots; a lane trains its units one after another."""
-        mine = units[key]
-        if not packable(mine):
+        mine = self.units[key]
+        if not self.packable(mine):
             return [key], 1
-        keys = [key] + [k for k in others if joins(units[k], mine.cpus_per_worker)]
-        keys = keys[:spec.ray.pack_max]
+        keys = [key] + [k for k in others if self.joins(self.units[k], mine.cpus_per_worker)]
+        keys = keys[:self.spec.ray.pack_max]
         return keys, max(1, min(room, len(keys)))
 
-    prepared: dict = {}
-    waiting_on = {k: sum(k in u.depends_on for u in units.values()) for k in units}
-
-    def ready_unit(key: str):
+    def ready_unit(self, key: str):
         """Resolve the unit's teachers (once); its stored rows, its unit, or None (not yet)."""
-        if key in prepared:
-            return prepared[key]
-        unit = units[key]
+        from raykd.train.kinds import unit_kind
+
+        if key in self.prepared:
+            return self.prepared[key]
+        unit = self.units[key]
         if unit.method_name:
-            method_class(unit.method_name).prepare(unit, table.rows)
-        unit.teacher_exports = resolve_teachers(unit, table.rows)
+            method_class(unit.method_name).prepare(unit, self.table.rows)
+        unit.teacher_exports = resolve_teachers(unit, self.table.rows)
         stored = unit_kind(unit.kind).stored(unit)
         if stored:
             log.info("took %s from %s (trained before)", key, stored[0]["reused_from"])
-            prepared[key] = stored
+            self.prepared[key] = stored
             return stored
-        handles = pool.handles_for(unit.teacher_exports)
+        handles = self.pool.handles_for(unit.teacher_exports)
         if handles is None:
             return None   # its teacher service must wait for CPUs
         unit.teachers = handles
-        prepared[key] = unit
+        self.prepared[key] = unit
         return unit
 
-    def announce(pack: list, lanes: int, joined: bool = False) -> None:
-        if joined:
-            log.info("queued %s in the running pack", ", ".join(u.key for u in pack))
-        elif pack[1:]:
-            log.info("started a run of %d units on %d worker%s (more join as they become "
-                     "ready): %s", len(pack), lanes, "s" if lanes > 1 else "",
-                     ", ".join(u.key for u in pack))
-        else:
-            log.info("started %s (%s, %s, %d epochs)", pack[0].key, pack[0].role, pack[0].model,
-                     pack[0].optim.epochs)
+    def launch(self, keys: list[str], lanes: int) -> Launch | None:
+        from raykd.train.runner import OpenPack, fit_units
 
-    def launch(keys: list[str], lanes: int):
-        first = ready_unit(keys[0])
+        first = self.ready_unit(keys[0])
         if first is None:
             return None
-        if isinstance(first, list):
-            return ray.put({keys[0]: first}), [keys[0]]
-        if not packable(first):
+        if isinstance(first, list):        # stored rows: settled without training
+            return Launch(ray.put({keys[0]: first}), [keys[0]])
+        if not self.packable(first):
             announce([first], 1)
-            return fit_units.remote([first], settings), [keys[0]]
-        pack = OpenPack([first], settings, lanes, accept=join, priority=waiting_on)
-        join(pack, keys[1:], announced=False)
+            return Launch(fit_units.remote([first], self.settings), [keys[0]])
+        pack = OpenPack([first], self.settings, lanes, accept=self.join,
+                        priority=self.waiting_on)
+        self.join(pack, keys[1:], announced=False)
         announce(list(pack.units.values()), lanes)
-        return pack
+        return Launch(pack.ref, pack.keys, lanes, group=pack)
 
-    def join(pack, offered: list[str], announced: bool = True) -> list[str]:
+    def join(self, pack, offered: list[str], announced: bool = True) -> list[str]:
         """Queue the ready units that fit this running pack; return their keys. Units found in
         the library or store are settled through the pack at once."""
-        room = spec.ray.pack_max - len(pack.units) - len(pack.resolved)
+        room = self.spec.ray.pack_max - len(pack.units) - len(pack.resolved)
         taken, fresh = [], []
         for key in offered:
-            if len(taken) >= room or not joins(units[key], pack.cpus_per_worker):
+            if len(taken) >= room or not self.joins(self.units[key], pack.cpus_per_worker):
                 continue
-            unit = ready_unit(key)
+            unit = self.ready_unit(key)
             if isinstance(unit, list):
                 pack.settle(key, unit)
                 taken.append(key)
@@ -228,59 +293,63 @@ def run_job(spec: JobSpec, fail_at: dict[str, int] | None = None, splits=None,
             announce(fresh, 0, joined=True)
         return taken
 
-    def finished(key: str, rows: list[dict]) -> None:
-        pool.release(units[key].teacher_candidates)
-        table.add(rows)
-        done.add(key)
-        if store and units[key].role == "teacher":
-            store.publish(units[key], rows[0])
-        unit_kind(units[key].kind).store(units[key], rows)
-        if tracker:
-            tracker.finish(key, final_numbers(rows))
-        accs = ", ".join(f"{r['method']} val_top1 {r['val_top1']:.4f} test_top1 "
-                         f"{r['test_top1']:.4f}" for r in rows)
-        log.info("[%d/%d] %s: %s (%s)", len(done), len(units), key, accs,
-                 duration(rows[0]["wall_s"]))
-
-    status = {"training": 0, "failed": 0, "said": time.perf_counter()}
-
-    def summary() -> str:
-        waiting = len(units) - len(done) - status["training"] - status["failed"]
-        return (f"units: {len(done)} done, {status['training']} training, {waiting} waiting"
-                + (f", {status['failed']} failed" if status["failed"] else "")
-                + f"; {duration(time.perf_counter() - started)} elapsed")
-
-    def tick(plain: list[str], groups: list) -> None:
+    def tick(self, plain: list[str], groups: list) -> None:
         """Every PROGRESS_S, say where the job stands (what trains counted now, so that with
         the done set it never adds up to more than the job's units)."""
         now = time.perf_counter()
-        if now - status["said"] >= PROGRESS_S:
-            status["said"] = now
-            status["training"] = len(plain) + sum(g.training() for g in groups
-                                                  if hasattr(g, "training"))
-            log.info(summary())
+        if now - self.progress.said >= PROGRESS_S:
+            self.progress.said = now
+            self.progress.training = len(plain) + sum(g.training() for g in groups
+                                                      if hasattr(g, "training"))
+            log.info(self.progress.summary(len(self.done)))
 
-    def failed(key: str, reason: str) -> None:
+    # ---- record ----
+
+    def record(self, key: str, rows: list[dict]) -> None:
+        """A unit finished: its rows, the store, its kind's own store, trackers, one line."""
+        from raykd.train.kinds import unit_kind
+
+        unit = self.units[key]
+        self.pool.release(unit.teacher_candidates)
+        self.table.add(rows)
+        self.done.add(key)
+        if self.store and unit.role == "teacher":
+            self.store.publish(unit, rows[0])
+        unit_kind(unit.kind).store(unit, rows)
+        if self.tracker:
+            self.tracker.finish(key, final_numbers(rows))
+        accs = ", ".join(f"{r['method']} val_top1 {r['val_top1']:.4f} test_top1 "
+                         f"{r['test_top1']:.4f}" for r in rows)
+        log.info("[%d/%d] %s: %s (%s)", len(self.done), len(self.units), key, accs,
+                 duration(rows[0]["wall_s"]))
+
+    def failed(self, key: str, reason: str) -> None:
         if not reason.startswith("not run"):
-            pool.release(units[key].teacher_candidates)
-        status["failed"] += 1
+            self.pool.release(self.units[key].teacher_candidates)
+        self.progress.failed += 1
         log.warning("FAILED %s: %s", key, reason)
 
-    try:
-        failures = run_in_order({k: u.depends_on for k, u in units.items()}, launch, finished,
-                                failed, spec.ray.max_parallel or default_parallelism(spec), done,
-                                group=group, on_tick=tick, teardowns=_TEARDOWNS)
-        status["training"] = 0
-        log.info(summary())
-    finally:
-        pool.stop_all()
-        if tracker:
-            tracker.close()
-    if failures:
-        names = ", ".join(f"{k} ({v})" for k, v in failures.items())
-        raise RaykdError(f"{len(failures)} of {len(units)} runs failed: {names}; finished runs "
-                         f"are kept in {run_dir}, re-run the job to resume")
-    return table.frame()
+    # ---- finish ----
+
+    def finish(self, failures: dict[str, str]):
+        if failures:
+            names = ", ".join(f"{k} ({v})" for k, v in failures.items())
+            raise RaykdError(f"{len(failures)} of {len(self.units)} runs failed: {names}; "
+                             f"finished runs are kept in {self.run_dir}, re-run the job to "
+                             "resume")
+        return self.table.frame()
+
+
+def announce(pack: list, lanes: int, joined: bool = False) -> None:
+    if joined:
+        log.info("queued %s in the running pack", ", ".join(u.key for u in pack))
+    elif pack[1:]:
+        log.info("started a run of %d units on %d worker%s (more join as they become "
+                 "ready): %s", len(pack), lanes, "s" if lanes > 1 else "",
+                 ", ".join(u.key for u in pack))
+    else:
+        log.info("started %s (%s, %s, %d epochs)", pack[0].key, pack[0].role, pack[0].model,
+                 pack[0].optim.epochs)
 
 
 def start_tracking(spec: JobSpec, units: dict, done: set, table: ResultsTable):
@@ -305,10 +374,3 @@ def final_numbers(rows: list[dict]) -> dict:
     if len(rows) == 1:
         return rows[0]
     return {f"{r['method']}/{k}": v for r in rows for k, v in r.items()}
-
-
-def _take(store: TeacherStore, unit, table: ResultsTable) -> bool:
-    row = store.fetch(unit)
-    if row:
-        table.add([row])
-    return row is not None

@@ -4,7 +4,7 @@ import time
 
 import ray
 
-from raykd.scheduler import run_in_order
+from raykd.scheduler import Launch, run_in_order
 
 
 @ray.remote(num_cpus=0)
@@ -13,13 +13,18 @@ def job(key: str, fail: bool = False):
     time.sleep(0.2)
     if fail:
         raise ValueError(f"{key} broke\nsecond line")
-    return key, started, time.time()
+    return {key: (key, started, time.time())}
+
+
+def alone(fail: str = ""):
+    """A launch of one key at a time (the scheduler's default pick)."""
+    return lambda keys, slots: Launch(job.remote(keys[0], fail=keys[0] == fail), keys)
 
 
 def test_dependencies_run_first_and_the_limit_holds(ray_session):
     tasks = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": []}
     spans = {}
-    failures = run_in_order(tasks, lambda k: job.remote(k),
+    failures = run_in_order(tasks, alone(),
                             on_done=lambda k, v: spans.__setitem__(k, v[1:]), limit=2)
     assert failures == {} and set(spans) == set(tasks)
     for key, deps in tasks.items():
@@ -36,7 +41,7 @@ def test_dependencies_run_first_and_the_limit_holds(ray_session):
 def test_a_failure_stops_its_dependants_only(ray_session):
     tasks = {"a": [], "b": ["a"], "c": ["b"], "x": []}
     done, failed_seen = [], []
-    failures = run_in_order(tasks, lambda k: job.remote(k, fail=(k == "a")),
+    failures = run_in_order(tasks, alone(fail="a"),
                             on_done=lambda k, v: done.append(k),
                             on_failed=lambda k, r: failed_seen.append(k), limit=4)
     assert done == ["x"]
@@ -48,11 +53,11 @@ def test_a_failure_stops_its_dependants_only(ray_session):
 def test_not_yet_is_offered_again_and_done_keys_are_skipped(ray_session):
     offers = {"b": 0}
 
-    def launch(key):
-        if key == "b" and offers["b"] == 0:   # e.g. its teacher service waits for CPUs
+    def launch(keys, slots):
+        if keys == ["b"] and offers["b"] == 0:   # e.g. its teacher service waits for CPUs
             offers["b"] += 1
             return None
-        return job.remote(key)
+        return Launch(job.remote(keys[0]), keys)
 
     ran = []
     failures = run_in_order({"a": [], "b": [], "c": ["a"], "z": []}, launch,
@@ -61,7 +66,7 @@ def test_not_yet_is_offered_again_and_done_keys_are_skipped(ray_session):
 
 
 def test_nothing_launchable_is_reported_not_dropped(ray_session):
-    failures = run_in_order({"a": []}, lambda k: None)
+    failures = run_in_order({"a": []}, lambda keys, slots: None)
     assert failures == {"a": "not run: it could not be launched (dependencies or resources)"}
 
 
@@ -75,15 +80,16 @@ def test_grouped_launches_start_ready_tasks_together_and_fail_one_by_one(ray_ses
     tasks = {"a": [], "b": [], "c": [], "d": ["a"], "e": ["b"]}
     groups, done = [], []
 
-    def group(key, others, room):
-        return [key] + [k for k in others if k in "abc"][:room - 1]
+    def pick(key, others, room):
+        keys = [key] + [k for k in others if k in "abc"][:room - 1]
+        return keys, len(keys)
 
     def launch(keys, slots):
         groups.append(sorted(keys))
-        return several.remote(keys, broken="b")
+        return Launch(several.remote(keys, broken="b"), keys, slots)
 
     failures = run_in_order(tasks, launch, on_done=lambda k, v: done.append(k), limit=2,
-                            group=group)
+                            pick=pick)
     assert groups[0] == ["a", "b"], "two ready tasks, room for two: one launch"
     assert failures == {"b": "b broke", "e": "not run: b failed"}
     assert sorted(done) == ["a", "c", "d"], "a's group-mate failing does not fail a"
@@ -95,15 +101,15 @@ def test_a_group_counts_its_slots_not_its_keys_against_the_limit(ray_session):
     tasks = {k: [] for k in "abcdefg"}
     launches = []
 
-    def group(key, others, room):
+    def pick(key, others, room):
         keys = [key] + others[:4]
         return keys, min(room, 2 if len(launches) == 0 else 1)
 
     def launch(keys, slots):
         launches.append((sorted(keys), slots))
-        return several.remote(keys)
+        return Launch(several.remote(keys), keys, slots)
 
-    failures = run_in_order(tasks, launch, limit=3, group=group)
+    failures = run_in_order(tasks, launch, limit=3, pick=pick)
     assert failures == {}
     assert launches[0] == (["a", "b", "c", "d", "e"], 2)
     assert launches[1] == (["f", "g"], 1), "one slot was left beside the first group"
@@ -121,7 +127,8 @@ class SettledGroup:
     whose run then takes a long time to tear down."""
 
     def __init__(self, keys):
-        self.keys, self.ref, self.closed = list(keys), teardown.remote(20), False
+        self.keys, self.closed = list(keys), False
+        self.launch = Launch(teardown.remote(20), list(keys), len(keys), group=self)
 
     def offer(self, keys):
         return []
@@ -138,9 +145,10 @@ def test_a_closed_group_whose_units_all_settled_does_not_hold_up_the_end(ray_ses
     tasks = {"a": [], "b": []}
     done, teardowns = [], []
     started = time.monotonic()
-    failures = run_in_order(tasks, lambda keys, slots: SettledGroup(keys),
+    failures = run_in_order(tasks, lambda keys, slots: SettledGroup(keys).launch,
                             on_done=lambda k, v: done.append(k), limit=2,
-                            group=lambda key, others, room: [key] + others, teardowns=teardowns)
+                            pick=lambda key, others, room: ([key] + others, 2),
+                            teardowns=teardowns)
     assert failures == {} and sorted(done) == ["a", "b"]
     assert time.monotonic() - started < 10, "waited for the group's teardown"
     # handed over, so that the next Ray work can wait for the CPUs it frees
