@@ -1,6 +1,7 @@
 """The quickstart, timed as a newcomer runs it (`raykd run jobs/quickstart.yaml`, a fresh output
 folder, command to exit), and optionally the same job at an earlier commit of raykd on the same
-machine, alternating. Rewrites the README's quickstart table and timing, and its RESULTS section.
+machine, alternating. Rewrites the README's quickstart table and timing (its "What you get" block)
+and its RESULTS section.
 
     .venv/bin/python bench/quickstart.py [--against COMMIT] [--repeats 1]
 
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import fresh_workdir, machine, median_spread, now_and_then, write_readme_block, write_section  # noqa: E402
+from results_md import fresh_workdir, machine, median_spread, now_and_then, write_block, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(Path(sys.executable).parent / "python")
@@ -107,7 +108,7 @@ def report(work: Path, walls: dict, against: str | None) -> None:
 ```
 """
     write_section("quickstart", body)
-    write_readme_block("quickstart", f"""`make demo` runs [`jobs/quickstart.yaml`](jobs/quickstart.yaml) and ends with this table
+    write_block("quickstart", f"""`make demo` runs [`jobs/quickstart.yaml`](jobs/quickstart.yaml) and ends with this table
 ({units} units; {now:.0f} s from command to exit on a 2-core CPU machine, measured by
 `.venv/bin/python bench/quickstart.py`, which rewrites this block; mean ± std over seeds 0, 1, 2;
 every method at its tuned settings; accuracies are fractions; `nd.stitched` is the stitched

@@ -93,15 +93,17 @@ def markdown_table(frame) -> str:
     return "\n".join(lines)
 
 
-def write_readme_block(name: str, body: str) -> None:
-    """Replace the README's `<!-- NAME -->` ... `<!-- /NAME -->` block with `body`."""
-    readme = RESULTS.parent.parent / "README.md"
+def write_block(name: str, body: str, path: str = "README.md") -> None:
+    """Replace the `<!-- NAME -->` ... `<!-- /NAME -->` block of `path` (relative to the
+    repository root: README.md or a page under docs/) with `body`. Each block has one writer,
+    and that writer names the file holding it; links in `body` are relative to that file."""
+    target = RESULTS.parent.parent / path
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    text = readme.read_text()
+    text = target.read_text()
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"README.md has no {start} ... {end} block to rewrite")
-    readme.write_text(pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text))
+        raise SystemExit(f"{path} has no {start} ... {end} block to rewrite")
+    target.write_text(pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text))
 
 
 def fresh_workdir(name: str) -> Path:

@@ -10,8 +10,8 @@
    student.reinit=true student.train.epochs=8`), seed 0, and seeds 1-2 for the chosen one,
    two runs at a time as in steps 1-2.
 Everything runs in one process on one local Ray instance, so each side pays the same start-up.
-Writes the `search` section of bench/RESULTS.md and the README's search block; the Pareto plot
-is copied to bench/search_pareto.png.
+Writes the `search` section of bench/RESULTS.md and the search block of docs/search.md; the Pareto
+plot is copied to docs/search_pareto.png, which that block shows.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import machine, markdown_table, pm, write_readme_block, write_section  # noqa: E402
+from results_md import machine, markdown_table, pm, write_block, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "search_demo"
@@ -77,7 +77,7 @@ def main() -> int:
         possible *= int(count)
     teacher_s = float(built[built.role == "teacher"].wall_s.iloc[0])
     pareto = markdown_table(table.drop(columns=["positions"]))
-    shutil.copyfile(OUT / "search" / "pareto.png", ROOT / "bench" / "search_pareto.png")
+    shutil.copyfile(OUT / "search" / "pareto.png", ROOT / "docs" / "search_pareto.png")
     body = f"""## Architecture search over a neighbourhood library (mnist5k)
 
 `.venv/bin/python bench/search.py`; {machine()}.
@@ -107,7 +107,10 @@ one CPU thread, measured):
 The library is paid once: a second search under another budget costs only the search line.
 """
     write_section("search", body)
-    write_readme_block("search", body.split("\n", 1)[1])
+    plot = ("![Pareto plot of the searched students: val accuracy against parameters, MACs and "
+            "latency](search_pareto.png)")
+    without_heading = body.split("\n", 1)[1]
+    write_block("search", f"{plot}\n\n{without_heading}", "docs/search.md")
     print(body)
     return 0
 

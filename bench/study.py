@@ -1,5 +1,5 @@
 """The tuning study: every method tuned on the validation split, then its best configuration over
-seeds 0-4, against CE and KD with default settings; rewrites the README's study table.
+seeds 0-4, against CE and KD with default settings; rewrites the study table in docs/sweeps.md.
 
     .venv/bin/python bench/study.py                 # every job (resumes whatever is finished)
     .venv/bin/python bench/study.py --only kd,dih   # some sweeps; the table is rebuilt from all
@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from results_md import pm, write_readme_block
+from results_md import pm, write_block
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = "runs/study"
@@ -94,7 +94,7 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated table labels of the sweeps to run "
                         f"({', '.join(SWEEPS)}); default all")
     parser.add_argument("--table-only", action="store_true",
-                        help="rebuild the README table from what has run, run nothing")
+                        help="rebuild the docs/sweeps.md table from what has run, run nothing")
     args = parser.parse_args()
     chosen = list(SWEEPS) if not args.only else [s.strip() for s in args.only.split(",")]
     unknown = [c for c in chosen if c not in SWEEPS]
@@ -107,7 +107,7 @@ def main() -> int:
         print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
     body = table()
     print(body)
-    write_readme_block("study", body)
+    write_block("study", body, "docs/sweeps.md")
     return 0
 
 

@@ -24,7 +24,7 @@ from results_md import (  # noqa: E402
     fresh_workdir,
     machine,
     quickstart_teacher,
-    write_readme_block,
+    write_block,
     write_section,
 )
 
@@ -160,11 +160,11 @@ split reads the stored outputs instead of running the teacher.
 """
     write_section("teacher_service", body)
     logits, maps = rows[0], rows[1]
-    write_readme_block("teacher-service", f"""One actor against in-process, one CPU each: logits
+    write_block("teacher-service", f"""One actor against in-process, one CPU each: logits
 {logits['actors x1']:.0f} against {logits['in-process']:.0f} img/s (**{logits['actors x1'] / logits['in-process']:.2f}x**), logits plus three stage maps
 {maps['actors x1']:.0f} against {maps['in-process']:.0f} img/s (**{maps['actors x1'] / maps['in-process']:.2f}x**); two replicas against one:
 {logits['actors x2'] / logits['actors x1']:.2f}x (logits). A 3-epoch KD job's training time: {nocache['train_s']:.1f} s without the cache,
-{second['train_s']:.1f} s reading it (medians of {args.repeats}).""")
+{second['train_s']:.1f} s reading it (medians of {args.repeats}).""", "docs/teachers.md")
     print(body)
 
 

@@ -1,6 +1,6 @@
 """The test suite's wall time (what `make test` runs after its install and lint), now and at an
-earlier commit on the same machine, alternating. Rewrites the README's testing block and its
-RESULTS section.
+earlier commit on the same machine, alternating. Rewrites the test-suite block of docs/benchmarks.md and
+its RESULTS section.
 
     .venv/bin/python bench/test_suite.py [--against COMMIT] [--repeats 1]
 
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import fresh_workdir, machine, median_spread, now_and_then, write_readme_block, write_section  # noqa: E402
+from results_md import fresh_workdir, machine, median_spread, now_and_then, write_block, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(Path(sys.executable).parent / "python")
@@ -86,10 +86,10 @@ def report(suites: dict, against: str | None) -> None:
 {slowest}
 """
     write_section("test_suite", body)
-    write_readme_block("test_suite", f"""On this 2-core machine the suite took {statistics.median(now):.0f} s
+    write_block("test_suite", f"""On this 2-core machine the suite took {statistics.median(now):.0f} s
 ({counted(last)}; `.venv/bin/python bench/test_suite.py` measures it and rewrites this
 block).{before.replace(chr(10), ' ').rstrip()} The slowest test: {last['slowest'][0][1]},
-{last['slowest'][0][0]:.0f} s.""")
+{last['slowest'][0][0]:.0f} s.""", "docs/benchmarks.md")
     print(body)
 
 

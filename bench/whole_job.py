@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import alternating, fresh_workdir, machine, median_spread, write_readme_block, write_section  # noqa: E402
+from results_md import alternating, fresh_workdir, machine, median_spread, write_block, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -98,11 +98,11 @@ two lanes gain over one process of two threads on 2 cores, which is little for t
 convolutions.
 """
     write_section("whole_job", body)
-    write_readme_block("whole-job", f"""Measured by `.venv/bin/python bench/whole_job.py` ({args.repeats} repetitions, alternating,
+    write_block("whole-job", f"""Measured by `.venv/bin/python bench/whole_job.py` ({args.repeats} repetitions, alternating,
 median): `raykd run jobs/whole_job.yaml` (teacher + CE + KD, 3 seeds) took
 {statistics.median(walls['raykd run']):.0f} s against {statistics.median(walls['plain script']):.0f} s for the plain sequential script training the same 9 models:
 raykd runs at **{ratio:.2f}x** the plain script's speed (KD test accuracy {acc('raykd', 'kd')} against
-{acc('plain', 'kd')}); why, in [bench/RESULTS.md](bench/RESULTS.md).""")
+{acc('plain', 'kd')}); why, in [bench/RESULTS.md](../bench/RESULTS.md).""", "docs/benchmarks.md")
     print(body)
 
 

@@ -83,7 +83,7 @@ def library_entries(request: SearchRequest) -> tuple[pd.DataFrame, str]:
     catalog = library.read()
     if not len(catalog):
         raise RaykdError(f"{library.catalog_path} holds no neighbourhoods; build the library with "
-                         "`raykd run` on a job with a neighbourhood method (README: Search)")
+                         "`raykd run` on a job with a neighbourhood method (docs/search.md)")
     wanted = file_hash(request.teacher) if Path(request.teacher).is_file() else request.teacher
     mine = catalog[catalog.teacher_hash.str.startswith(wanted)]
     if not len(mine):

@@ -55,6 +55,6 @@ def check_shared_storage(folder: str | Path, timeout_s: float = 120.0) -> int:
         names = ", ".join(f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in blind)
         raise RaykdError(f"output_dir {folder} is not shared with node(s) {names}: what runs "
                          "there would be lost; mount the same storage at the same path on every "
-                         "node (README: On a Ray cluster)")
+                         "node (docs/cluster.md)")
     log.info("shared storage: all %d nodes read and write %s", len(nodes), folder)
     return len(nodes)
