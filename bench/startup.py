@@ -3,7 +3,7 @@ function imports torch (as every raykd worker does first) and returns, timed fro
 first worker having imported torch (start-up) and from the last to `fit()` returning (teardown);
 with `TorchTrainer` (which also sets up a torch process group across the workers), with Train
 V2's plain `DataParallelTrainer` (no process group), and with the `DataParallelTrainer` raykd
-runs (raykd.train.runner.without_datasets: no Ray Data dataset manager, a process per run); with
+runs (raykd.train.ray_internals.without_datasets: no Ray Data dataset manager, a process per run); with
 1 and 2 workers. Plus a fresh Python's `import torch` and `import ray.train.torch`, which every
 worker process pays. Repetitions alternate; medians with min-max.
 

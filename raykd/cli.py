@@ -221,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    add_job_commands(sub)
+    add_search_command(sub)
+    add_submit_command(sub)
+    add_run_dir_commands(sub)
+    return p
+
+
+def add_job_commands(sub) -> None:
+    """`run` and `sweep`: a job file and dotted overrides."""
     job_command(sub, "run", _cmd_run, "run a job and print its results table",
                 "Run a job spec. Re-running the same job resumes it: finished runs are kept, "
                 "interrupted ones continue from their last checkpoint.",
@@ -238,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "job spec (YAML) with a sweep: section, e.g. jobs/sweep_kd.yaml",
                 "dotted overrides, e.g. sweep.num_samples=16")
 
+
+
+def add_search_command(sub) -> None:
     search = sub.add_parser(
         "search", help="architecture search over a neighbourhood library",
         description="Choose one distilled candidate per teacher position under parameter, MAC "
@@ -264,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "statistics on before it is scored (2048; 0 keeps the parts' own)")
     search.set_defaults(fn=_cmd_search)
 
+
+
+def add_submit_command(sub) -> None:
     submit = sub.add_parser(
         "submit", help="run a job on a Ray cluster through the Jobs SDK",
         description="Submit a job to a Ray cluster with this folder as working_dir, stream its "
@@ -283,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the job's output_dir, or runs/JOB_ID with --follow)")
     submit.set_defaults(fn=_cmd_submit)
 
+
+
+def add_run_dir_commands(sub) -> None:
+    """`results`, `export` and `report`: read a finished run's folder."""
     res = sub.add_parser("results", help="print a run's results table",
                          description="Print mean ± std over seeds per role, method and model.")
     res.add_argument("run_dir", help="a run directory (OUTPUT_DIR/NAME)")
@@ -314,7 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a run directory (OUTPUT_DIR/NAME)")
     report.add_argument("--out", help="the page's path (default RUN_DIR/report.html)")
     report.set_defaults(fn=_cmd_report)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,12 +17,13 @@ import copy
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from raykd.config import job_from_dict
-from raykd.errors import RaykdError
+from raykd.errors import RaykdError, one_line
 from raykd.log import log
 from raykd.specs import JobSpec, SearchDim, SweepSpec
 from raykd.typed import set_key
@@ -76,7 +77,7 @@ def check_sweep(raw: dict, spec: JobSpec) -> SweepSpec:
     """Everything that can be wrong with a sweep, before any trial starts."""
     sweep = spec.sweep
     if sweep is None:
-        raise RaykdError("the job has no `sweep:` section; see the README's Sweeps section")
+        raise RaykdError("the job has no `sweep:` section; see docs/sweeps.md")
     if sweep.method not in spec.methods:
         raise RaykdError(f"sweep.method: no methods entry {sweep.method!r}; the job has "
                          f"{', '.join(spec.methods)}")
@@ -114,19 +115,26 @@ def absolute_paths(raw: dict, spec: JobSpec) -> dict:
 
 # ---- one trial --------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Shapes:
+    """What planning needs of a dataset (a trial plans its unit without loading the data)."""
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
 def trial_unit(raw: dict, values: dict, sweep: SweepSpec, run_dir: Path, trial_id: str,
-               rows: list[dict], teacher_cache: str | None, fail: bool = False):
+               rows: list[dict], teacher_cache: str | None, shapes: Shapes, fail: bool = False):
     """The tuned student of one trial, as a unit with its teachers attached (in-process, from
-    the cache): what `raykd run` would train, without the test split."""
-    from raykd.data import load_dataset
+    the cache): what `raykd run` would train, without the test split. Only the tuned method is
+    planned, for the tuned seed."""
     from raykd.methods import method_class
     from raykd.plan import plan_units, resolve_teachers
     from raykd.teacher import TeacherHandle
 
     spec = job_from_dict(with_values(raw, values))
     seed = spec.seeds[0] if sweep.seed is None else sweep.seed
-    spec.seeds = [seed]
-    units = {u.key: u for u in plan_units(spec, load_dataset(spec.data))}
+    spec.seeds, spec.methods = [seed], {sweep.method: spec.methods[sweep.method]}
+    units = {u.key: u for u in plan_units(spec, shapes)}
     unit = units[f"seed{seed}-{sweep.method}"]
     method_class(unit.method_name).prepare(unit, rows)
     unit.teacher_exports = resolve_teachers(unit, rows)
@@ -185,7 +193,7 @@ def finished_trial(unit) -> dict | None:
 
 
 def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
-               teacher_cache: str | None, fail_when: dict | None, settings):
+               teacher_cache: str | None, fail_when: dict | None, settings, shapes: Shapes):
     """The Tune function trial (closed over plain, picklable values); `settings`: how its Train
     run is made (raykd.train.runner.RunSettings)."""
 
@@ -197,7 +205,8 @@ def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
 
         trial_id = tune.get_context().get_trial_id()
         fail = bool(fail_when) and all(config.get(k) == v for k, v in fail_when.items())
-        unit = trial_unit(raw, config, sweep, run_dir, trial_id, rows, teacher_cache, fail)
+        unit = trial_unit(raw, config, sweep, run_dir, trial_id, rows, teacher_cache, shapes,
+                          fail)
         done = finished_trial(unit)
         if done is not None:   # trained and exported before its driver was killed
             tune.report(done)
@@ -222,98 +231,150 @@ def run_sweep(raw: dict, fail_when: dict | None = None):
     """Train the prerequisites, search, write the sweep's outputs, then run the best
     configuration over the job's seeds. `fail_when` ({key: value}) makes matching trials fail
     after their first epoch, for tests. Returns (sweep table, results table)."""
-    import ray
-    from ray import tune
+    return Sweep(raw, fail_when).run()
 
-    from raykd.data import load_dataset
-    from raykd.pipeline import release_finished_runs, run_job, wait_for_room
-    from raykd.plan import plan_units
-    from raykd.results import ResultsTable
-    from raykd.train.runner import RunSettings
 
-    spec = job_from_dict(copy.deepcopy(raw))
-    sweep = check_sweep(raw, spec)
-    raw = absolute_paths(raw, spec)   # trials run in Tune's own working directories
-    run_dir = spec.run_dir
-    folder = run_dir / SWEEP_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    stored = folder / "sweep.yaml"
-    section = yaml.safe_dump(dataclasses.asdict(sweep), sort_keys=True)
-    if stored.exists() and stored.read_text() != section:
-        raise RaykdError(f"{run_dir} holds a sweep with another `sweep:` section; give the job "
-                         "a new name (name=...) or restore the old section")
-    stored.write_text(section)
-    have = ray.cluster_resources().get(TRIAL_RESOURCE, 0)
-    if have < 1:
-        raise RaykdError(f"the Ray cluster offers no '{TRIAL_RESOURCE}' resource, so no trial "
-                         f"could start; add `resources: {{{TRIAL_RESOURCE}: N}}` to the head node")
+class Sweep:
+    """One `raykd sweep`, its steps in the order they happen: check the run folder and the
+    cluster, train what every trial needs (`prerequisites`), `search` with Tune, write the
+    trials' table and plot, pick the `best` configuration on validation, and `run_best` over
+    the job's seeds."""
 
-    seed = spec.seeds[0] if sweep.seed is None else sweep.seed
-    splits = load_dataset(spec.data)
-    target = f"seed{seed}-{sweep.method}"
-    units = {u.key: u for u in plan_units(spec, splits)}
-    before = [k for k in units[target].depends_on]
-    if before:
-        log.info("sweep: training what every trial needs first: %s", ", ".join(sorted(before)))
-        run_job(spec, splits=splits, only=before)
-    # the trials' runs start on the CPUs the prerequisites' run frees: never queued behind it
-    release_finished_runs()
-    need = {"CPU": sweep.workers * sweep.cpus_per_worker}
-    if sweep.gpus_per_worker:
-        need["GPU"] = sweep.workers * sweep.gpus_per_worker
-    wait_for_room(need, "the sweep's first trial")
-    rows = ResultsTable(run_dir).rows
-    cache = spec.teacher_cache_dir
-    fill_teacher_cache(trial_unit(raw, {}, sweep, run_dir, "probe", rows, cache), splits)
+    def __init__(self, raw: dict, fail_when: dict | None = None):
+        from raykd.data import load_dataset
 
-    settings = RunSettings(str(folder / "train"), splits.num_classes, splits.input_shape,
-                           workers=sweep.workers, gpus_per_worker=sweep.gpus_per_worker,
-                           max_failures=0, placement_timeout_s=spec.ray.placement_timeout_s)
-    trainable = tune.with_resources(
-        make_trial(raw, sweep, run_dir, rows, cache, fail_when, settings), {TRIAL_RESOURCE: 1})
-    experiment = folder / "tune"
-    epochs = units[target].optim.epochs
-    if tune.Tuner.can_restore(str(experiment)):
-        log.info("sweep: resuming %s (finished trials are kept)", experiment)
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=False,
-                                   restart_errored=False)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=tune_space(sweep.space),
-            tune_config=tune.TuneConfig(
-                metric=sweep.metric, mode="max", num_samples=sweep.num_samples,
-                max_concurrent_trials=min(sweep.max_concurrent, int(have)),
-                scheduler=scheduler(sweep, epochs), search_alg=search_alg(sweep)),
-            run_config=tune.RunConfig(name="tune", storage_path=str(folder), verbose=1))
-    tracker = track_trials(spec, folder / "trials", sweep.method)
-    started = time.perf_counter()
-    try:
-        grid = tuner.fit()
-        table = sweep_table(grid, list(sweep.space), epochs)
-        for row in table.to_dict("records") if tracker else []:
-            tracker.finish(f"trial-{row['trial']}", row)
-    finally:
-        if tracker:
-            tracker.close()
-    table.attrs["search_s"] = time.perf_counter() - started   # the trials alone
-    table.to_parquet(run_dir / "sweep.parquet", index=False)
-    plot_sweep(table, list(sweep.space), run_dir / "sweep.png")
-    done = table[table.status == "finished"]
-    log.info("sweep: %d trials (%d finished, %d stopped early, %d failed) in %.0f s",
-             len(table), len(done), int((table.status == "stopped").sum()),
-             int((table.status == "failed").sum()), time.perf_counter() - started)
-    pool = done if len(done) else table[table.status != "failed"]
-    if not len(pool):
-        raise RaykdError(f"every trial failed; see {experiment} for their errors")
-    best = pool.sort_values(["last_val_top1", "best_val_top1"], ascending=False).iloc[0]
-    values = {k: _plain(best[k]) for k in sweep.space}
-    log.info("sweep: best %s (val_top1 %.4f)", values, best["last_val_top1"])
-    best_raw = with_values(raw, values)
-    best_raw.pop("sweep", None)
-    best_raw["methods"] = {sweep.method: best_raw["methods"][sweep.method]}
-    (run_dir / "best.yaml").write_text(yaml.safe_dump(best_raw, sort_keys=False))
-    results = run_job(job_from_dict(copy.deepcopy(best_raw)), splits=splits)
-    return table, results
+        self.spec = job_from_dict(copy.deepcopy(raw))
+        self.sweep = check_sweep(raw, self.spec)
+        self.raw = absolute_paths(raw, self.spec)   # trials run in Tune's own working folders
+        self.fail_when = fail_when
+        self.run_dir = self.spec.run_dir
+        self.folder = self.run_dir / SWEEP_DIR
+        self.seed = self.spec.seeds[0] if self.sweep.seed is None else self.sweep.seed
+        self.target = f"seed{self.seed}-{self.sweep.method}"
+        self.splits = load_dataset(self.spec.data)
+        self.shapes = Shapes(self.splits.num_classes, tuple(self.splits.input_shape))
+
+    def run(self):
+        self.check_folder()
+        slots = self.check_trial_slots()
+        epochs = self.prerequisites()
+        table = self.search(slots, epochs)
+        return table, self.run_best(self.best(table))
+
+    def check_folder(self) -> None:
+        """A run folder holds one sweep: a changed `sweep:` section is refused."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stored = self.folder / "sweep.yaml"
+        section = yaml.safe_dump(dataclasses.asdict(self.sweep), sort_keys=True)
+        if stored.exists() and stored.read_text() != section:
+            raise RaykdError(f"{self.run_dir} holds a sweep with another `sweep:` section; give "
+                             "the job a new name (name=...) or restore the old section")
+        stored.write_text(section)
+
+    def check_trial_slots(self) -> int:
+        import ray
+
+        have = int(ray.cluster_resources().get(TRIAL_RESOURCE, 0))
+        if have < 1:
+            raise RaykdError(f"the Ray cluster offers no '{TRIAL_RESOURCE}' resource, so no "
+                             f"trial could start; add `resources: {{{TRIAL_RESOURCE}: N}}` to the "
+                             "head node")
+        return have
+
+    def prerequisites(self) -> int:
+        """Train what the tuned student depends on (teachers, DIH heads, ND parts), once; wait
+        until their run has given its CPUs back; fill the teacher cache the trials read.
+        Returns the tuned student's epochs."""
+        from raykd.pipeline import release_finished_runs, run_job, wait_for_room
+        from raykd.plan import plan_units
+        from raykd.results import ResultsTable
+
+        units = {u.key: u for u in plan_units(self.spec, self.shapes)}
+        before = list(units[self.target].depends_on)
+        if before:
+            log.info("sweep: training what every trial needs first: %s", ", ".join(sorted(before)))
+            run_job(self.spec, splits=self.splits, only=before, checked=True)
+        # the trials' runs start on the CPUs the prerequisites' run frees: never queued behind it
+        release_finished_runs()
+        need = {"CPU": self.sweep.workers * self.sweep.cpus_per_worker}
+        if self.sweep.gpus_per_worker:
+            need["GPU"] = self.sweep.workers * self.sweep.gpus_per_worker
+        wait_for_room(need, "the sweep's first trial")
+        self.rows = ResultsTable(self.run_dir).rows
+        fill_teacher_cache(self.trial_unit("probe", {}), self.splits)
+        return units[self.target].optim.epochs
+
+    def trial_unit(self, trial_id: str, values: dict):
+        return trial_unit(self.raw, values, self.sweep, self.run_dir, trial_id, self.rows,
+                          self.spec.teacher_cache_dir, self.shapes)
+
+    def search(self, slots: int, epochs: int):
+        """Run (or resume) the Tune experiment; write sweep.parquet and sweep.png."""
+        from ray import tune
+
+        from raykd.train.runner import RunSettings
+
+        sweep = self.sweep
+        settings = RunSettings(str(self.folder / "train"), self.shapes.num_classes,
+                               self.shapes.input_shape, workers=sweep.workers,
+                               gpus_per_worker=sweep.gpus_per_worker, max_failures=0,
+                               placement_timeout_s=self.spec.ray.placement_timeout_s)
+        trainable = tune.with_resources(
+            make_trial(self.raw, sweep, self.run_dir, self.rows, self.spec.teacher_cache_dir,
+                       self.fail_when, settings, self.shapes), {TRIAL_RESOURCE: 1})
+        experiment = self.folder / "tune"
+        if tune.Tuner.can_restore(str(experiment)):
+            log.info("sweep: resuming %s (finished trials are kept)", experiment)
+            tuner = tune.Tuner.restore(str(experiment), trainable=trainable,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=tune_space(sweep.space),
+                tune_config=tune.TuneConfig(
+                    metric=sweep.metric, mode="max", num_samples=sweep.num_samples,
+                    max_concurrent_trials=min(sweep.max_concurrent, slots),
+                    scheduler=scheduler(sweep, epochs), search_alg=search_alg(sweep)),
+                run_config=tune.RunConfig(name="tune", storage_path=str(self.folder), verbose=1))
+        tracker = track_trials(self.spec, self.folder / "trials", sweep.method)
+        started = time.perf_counter()
+        try:
+            table = sweep_table(tuner.fit(), list(sweep.space), epochs)
+            for row in table.to_dict("records") if tracker else []:
+                tracker.finish(f"trial-{row['trial']}", row)
+        finally:
+            if tracker:
+                tracker.close()
+        table.attrs["search_s"] = time.perf_counter() - started   # the trials alone
+        table.to_parquet(self.run_dir / "sweep.parquet", index=False)
+        plot_sweep(table, list(sweep.space), self.run_dir / "sweep.png")
+        log.info("sweep: %d trials (%d finished, %d stopped early, %d failed) in %.0f s",
+                 len(table), int((table.status == "finished").sum()),
+                 int((table.status == "stopped").sum()), int((table.status == "failed").sum()),
+                 table.attrs["search_s"])
+        return table
+
+    def best(self, table) -> dict:
+        """The values of the best trial on validation: the highest last val_top1 among those
+        that ran every epoch (or, when none did, among those not failed)."""
+        done = table[table.status == "finished"]
+        pool = done if len(done) else table[table.status != "failed"]
+        if not len(pool):
+            raise RaykdError(f"every trial failed; see {self.folder / 'tune'} for their errors")
+        best = pool.sort_values(["last_val_top1", "best_val_top1"], ascending=False).iloc[0]
+        values = {k: _plain(best[k]) for k in self.sweep.space}
+        log.info("sweep: best %s (val_top1 %.4f)", values, best["last_val_top1"])
+        return values
+
+    def run_best(self, values: dict):
+        """Write best.yaml (the job with the best values, the tuned method only) and run it
+        over the job's seeds."""
+        from raykd.pipeline import run_job
+
+        best_raw = with_values(self.raw, values)
+        best_raw.pop("sweep", None)
+        best_raw["methods"] = {self.sweep.method: best_raw["methods"][self.sweep.method]}
+        (self.run_dir / "best.yaml").write_text(yaml.safe_dump(best_raw, sort_keys=False))
+        return run_job(job_from_dict(copy.deepcopy(best_raw)), splits=self.splits)
 
 
 def track_trials(spec: JobSpec, trials: Path, method: str):
@@ -377,7 +438,7 @@ def sweep_table(grid, keys: list[str], epochs: int):
             "last_val_top1": float(list(vals)[-1]) if len(vals) else float("nan"),
             "epochs": ran, "status": status,
             "wall_s": float((result.metrics or {}).get("time_total_s", float("nan"))),
-            "error": "" if result.error is None else str(result.error).strip().splitlines()[-1]})
+            "error": "" if result.error is None else one_line(result.error)})
     return pd.DataFrame(rows)
 
 

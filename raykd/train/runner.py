@@ -12,7 +12,6 @@ go concurrently: the launching task takes no CPU.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import time
@@ -34,6 +33,7 @@ from raykd.log import quiet_ray_logs
 from raykd.results import load_history
 from raykd.train.lanes import UnitQueue
 from raykd.train.layout import FAILED, metrics_file, state_file
+from raykd.train.ray_internals import is_placement_timeout, without_datasets
 from raykd.units import Unit
 
 
@@ -142,9 +142,7 @@ def fit(trainer):
 def unplaced(error: BaseException, scaling: ScalingConfig) -> RuntimeError | None:
     """The one-line error for a run whose workers could not be placed (Train V2 gives up on a
     worker group it cannot place after its start timeout, `controller_failure_limit` times)."""
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-
-    if not isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
+    if not is_placement_timeout(error):
         return None
     need = scaling.resources_per_worker or {"CPU": 1}
     available = ray.available_resources()
@@ -164,31 +162,6 @@ def trainer_class(workers: int, packed: bool = False):
         from ray.train.torch import TorchTrainer
         return without_datasets(TorchTrainer)
     return without_datasets(DataParallelTrainer)
-
-
-@functools.cache
-def without_datasets(base: type) -> type:
-    """`base` without Train V2's `DatasetsCallback`, which starts a Ray Data `DatasetManager`
-    actor for every run, a process of its own importing ray.data (about 2 s of CPU), even when
-    no dataset is passed: raykd's workers read their own data and never ask Train for a shard
-    (bench/startup.py measures both side by side). The placement-group cleaner, Train's other
-    process per run, stays: when the task that launched a run dies (Ray's OOM killer picks
-    retriable tasks first), the run's controller dies with it and only the cleaner frees its
-    placement group before the task's retry asks for the same CPUs.
-    This overrides Ray 2.60's `_create_default_callbacks`; if Train's internals move, the import
-    fails or the method is not called, and runs keep every callback."""
-    try:
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    except ImportError:
-        return base
-
-    class Trainer(base):
-        def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks()
-                    if not isinstance(c, DatasetsCallback)]
-
-    Trainer.__name__ = Trainer.__qualname__ = base.__name__   # what Train's logs call it
-    return Trainer
 
 
 def unit_kind(name: str):

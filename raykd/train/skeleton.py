@@ -94,6 +94,36 @@ def register_kind(cls: type[UnitTrainer]) -> type[UnitTrainer]:
     return cls
 
 
+def train_epoch(trainer: UnitTrainer, optimizer, epoch: int) -> tuple[dict[str, float], int]:
+    """One pass over the epoch's batches: the summed loss and named terms (weighted by batch
+    size), and the samples seen."""
+    trainer.train_mode()
+    sums: dict[str, float] = defaultdict(float)
+    seen = 0
+    for batch in trainer.batches(epoch):
+        terms = trainer.losses(batch, epoch)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = len(batch[0])
+        seen += n
+        sums["loss"] += loss.item() * n
+        for name, value in terms.items():
+            sums[f"loss_{name}"] += value.item() * n
+    return sums, seen
+
+
+def say_epoch(key: str, trainer: UnitTrainer, metrics: dict, spent: list[float]) -> None:
+    """The epoch's progress line: each named loss, the kind's own summary, time and ETA."""
+    epoch, epochs = metrics["epoch"], metrics["epochs"]
+    parts = "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
+    eta = sum(spent) / len(spent) * (epochs - epoch)
+    log.info("[%s] epoch %d/%d  loss %.4f (%s)  %s  %.1fs  eta %s", key, epoch, epochs,
+             metrics.get("loss", float("nan")), parts, trainer.summary(metrics),
+             metrics["epoch_s"], duration(eta))
+
+
 def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False,
                threads=None) -> None:
     """Train `unit` with the trainer `kind` inside a Ray Train worker; `alone`: this worker is
@@ -119,20 +149,7 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False,
         if threads is not None and (n := threads(own)) != torch.get_num_threads():
             torch.set_num_threads(n)
         started, started_at = time.perf_counter(), time.time()
-        trainer.train_mode()
-        sums: dict[str, float] = defaultdict(float)
-        seen = 0
-        for batch in trainer.batches(epoch):
-            terms = trainer.losses(batch, epoch)
-            loss = sum(terms.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n = len(batch[0])
-            seen += n
-            sums["loss"] += loss.item() * n
-            for name, value in terms.items():
-                sums[f"loss_{name}"] += value.item() * n
+        sums, seen = train_epoch(trainer, optimizer, epoch)
         scheduler.step()
         train_s = time.perf_counter() - started
         metrics = {k: v / max(seen, 1) for k, v in sums.items()}
@@ -145,12 +162,7 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False,
         metrics.update(trainer.evaluate(epoch, epoch == epochs - 1, seen))
         spent.append(time.perf_counter() - started)     # training and evaluation
         if rank == 0:
-            parts = "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()
-                              if k.startswith("loss_"))
-            eta = sum(spent) / len(spent) * (epochs - epoch - 1)
-            log.info("[%s] epoch %d/%d  loss %.4f (%s)  %s  %.1fs  eta %s", unit.key, epoch + 1,
-                     epochs, metrics.get("loss", float("nan")), parts, trainer.summary(metrics),
-                     train_s, duration(eta))
+            say_epoch(unit.key, trainer, metrics, spent)
             trainer.end_epoch(epoch, metrics)
         progress.end_epoch(epoch, metrics)
     if epochs == 0:
