@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from raykd.data.registry import check_dataset_name
-from raykd.errors import RaykdError
+from raykd.errors import RaykdError, one_line
 from raykd.methods import method_params
 from raykd.models import check_model_name
 from raykd.models.export import read_export
@@ -54,7 +54,7 @@ def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
         text = path.read_text()
         raw = yaml.load(text, Loader=UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RaykdError(f"{path}: not valid YAML ({str(e).strip().splitlines()[0]})") from e
+        raise RaykdError(f"{path}: not valid YAML ({one_line(e, first=True)})") from e
     if raw is None:
         raise RaykdError(f"{path}: the job file is empty; see jobs/quickstart.yaml for one")
     if not isinstance(raw, dict):

@@ -1,14 +1,16 @@
-"""Files that readers may see at any moment: written aside and renamed into place, hashed, and
-read back without executing anything they contain."""
+"""Files that readers may see at any moment: written aside and renamed into place, hashed, read
+back without executing anything they contain, and lock files that serialise their writers."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from raykd.errors import RaykdError
+from raykd.errors import RaykdError, one_line
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -44,6 +46,21 @@ def atomic_copy(source: str | Path, target: str | Path, link: bool = False) -> P
     return atomic_write(target, place)
 
 
+@contextmanager
+def file_lock(path: str | Path):
+    """Hold an exclusive lock on the file `path` (made, with its folder, if absent) for the
+    block: one process on the machine at a time, the others wait. The OS drops the lock of a
+    process that dies; the empty lock file stays."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def torch_save(payload, path: str | Path) -> Path:
     import torch
 
@@ -61,9 +78,8 @@ def torch_load(path: str | Path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:   # pickle.UnpicklingError, RuntimeError, EOFError, ...
-        first = str(e).strip().splitlines()
         raise RaykdError(f"{path}: not a raykd file that can be loaded safely "
-                         f"({type(e).__name__}: {first[0] if first else ''})") from e
+                         f"({one_line(e, first=True, typed=True)})") from e
 
 
 def file_hash(path: str | Path) -> str:

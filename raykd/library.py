@@ -10,17 +10,15 @@ file, so two jobs finishing parts at once both land.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
 from raykd.errors import RaykdError
-from raykd.files import atomic_copy, atomic_write, file_hash
+from raykd.files import atomic_copy, atomic_write, file_hash, file_lock
 
 CATALOG = "catalog.parquet"
 KEY = ["teacher_hash", "nb_start", "nb_stop", "candidate", "recipe"]
@@ -39,6 +37,14 @@ def recipe_digest(unit) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def same_key(df: pd.DataFrame, key: dict) -> pd.Series:
+    """Which rows of catalog `df` are the entry `key` names (its KEY columns)."""
+    match = pd.Series(True, index=df.index)
+    for column in KEY:
+        match &= df[column] == key[column]
+    return match
+
+
 class NeighbourhoodLibrary:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -53,16 +59,6 @@ class NeighbourhoodLibrary:
             raise RaykdError(f"{self.catalog_path}: not a readable catalog "
                              f"({type(e).__name__})") from e
 
-    @contextmanager
-    def _locked(self):
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
     def find(self, teacher_hash: str, start: int, stop: int, candidate: str,
              recipe: str) -> dict | None:
         """The intact entry for this part, or None (an entry whose checkpoint is missing or
@@ -70,8 +66,8 @@ class NeighbourhoodLibrary:
         df = self.read()
         if not len(df):
             return None
-        hit = df[(df.teacher_hash == teacher_hash) & (df.nb_start == start) &
-                 (df.nb_stop == stop) & (df.candidate == candidate) & (df.recipe == recipe)]
+        hit = df[same_key(df, {"teacher_hash": teacher_hash, "nb_start": start, "nb_stop": stop,
+                               "candidate": candidate, "recipe": recipe})]
         for row in hit.to_dict("records"):
             path = Path(row["checkpoint"])
             if path.is_file() and file_hash(path) == row["checkpoint_hash"]:
@@ -86,13 +82,10 @@ class NeighbourhoodLibrary:
         atomic_copy(export_path, target)
         entry = {**row, "checkpoint": str(target), "checkpoint_hash": file_hash(target),
                  "added": time.strftime("%Y-%m-%d %H:%M:%S")}
-        with self._locked():
+        with file_lock(self.root / ".lock"):
             df = self.read()
             if len(df):
-                same = ((df.teacher_hash == entry["teacher_hash"]) &
-                        (df.nb_start == entry["nb_start"]) & (df.nb_stop == entry["nb_stop"]) &
-                        (df.candidate == entry["candidate"]) & (df.recipe == entry["recipe"]))
-                df = df[~same]
+                df = df[~same_key(df, entry)]
             df = pd.concat([df, pd.DataFrame([entry])], ignore_index=True) if len(df) \
                 else pd.DataFrame([entry])
             atomic_write(self.catalog_path, lambda tmp: df.to_parquet(tmp, index=False))

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from raykd.errors import RaykdError
+from raykd.errors import RaykdError, one_line
 
 RESULTS_BEGIN = "RAYKD-RESULTS-BEGIN"
 RESULTS_END = "RAYKD-RESULTS-END"
@@ -110,7 +110,7 @@ class Cluster:
             raise RaykdError(self._explain(e)) from None
 
     def _explain(self, e: Exception) -> str:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = one_line(e, first=True)
         if "uthentication" in text or "401" in text or "403" in text or "Unauthorized" in text:
             return (f"the cluster at {self.address} refused the request: {text.split('.')[0]} "
                     "(pass its token with --token-file or RAY_AUTH_TOKEN)")

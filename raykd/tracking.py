@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from raykd.errors import one_line
 from raykd.log import log
 
 TB_DIR = "tensorboard"
@@ -189,9 +190,9 @@ def sinks_for(spec) -> list:
             out.append(MLflowSink(uri, t.experiment or spec.name, spec.run_dir,
                                   root / "mlflow-artifacts"))
         except Exception as e:    # a tracking server that is down must not stop the training
-            log.warning("tracking.mlflow: %s unreachable (%s: %s); the job runs without it, "
-                        "re-run it later to log what it trained", uri, type(e).__name__,
-                        str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+            log.warning("tracking.mlflow: %s unreachable (%s); the job runs without it, "
+                        "re-run it later to log what it trained", uri,
+                        one_line(e, first=True, typed=True, limit=200))
     if t.tensorboard:
         out.append(TensorBoardSink(spec.run_dir / TB_DIR))
     return out
@@ -281,8 +282,8 @@ class Tracker:
                 self._follow(unit)
         except Exception as e:   # a tracker that is down must not stop the training
             self.failed = True
-            log.warning("tracking stopped: %s: %s (training goes on; results.parquet has every "
-                        "row)", type(e).__name__, str(e).strip().splitlines()[0] if str(e) else "")
+            log.warning("tracking stopped: %s (training goes on; results.parquet has every row)",
+                        one_line(e, first=True, typed=True))
 
     def _discover(self) -> None:
         for root, pattern, describe in list(self.globs):

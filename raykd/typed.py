@@ -1,6 +1,7 @@
 """Typed conversion of plain YAML values into dataclasses, and dotted `key=value` overrides.
 
-Generic: it knows dataclasses, lists, dicts, `Literal` choices and scalars, nothing about jobs.
+Generic: it knows dataclasses, lists, dicts, `Literal` choices, scalars and numeric bounds
+declared with `Annotated` (`alpha: Annotated[float, Between(0, 1)] = 0.9`), nothing about jobs.
 Every error is a `RaykdError` that names the dotted path of the offending field and what is
 allowed there, so the CLI can print it as one line.
 """
@@ -14,6 +15,54 @@ from typing import Any, Literal
 import yaml
 
 from raykd.errors import RaykdError
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The range a number must lie in, declared on a field as `Annotated[float, Positive]`,
+    `Annotated[int, AtLeast(1)]`, `Annotated[float, Between(0, 1)]`; `None` leaves that side
+    open-ended. `note` is said after the bound (`must be >= 0 (0 turns it off)`)."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False       # the bound itself excluded
+    high_open: bool = False
+    note: str = ""
+
+    def holds(self, value) -> bool:
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return low_ok and high_ok
+
+    def noting(self, note: str) -> Bound:
+        return dataclasses.replace(self, note=note)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            if self.low == 0:
+                return "positive" if self.low_open else ">= 0"
+            return f"{'above' if self.low_open else 'at least'} {self.low}"
+        if self.low is None:
+            return f"{'below' if self.high_open else 'at most'} {self.high}"
+        return (f"in {'(' if self.low_open else '['}{self.low}, "
+                f"{self.high}{')' if self.high_open else ']'}")
+
+    def check(self, value, path: str):
+        if value is not None and not self.holds(value):
+            note = f" ({self.note})" if self.note else ""
+            raise RaykdError(f"{path} must be {self}{note}, got {value}")
+        return value
+
+
+Positive = Bound(low=0, low_open=True)
+NonNegative = Bound(low=0)
+
+
+def AtLeast(low: float) -> Bound:   # capitalised: reads as a marker, like Positive
+    return Bound(low=low)
+
+
+def Between(low: float, high: float, high_open: bool = False) -> Bound:
+    return Bound(low=low, high=high, high_open=high_open)
 
 
 def choices(tp) -> tuple | None:
@@ -30,6 +79,13 @@ def check_choice(value, allowed, path: str):
 def convert(tp, value, path: str):
     """Convert a YAML value to the annotated type, or raise RaykdError naming `path`."""
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        inner, *marks = typing.get_args(tp)
+        value = convert(inner, value, path)
+        for mark in marks:
+            if isinstance(mark, Bound):
+                mark.check(value, path)
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -91,7 +147,7 @@ def _scalar(tp, value, path: str):
 
 def from_dict(cls, data: dict, path: str = ""):
     """Build dataclass `cls` from a mapping; unknown keys and wrong types are RaykdErrors."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)   # keeps Annotated bounds
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     where = f"{path}." if path else ""

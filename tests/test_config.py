@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raykd.config import load_job
-from raykd.errors import RaykdError
+from raykd.errors import RaykdError, one_line
 from raykd.specs import JobSpec
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
@@ -90,7 +90,9 @@ def test_missing_and_malformed_files(tmp_path):
     ("student: {train: {lr: 0}}", "student.train.lr must be positive, got 0.0"),
     ("methods: {kd: {temperature: 0}}", "methods.kd.temperature must be positive"),
     ("methods: {kd: {temperature: hot}}", "methods.kd.temperature: expected a number, got 'hot'"),
-    ("methods: {dih: {alpha: -0.1}}", "methods.dih: alpha and alphas must be in [0, 1]"),
+    ("methods: {dih: {alpha: -0.1}}", "methods.dih.alpha must be in [0, 1], got -0.1"),
+    ("methods: {dih: {alphas: [0.5, 1.5]}}", "methods.dih.alphas[1] must be in [0, 1], got 1.5"),
+    ("methods: {cd: {warmup: 1}}", "methods.cd.warmup must be in [0, 1) (a fraction of the run), got 1.0"),
     ("methods: {nd: {method: neighbourhood, alpha: 2}}", "methods.nd.alpha must be in [0, 1]"),
     ("methods: {nd: {method: neighbourhood, train: {epochs: 0}}}",
      "methods.nd.train.epochs must be at least 1"),
@@ -168,3 +170,12 @@ def test_random_yaml_loads_or_fails_with_one_line(tmp_path_factory, doc):
         load_job(path)
     except RaykdError as e:
         assert str(e) and "\n" not in str(e)
+
+
+def test_an_exception_is_told_in_one_short_line():
+    e = ValueError("Traceback (most recent call last):\n  ...\n\n  boom  \n")
+    assert one_line(e) == "boom"
+    assert one_line(e, first=True, typed=True) == "ValueError: Traceback (most recent call last):"
+    assert one_line(KeyError()) == "KeyError" and one_line(OSError(" \n "), typed=True) == "OSError"
+    assert one_line(ValueError("x" * 10**6)) == "x" * 300 + "…", "a quoted value is never megabytes"
+    assert one_line(ValueError("abcdef"), typed=True, limit=3) == "ValueError: abc…"

@@ -9,14 +9,13 @@ import ray
 from raykd.cli import main
 from raykd.config import job_from_dict
 from raykd.data import load_dataset
-from raykd.errors import RaykdError
+from raykd.errors import RaykdError, one_line
 from raykd.files import file_hash
 from raykd.models import count_params
 from raykd.models.export import load_export
 from raykd.pipeline import run_job, wait_for_room
 from raykd.plan import plan_units
 from raykd.results import REQUIRED_COLUMNS, read_results
-from raykd.scheduler import one_line
 
 from conftest import small_job
 

@@ -10,6 +10,7 @@ with the student and are not exported.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +20,7 @@ from raykd.losses import channel_loss, guided_kd_loss
 from raykd.methods.base import DistillMethod, Step, register_method
 from raykd.models.staged import nonnegative_taps, tap_shapes
 from raykd.schedules import channel_distillation_schedule
+from raykd.typed import Between, NonNegative, Positive
 
 # CD-weight decay points when a job gives none: with EDT, the official CIFAR-100 recipe (x0.9 at
 # epochs 60 and 160 of 200); without, a constant weight (its CIFAR-100 recipe). ImageNet's recipe
@@ -28,12 +30,13 @@ EDT_DECAY_AT = [0.3, 0.8]
 
 @dataclass
 class ChannelParams:
-    ce: float = 1.0
-    gkd: float = 0.1              # CIFAR-100 base weight (ImageNet: 1)
-    cd: float = 6.0
-    temperature: float = 1.0
+    ce: Annotated[float, NonNegative] = 1.0
+    gkd: Annotated[float, NonNegative] = 0.1   # CIFAR-100 base weight (ImageNet: 1)
+    cd: Annotated[float, NonNegative] = 6.0
+    temperature: Annotated[float, Positive] = 1.0
     edt: bool = False             # Early Decay Teacher: a CD-only warm-up
-    warmup: float = 0.3           # EDT: CD-only fraction (30/100 ImageNet, 60/200 CIFAR-100)
+    # EDT: CD-only fraction (30/100 ImageNet, 60/200 CIFAR-100)
+    warmup: Annotated[float, Between(0, 1, high_open=True).noting("a fraction of the run")] = 0.3
     cd_decay: float = 0.9
     cd_decay_at: list[float] | None = None   # fractions; None: EDT_DECAY_AT with EDT, else none
 
@@ -42,14 +45,6 @@ class ChannelParams:
         if self.cd_decay_at is not None:
             return list(self.cd_decay_at)
         return list(EDT_DECAY_AT) if self.edt else []
-
-    def check(self, where: str) -> None:
-        if min(self.ce, self.gkd, self.cd) < 0:
-            raise RaykdError(f"{where}: loss weights must be non-negative")
-        if not 0 <= self.warmup < 1:
-            raise RaykdError(f"{where}.warmup is a fraction of the run in [0, 1), got {self.warmup}")
-        if self.temperature <= 0:
-            raise RaykdError(f"{where}.temperature must be positive, got {self.temperature}")
 
 
 def connector(cin: int, cout: int, relu: bool = True) -> nn.Sequential:

@@ -11,28 +11,25 @@ maps and logits, and the frozen heads run here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from raykd.errors import RaykdError
 from raykd.losses import dih_loss
 from raykd.methods.base import DistillMethod, Step, register_method
 from raykd.models.heads import build_heads, check_stages
 from raykd.teacher.local import freeze
+from raykd.typed import Between, Positive
 from raykd.units import HeadsPart
 
 
 @dataclass
 class DIHParams:
-    alpha: float = 0.1
-    temperature: float = 5.0
+    alpha: Annotated[float, Between(0, 1)] = 0.1
+    temperature: Annotated[float, Positive] = 5.0
     ce_once: bool = False            # count CE once instead of once per cohort member
     heads: list[str] = field(default_factory=list)     # teacher stages with heads; [] = all
-    alphas: list[float] = field(default_factory=list)  # per member: heads in order, then teacher
-
-    def check(self, where: str) -> None:
-        if not 0 <= self.alpha <= 1 or any(not 0 <= a <= 1 for a in self.alphas):
-            raise RaykdError(f"{where}: alpha and alphas must be in [0, 1]")
-        if self.temperature <= 0:
-            raise RaykdError(f"{where}.temperature must be positive, got {self.temperature}")
+    # per member: heads in order, then teacher
+    alphas: list[Annotated[float, Between(0, 1)]] = field(default_factory=list)
 
 
 @register_method("dih")

@@ -15,6 +15,7 @@ previous link's student.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch.nn.functional as F
 from torch import nn
@@ -23,17 +24,14 @@ from raykd.errors import RaykdError
 from raykd.losses import feed_loss
 from raykd.methods.base import DistillMethod, Step, register_method
 from raykd.models.staged import tap_shapes
+from raykd.typed import NonNegative
 
 
 @dataclass
 class FEEDParams:
-    beta: float = 500.0           # Factor Transfer's default with a mean absolute difference
+    beta: Annotated[float, NonNegative] = 500.0  # Factor Transfer's default with a mean abs. difference
     student_tap: str = ""         # default: the student's last stage
     teacher_tap: str = ""         # default: each teacher's last stage
-
-    def check(self, where: str) -> None:
-        if self.beta < 0:
-            raise RaykdError(f"{where}.beta must be non-negative, got {self.beta}")
 
 
 def transformation(cin: int, cout: int) -> nn.Sequential:

@@ -8,7 +8,7 @@ arXiv:1503.02531; J. Tang, R. Shivanna, Z. Zhao, D. Lin, A. Singh, E. H. Chi, S.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from raykd.teacher_transforms import (
     similarity_targets,
     transform_teacher,
 )
+from raykd.typed import AtLeast, Between, Positive
 
 
 @register_method("ce")
@@ -35,24 +36,14 @@ class CrossEntropy(DistillMethod):
 
 @dataclass
 class KDParams:
-    temperature: float = 4.0
-    alpha: float = 0.9           # weight of the soft term; CE gets 1 - alpha
+    temperature: Annotated[float, Positive] = 4.0
+    alpha: Annotated[float, Between(0, 1)] = 0.9   # weight of the soft term; CE gets 1 - alpha
     transform: Transform = "none"  # none | ls | pt | sim | topk (Tang et al.)
-    k: int = 3                   # topk: how many of the teacher's probabilities to keep
-    epsilon: float = 0.1         # ls: smoothing mass
+    k: Annotated[int, AtLeast(1)] = 3   # topk: how many of the teacher's probabilities to keep
+    epsilon: Annotated[float, Between(0, 1)] = 0.1   # ls: smoothing mass
     sim_temperature: float = 0.1  # sim: softmax temperature over cosine class similarities
     teachers: Literal["first", "best", "ensemble"] = "first"   # with several teachers: the
     # first, the best on val, or the ensemble (mean logits)
-
-    def check(self, where: str) -> None:
-        if self.temperature <= 0:
-            raise RaykdError(f"{where}.temperature must be positive, got {self.temperature}")
-        if not 0 <= self.alpha <= 1:
-            raise RaykdError(f"{where}.alpha must be in [0, 1], got {self.alpha}")
-        if self.k < 1:
-            raise RaykdError(f"{where}.k must be at least 1, got {self.k}")
-        if not 0 <= self.epsilon <= 1:
-            raise RaykdError(f"{where}.epsilon must be in [0, 1], got {self.epsilon}")
 
 
 @register_method("kd")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch.nn.functional as F
 
@@ -27,6 +28,7 @@ from raykd.models.export import load_export
 from raykd.models.stitch import boundary_taps, neighbourhoods, parse_candidate, pools
 from raykd.selection import choose_one_per_group
 from raykd.specs import OptimSpec
+from raykd.typed import AtLeast, Between, NonNegative, Positive
 from raykd.units import Inputs, NeighbourhoodPart, StitchPlan
 
 LIBRARY_DIR = "neighbourhoods"   # the default library, inside the job's output folder
@@ -37,17 +39,19 @@ class NeighbourhoodParams:
     groups: list[str] = field(default_factory=list)           # [] = one per stage
     candidates: list[str] = field(default_factory=lambda: ["w0.5d1"])
     inputs: Inputs = "data"             # data | gaussian (synthetic, no images)
-    gaussian_samples: int = 2048        # synthetic inputs per epoch
+    gaussian_samples: Annotated[int, AtLeast(1)] = 2048   # synthetic inputs per epoch
     train: OptimSpec = field(default_factory=lambda: OptimSpec(
         epochs=10, optimizer="adam", lr=0.005, weight_decay=0.0))
     max_params: int | None = None       # budget for the stitched student
-    bn_recalibration: int = 2048        # training images to recompute the stitched student's
-                                        # BatchNorm statistics on (0: keep each part's own)
-    finetune_epochs: int = 0            # end-to-end KD after stitching
-    scratch_epochs: int = 0             # also train the stitched architecture from scratch with
-                                        # end-to-end KD for this many epochs (the baseline)
-    temperature: float = 4.0
-    alpha: float = 0.9
+    # training images to recompute the stitched student's BatchNorm statistics on (0: keep
+    # each part's own)
+    bn_recalibration: Annotated[int, NonNegative.noting("0 turns it off")] = 2048
+    finetune_epochs: Annotated[int, NonNegative] = 0   # end-to-end KD after stitching
+    # also train the stitched architecture from scratch with end-to-end KD for this many epochs
+    # (the baseline)
+    scratch_epochs: Annotated[int, NonNegative] = 0
+    temperature: Annotated[float, Positive] = 4.0
+    alpha: Annotated[float, Between(0, 1)] = 0.9
     library: str | None = None          # neighbourhood library (default OUTPUT_DIR/neighbourhoods)
 
     def check(self, where: str) -> None:
@@ -55,20 +59,8 @@ class NeighbourhoodParams:
             raise RaykdError(f"{where}.candidates: give at least one, e.g. [w0.5d1]")
         for c in self.candidates:
             parse_candidate(c)
-        if self.finetune_epochs < 0 or self.scratch_epochs < 0:
-            raise RaykdError(f"{where}: finetune_epochs and scratch_epochs must be >= 0")
-        if self.train.epochs < 1:
+        if self.train.epochs < 1:   # as config.validate checks the job's own OptimSpecs
             raise RaykdError(f"{where}.train.epochs must be at least 1, got {self.train.epochs}")
-        if self.temperature <= 0:
-            raise RaykdError(f"{where}.temperature must be positive, got {self.temperature}")
-        if not 0 <= self.alpha <= 1:
-            raise RaykdError(f"{where}.alpha must be in [0, 1], got {self.alpha}")
-        if self.bn_recalibration < 0:
-            raise RaykdError(f"{where}.bn_recalibration must be >= 0 (0 turns it off), got "
-                             f"{self.bn_recalibration}")
-        if self.gaussian_samples < 1:
-            raise RaykdError(f"{where}.gaussian_samples must be at least 1, got "
-                             f"{self.gaussian_samples}")
 
 
 @register_method("neighbourhood")

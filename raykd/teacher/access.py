@@ -3,16 +3,14 @@ in the worker (the model in-process, or a client of the job's shard actors), and
 deterministic inputs the teacher's stored outputs (computed once, raykd.teacher.cache)."""
 from __future__ import annotations
 
-import logging
 import time
 
 from raykd.data import load_dataset
+from raykd.log import log
 from raykd.teacher.cache import cached_teacher
 from raykd.teacher.handle import TeacherHandle
 from raykd.teacher.local import LocalTeacher
 from raykd.teacher.service import TeacherClient
-
-log = logging.getLogger("raykd")
 
 
 def open_teacher(handle: TeacherHandle, device):

@@ -16,7 +16,6 @@ Private folders left by a killed writer are removed once they are an hour old.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -29,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from raykd.files import file_hash
+from raykd.errors import one_line
+from raykd.files import file_hash, file_lock
 from raykd.log import log
 from raykd.teacher.local import Done
 
@@ -131,7 +131,7 @@ class FeatureCache:
             return self._read(entry, taps)
         except Exception as e:   # truncated, altered, half-deleted: never serve it
             log.warning("teacher cache entry %s is damaged (%s); discarding it and computing "
-                        "it again", entry, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                        "it again", entry, one_line(e, first=True))
             self.discard(key)
             return None
 
@@ -140,13 +140,8 @@ class FeatureCache:
         """Hold the entry's fill lock: of the processes on one machine that miss the same entry
         at once (parts of one teacher starting together), one computes it and the others wait
         and read it. The OS drops the lock of a process that dies; the empty lock file stays."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f".lock-{key}", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with file_lock(self.root / f".lock-{key}"):
+            yield
 
     def holding(self, source: str, taps: list[str]) -> str | None:
         """The key of an entry computed from the same teacher, data and split that holds at

@@ -2,17 +2,15 @@
 last user ends, never holding more CPUs than leave room for one training run."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import ray
 
 from raykd.errors import RaykdError
+from raykd.log import log
 from raykd.specs import TeacherSpec
 from raykd.teacher.handle import TeacherHandle
 from raykd.teacher.service import TeacherService
-
-log = logging.getLogger("raykd")
 
 
 def resolve_placement(teacher: TeacherSpec) -> str:

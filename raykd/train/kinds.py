@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import os
 
-from raykd.errors import RaykdError
+from raykd.errors import RaykdError, one_line
 from raykd.log import log
 from raykd.train import heads as _heads  # noqa: F401  (registers heads)
 from raykd.train import model as _model  # noqa: F401  (registers model)
@@ -49,7 +49,7 @@ def train_in_lane(unit: Unit, retries: int, threads=None) -> None:
             run_epochs(unit_kind(unit.kind), unit, alone=True, threads=threads)
             return
         except Exception as exc:   # the unit's own failure (a lost worker restarts the pack)
-            reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[-1]
+            reason = one_line(exc, typed=True)
             log.warning("[%s] failed (attempt %d of %d): %s", unit.key, attempt + 1,
                         retries + 1, reason)
         finally:
