@@ -28,7 +28,7 @@ def recipe_digest(unit) -> str:
     """How a part was distilled (besides teacher, position and candidate): training settings,
     inputs, data, seed and how the candidate downsamples. A part with another recipe is another
     library entry."""
-    nb = unit.neighbourhood
+    nb = unit.payload
     blob = json.dumps({"optim": dataclasses.asdict(unit.optim), "inputs": nb.inputs,
                        "pool": nb.pool,
                        "gaussian_samples": nb.gaussian_samples,

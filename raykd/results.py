@@ -16,7 +16,10 @@ from raykd.files import atomic_write, remove_stale_temps
 RESULTS_FILE = "results.parquet"
 REQUIRED_COLUMNS = ["method", "role", "model", "dataset", "seed", "val_top1", "test_top1",
                     "params", "wall_s", "epochs"]
-ROLE_ORDER = {"teacher": 0, "head": 1, "neighbourhood": 2, "student": 3}
+def role_order(role: str) -> str:
+    """Teachers first, students last, and between them every other role (what unit kinds train
+    on the way: heads, neighbourhood parts) by name, whatever kinds are registered."""
+    return {"teacher": "0", "student": "2"}.get(role, f"1{role}")
 
 
 class ResultsTable:
@@ -67,7 +70,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
                 val_std=("val_top1", "std"), test_mean=("test_top1", "mean"),
                 test_std=("test_top1", "std"), params=("params", "first"),
                 wall_s=("wall_s", "mean")).reset_index()
-    out["_order"] = out["role"].map(ROLE_ORDER).fillna(9)
+    out["_order"] = out["role"].map(role_order)
     return out.sort_values(["_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 

@@ -156,22 +156,19 @@ def fill_teacher_cache(unit, splits) -> None:
     """Store the tuned method's teacher outputs on the training split once, here, so that no
     trial runs a teacher over the training set (they all read the cache)."""
     from raykd.methods import MethodContext, build_method
-    from raykd.models import build_model
-    from raykd.models.export import load_export, load_heads
+    from raykd.models.export import load_export
     from raykd.teacher import LocalTeacher
     from raykd.teacher.cache import cached_teacher
+    from raykd.train.model import student_model
 
     if not splits.deterministic or not unit.teachers or not unit.teachers[0].cache_dir:
         return
     teachers = [load_export(h.export_path) for h in unit.teachers]
-    c, h, _ = splits.input_shape
-    # the student's architecture (a stitched one has the teacher's stage shapes)
-    student = build_model(unit.model, splits.num_classes, c, h) if unit.model != "stitched" \
-        else teachers[0]
+    # the student's architecture, as a trial builds it (not calibrated: only its shapes count)
+    student, _ = student_model(unit, splits, "cpu", calibrate=False)
     method = build_method(unit.method_name, unit.method, MethodContext(
         student=student, num_classes=splits.num_classes, input_shape=splits.input_shape,
-        teacher=teachers[0], teachers=teachers,
-        heads=load_heads(unit.head_exports) if unit.head_exports else None, shapes_only=True))
+        teacher=teachers[0], teachers=teachers, inputs=unit.method_inputs, shapes_only=True))
     taps = method.teacher_taps()
     for handle in unit.teachers if taps else []:
         cached_teacher(LocalTeacher(handle.export_path), handle.cache_dir, handle.export_path,

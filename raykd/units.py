@@ -1,8 +1,11 @@
 """What one Ray Train run trains: a `Unit`, the record that planning produces and workers read.
 
 A unit says which loop trains it (`kind`, see raykd.train.kinds), what its results rows are
-called (`role`), what it depends on, and where its outputs go. Small typed records carry what a
-particular kind needs (the heads to train, the neighbourhood to distil, the parts to stitch).
+called (`role`), what it depends on, and where its outputs go. Nothing on it belongs to one kind
+or one method: what a kind needs (the heads to train, the neighbourhood to distil) is its
+`payload`, a small typed record of that kind's own, and what a method planned for one of its
+students (the heads it distils from, the parts it is stitched from) is in `method_inputs`, read
+by that method alone.
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ from typing import Any, Literal
 from raykd.specs import DataSpec, OptimSpec
 from raykd.teacher.handle import TeacherHandle
 
-Role = Literal["teacher", "student", "head", "neighbourhood"]   # a results row's role
-Kind = Literal["model", "heads", "neighbourhood"]               # which training loop
+# a results row's role: "teacher", "student", or what a unit kind names its own ("head", ...)
+Role = str
+Kind = str          # which training loop: a registered unit kind (raykd.train.kinds)
 TeacherMode = Literal["first", "best", "all"]
 Inputs = Literal["data", "gaussian"]
 
@@ -41,15 +45,6 @@ class NeighbourhoodPart:
     # activations there are cached once per split and teacher, for all of its parts
     boundaries: tuple[int, ...] = ()
     pool: bool = False            # the teacher's blocks here downsample by max-pooling
-
-
-@dataclass
-class StitchPlan:
-    """A stitched student: the teacher export and, per neighbourhood, its chosen candidate export.
-    Stored inside the student's export (as a plain dict) so it can be rebuilt."""
-    teacher: str
-    parts: list[tuple[int, int, str]]     # (start, stop, candidate export), in block order
-    bn_recalibration: int = 0   # training images to recompute its BatchNorm statistics on
 
 
 @dataclass
@@ -89,11 +84,11 @@ class Unit:
     teachers: list[TeacherHandle] = field(default_factory=list)   # how to reach them
     cpus_per_worker: float = 1.0
     depends_on: list[str] = field(default_factory=list)
-    heads: HeadsPart | None = None                 # kind heads: what to train
-    head_exports: list[str] = field(default_factory=list)  # trained heads a student's method uses
-    neighbourhood: NeighbourhoodPart | None = None  # kind neighbourhood: what to distil
-    stitch_from: list[str] = field(default_factory=list)   # a stitched student's part units
-    stitch: StitchPlan | None = None   # chosen at launch from the parts' rows
+    # the kind's own record of what to train (HeadsPart, NeighbourhoodPart; None for "model")
+    payload: Any = None
+    # what the unit's method planned for it, and chose at launch (`prepare`), read by the method
+    # alone: plain values (paths, keys, numbers), e.g. DIH's trained heads' exports
+    method_inputs: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # a model export to start from (student.checkpoint)
     reinit: bool = False          # train the stitched / init_from architecture from fresh weights
     evaluate_test: bool = True    # False while searching (sweep trials): test is never read

@@ -105,9 +105,11 @@ def test_the_served_checksum_is_of_the_served_weights(ray_session, tmp_path, tea
     assert LocalTeacher(teacher_export).checksum() != LocalTeacher(other).checksum()
 
 
-def test_a_dih_student_uses_the_trained_heads_and_never_untrained_ones():
+def test_a_dih_student_uses_the_trained_heads_and_never_untrained_ones(tmp_path):
     from raykd.methods import MethodContext, Step, build_method
+    from raykd.methods.dih import HEADS
     from raykd.models import build_model
+    from raykd.models.export import save_heads
     from raykd.models.heads import build_heads
 
     torch.manual_seed(0)
@@ -116,7 +118,8 @@ def test_a_dih_student_uses_the_trained_heads_and_never_untrained_ones():
     ctx = MethodContext(student=student, num_classes=10, input_shape=(1, 8, 8), teacher=teacher)
     with pytest.raises(RaykdError, match="no trained heads"):
         build_method("dih", {"heads": ["stage1", "stage3"]}, ctx)
-    ctx.heads = trained
+    save_heads(trained, tmp_path / "trained.pt", 10)    # as its heads unit exports them
+    ctx.inputs = {HEADS: [str(tmp_path / "trained.pt")]}
     dih = build_method("dih", {"heads": ["stage1", "stage3"], "temperature": 2.0}, ctx)
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
     with torch.no_grad():
@@ -125,7 +128,9 @@ def test_a_dih_student_uses_the_trained_heads_and_never_untrained_ones():
     cohort = [trained["stage1"](t["stage1"]), trained["stage3"](t["stage3"]), t["logits"]]
     expected = dih_loss(step.student["logits"], cohort, y, 0.1, 2.0)
     assert dih.losses(step)["dih"].item() == pytest.approx(expected.item(), rel=1e-6)
-    ctx.heads = build_heads(teacher, ["stage1", "stage3"], (1, 8, 8), 10, False, 2)
+    save_heads(build_heads(teacher, ["stage1", "stage3"], (1, 8, 8), 10, False, 2),
+               tmp_path / "other.pt", 10)
+    ctx.inputs = {HEADS: [str(tmp_path / "other.pt")]}
     other = build_method("dih", {"heads": ["stage1", "stage3"], "temperature": 2.0}, ctx)
     assert abs(other.losses(step)["dih"].item() - expected.item()) > 1e-4
 
@@ -135,7 +140,7 @@ def test_a_chain_works_with_the_method_taken_from_the_label(tmp_path):
     units = {u.key: u for u in plan_units(spec, load_dataset(spec.data))}
     link2 = units["seed0-dih.2"]
     assert link2.method_name == "dih" and link2.teacher_candidates == [units["seed0-dih.1"].export_path]
-    assert link2.head_exports == [units["seed0-dih.1-heads"].export_path]
+    assert link2.method_inputs == {"heads": [units["seed0-dih.1-heads"].export_path]}
     assert units["seed0-dih.1-heads"].teacher_candidates == [units["seed0-dih.1"].export_path]
     assert set(link2.depends_on) == {"seed0-dih.1", "seed0-dih.1-heads"}
     preflight(spec, load_dataset(spec.data))

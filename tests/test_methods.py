@@ -131,17 +131,20 @@ def test_cd_and_topk_train_in_a_real_run(ray_session, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", method_names())
-def test_every_registered_method_keeps_the_contract(name):
+def test_every_registered_method_keeps_the_contract(name, tmp_path):
     """Finite scalar losses, gradients that reach the student and the method's own modules,
     taps that resolve on both models, and logged weights named after its losses."""
+    from raykd.models.export import save_heads
     from raykd.models.heads import build_heads
 
     torch.manual_seed(0)
     student, teacher = build_model("cnn_small", 10, 1, 28), build_model("cnn_wide", 10, 1, 28)
     teacher.eval()
+    # DIH's trained heads, as its plan hands them to its students (their exports)
+    save_heads(build_heads(teacher, teacher.stage_names, (1, 28, 28), 10, False, 0),
+               tmp_path / "heads.pt", 10)
     ctx = MethodContext(student=student, num_classes=10, input_shape=(1, 28, 28), teacher=teacher,
-                        teachers=[teacher],
-                        heads=build_heads(teacher, teacher.stage_names, (1, 28, 28), 10, False, 0))
+                        teachers=[teacher], inputs={"heads": [str(tmp_path / "heads.pt")]})
     method = build_method(name, {}, ctx)
     for tap in method.student_taps():
         student.resolve_tap(tap)

@@ -169,7 +169,7 @@ def test_gaussian_inputs_train_without_touching_the_dataset(ray_session, tmp_pat
         export_path=str(tmp_path / "gauss.pt"), history_path=str(tmp_path / "gauss.jsonl"),
         teacher_candidates=[str(teacher_path)],
         teachers=[TeacherHandle(str(teacher_path), "local", cache_dir=None)],
-        neighbourhood=NeighbourhoodPart("stage2", 2, 3, "w0.5d1", inputs="gaussian",
+        payload=NeighbourhoodPart("stage2", 2, 3, "w0.5d1", inputs="gaussian",
                                         gaussian_samples=512, input_shape=(1, 8, 8)))
     [row] = ray.get(fit_units.remote([unit], RunSettings(str(tmp_path / "ray"), 10, (1, 8, 8),
                                                               max_failures=0)))["gauss"]
@@ -212,7 +212,7 @@ def test_a_parts_accuracies_from_its_boundary_activations_equal_the_stitched_mod
         history_path=str(tmp_path / "part.jsonl"), teacher_candidates=[str(teacher_path)],
         teachers=[TeacherHandle(str(teacher_path), "local",
                                 cache_dir=str(tmp_path / "cache") if cached else None)],
-        neighbourhood=NeighbourhoodPart("stage2", 2, 3, "w0.5d1", inputs="data",
+        payload=NeighbourhoodPart("stage2", 2, 3, "w0.5d1", inputs="data",
                                         gaussian_samples=0, input_shape=(1, 8, 8),
                                         boundaries=(1, 2, 3, 4)))
     part = NeighbourhoodTrainer(unit, 0, 1, torch.device("cpu"))

@@ -57,7 +57,7 @@ def test_a_teacher_is_asked_to_store_what_its_parts_and_heads_read_from_the_cach
     part = units["seed0-nd-stage2-w0.5d1"]
     from raykd.models import build_model
     arch = build_model("cnn", 10, 1, 8)
-    wanted = set(boundary_taps(arch, part.neighbourhood.boundaries)) | {"stage1", "stage3"}
+    wanted = set(boundary_taps(arch, part.payload.boundaries)) | {"stage1", "stage3"}
     assert wanted == {"logits", "stage1_block", "stage2_block", "stage3_block", "stage1", "stage3"}
     assert all(set(taps) == wanted for taps in stored.taps.values())
     assert all(u.store_outputs is None for k, u in units.items() if k != "seed0-teacher")

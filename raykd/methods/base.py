@@ -7,7 +7,7 @@ The training loop sums and logs that dict and never looks at which method produc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -26,7 +26,7 @@ class MethodContext:
     input_shape: tuple[int, int, int]
     teacher: StagedModel | None = None   # architecture only (shapes); its outputs come as tensors
     teachers: list | None = None         # every teacher's architecture, when the method uses all
-    heads: dict | None = None            # trained heads on the teacher's stages (DIH), by stage
+    inputs: dict = field(default_factory=dict)   # the unit's `method_inputs` (its plan's)
     shapes_only: bool = False            # built by the start-up check, never trained
 
 
@@ -79,6 +79,16 @@ class DistillMethod:
     def prepare(cls, unit, rows: list[dict]) -> None:
         """Last decisions about a planned unit, made at launch from the finished units' results
         rows (e.g. which distilled parts to stitch). Nothing by default."""
+
+    # the label suffix of a results row for the model a student starts from (see `start_model`)
+    start_label: ClassVar[str] = "start"
+
+    @classmethod
+    def start_model(cls, unit, splits, device, calibrate: bool = True) -> nn.Module | None:
+        """The trained model this unit's student starts from, where the method makes one (a
+        stitched student); None: the job's student (a zoo model, or `student.checkpoint`).
+        `calibrate`: it will be trained or scored, not only looked at for its shapes."""
+        return None
 
     def __init__(self, params: Any, ctx: MethodContext):
         self.params = params

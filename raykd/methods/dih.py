@@ -16,10 +16,13 @@ from typing import Annotated
 from raykd.errors import RaykdError
 from raykd.losses import dih_loss
 from raykd.methods.base import DistillMethod, Step, register_method
+from raykd.models.export import load_heads
 from raykd.models.heads import build_heads, check_stages
 from raykd.teacher.local import freeze
 from raykd.typed import Between, Positive
 from raykd.units import HeadsPart
+
+HEADS = "heads"   # a DIH student's method input: its trained heads' exports, as planned
 
 
 @dataclass
@@ -61,13 +64,13 @@ class DIH(DistillMethod):
                 units.append(plan.add(plan.unit(
                     key, role="head", kind="heads", label="heads", model=model,
                     optim=spec.heads.train, teacher_candidates=teachers[:1],
-                    depends_on=teacher_keys[:1], heads=HeadsPart(group, spec.heads.pooled),
+                    depends_on=teacher_keys[:1], payload=HeadsPart(group, spec.heads.pooled),
                     # together or separate: the same initialisation and batch order per head
                     seed_stream=f"{prefix}-heads")))
             heads_made.extend(units)
             plan.store_outputs(teacher_keys[:1], stages)   # read on train, val and test
             return {"depends_on": [u.key for u in units],
-                    "head_exports": [u.export_path for u in units]}
+                    "method_inputs": {HEADS: [u.export_path for u in units]}}
 
         students = plan.students(label, cls.name, entry, params, cls, per_link=link_heads)
         return heads_made + students
@@ -80,7 +83,7 @@ class DIH(DistillMethod):
         if params.alphas and len(params.alphas) != len(self.stages) + 1:
             raise RaykdError(f"dih: alphas needs {len(self.stages) + 1} weights (one per head, "
                              f"then the teacher's classifier), got {len(params.alphas)}")
-        heads = ctx.heads
+        heads = load_heads(ctx.inputs[HEADS]) if ctx.inputs.get(HEADS) else None
         if heads is None and ctx.shapes_only:   # the start-up check: shapes, not training
             heads = build_heads(ctx.teacher, self.stages, ctx.input_shape, ctx.num_classes, False, 0)
         if heads is None:

@@ -24,14 +24,26 @@ from raykd.errors import RaykdError
 from raykd.losses import kd_loss
 from raykd.methods.base import DistillMethod, Step, parse_params, register_method
 from raykd.models import count_params
-from raykd.models.export import load_export
+from raykd.models.batchnorm import recalibrate_batchnorm
+from raykd.models.export import build_stitched, load_export
 from raykd.models.stitch import boundary_taps, neighbourhoods, parse_candidate, pools
 from raykd.selection import choose_one_per_group
 from raykd.specs import OptimSpec
 from raykd.typed import AtLeast, Between, NonNegative, Positive
-from raykd.units import Inputs, NeighbourhoodPart, StitchPlan
+from raykd.units import Inputs, NeighbourhoodPart
 
 LIBRARY_DIR = "neighbourhoods"   # the default library, inside the job's output folder
+# a stitched student's method inputs: its parts' unit keys (planned), then the stitch (chosen)
+PARTS, STITCH = "parts", "stitch"
+
+
+@dataclass
+class StitchPlan:
+    """A stitched student: the teacher export and, per neighbourhood, its chosen candidate export.
+    Stored inside the student's export (as a plain dict) so it can be rebuilt."""
+    teacher: str
+    parts: list[tuple[int, int, str]]     # (start, stop, candidate export), in block order
+    bn_recalibration: int = 0   # training images to recompute its BatchNorm statistics on
 
 
 @dataclass
@@ -83,7 +95,7 @@ class NeighbourhoodDistillation(DistillMethod):
                     kind="neighbourhood", label=f"{label}:{name}:{cand}", model=cand,
                     optim=params.train, teacher_candidates=plan.exports[:1],
                     depends_on=plan.first_teacher, seed_stream=f"neighbourhood-{name}-{cand}",
-                    neighbourhood=NeighbourhoodPart(
+                    payload=NeighbourhoodPart(
                         name, start, stop, cand, params.inputs, params.gaussian_samples,
                         tuple(plan.input_shape), library=library, boundaries=boundaries,
                         pool=pools(plan.teacher_arch, start, stop)))))
@@ -91,7 +103,7 @@ class NeighbourhoodDistillation(DistillMethod):
             plan.store_outputs(plan.first_teacher, boundary_taps(plan.teacher_arch, boundaries))
         students = plan.students(label, cls.name, entry, params, cls,
                                  depends_on=[p.key for p in parts], model="stitched",
-                                 stitch_from=[p.key for p in parts])
+                                 method_inputs={PARTS: [p.key for p in parts]})
         scratch = []
         for student in students:
             student.optim = dataclasses.replace(student.optim, epochs=params.finetune_epochs)
@@ -108,15 +120,33 @@ class NeighbourhoodDistillation(DistillMethod):
     def prepare(cls, unit, rows: list[dict]) -> None:
         """Choose the stitched student's parts: per neighbourhood the candidate with the lowest
         relative reconstruction error, jointly under the parameter budget."""
-        if not unit.stitch_from or unit.stitch is not None:
+        if not unit.method_inputs.get(PARTS) or STITCH in unit.method_inputs:
             return
         params = parse_params(cls, unit.method, f"methods.{unit.label}")
-        mine = [r for r in rows if r.get("unit") in set(unit.stitch_from)]
+        mine = [r for r in rows if r.get("unit") in set(unit.method_inputs[PARTS])]
         teacher = unit.teacher_candidates[0]
         chosen, _ = choose_candidates(mine, count_params(load_export(teacher)), params.max_params)
-        unit.stitch = StitchPlan(teacher, sorted(
+        plan = StitchPlan(teacher, sorted(
             (int(r["nb_start"]), int(r["nb_stop"]), r["export"]) for r in chosen.values()),
             params.bn_recalibration)
+        # a new dict: a student and its from-scratch twin were planned sharing one
+        unit.method_inputs = {**unit.method_inputs, STITCH: dataclasses.asdict(plan)}
+
+    start_label = "stitched"
+
+    @classmethod
+    def start_model(cls, unit, splits, device, calibrate: bool = True):
+        """The stitched student: the teacher's stem and classifier around the chosen parts,
+        its BatchNorm statistics recomputed on its own activations (unless it is to be trained
+        from fresh weights, the from-scratch baseline)."""
+        stitch = unit.method_inputs.get(STITCH)
+        if stitch is None:
+            return None
+        model = build_stitched(stitch)
+        if calibrate and not unit.reinit and stitch["bn_recalibration"]:
+            recalibrate_batchnorm(model.to(device), splits.train, unit.data.eval_batch_size,
+                                  stitch["bn_recalibration"], device)
+        return model
 
     def __init__(self, params: NeighbourhoodParams, ctx):
         super().__init__(params, ctx)

@@ -68,6 +68,15 @@ def load_export(path: str | Path, map_location="cpu") -> StagedModel:
     return model.to(map_location)
 
 
+def model_name(model: StagedModel) -> str:
+    """What a results row calls a model: its zoo name, or for a stitched one its parts
+    ("stitched:w0.5d1+w0.5d1")."""
+    parts = (getattr(model, "stitch_info", None) or {}).get("parts", [])
+    if parts:
+        return "stitched:" + "+".join(candidate_spec(p) for _a, _b, p in parts)
+    return getattr(model, "arch", "?")
+
+
 def build_stitched(info: dict) -> StagedModel:
     """info = {"teacher": export path, "parts": [[start, stop, candidate export path], ...]}:
     the teacher's blocks with each range replaced by its trained candidate."""

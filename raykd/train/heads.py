@@ -43,12 +43,12 @@ class HeadsTrainer(UnitTrainer):
 
     def build(self):
         unit, device = self.unit, self.device
-        self.stages = unit.heads.stages
+        self.stages = unit.payload.stages
         self.splits = load_dataset(unit.data)
         self.teacher = open_teacher(unit.teachers[0], device)   # the real teacher, or its shards
         self.stored_splits: dict = {}
         self.heads = build_heads(self.teacher.model, self.stages, self.splits.input_shape,
-                                 self.splits.num_classes, unit.heads.pooled,
+                                 self.splits.num_classes, unit.payload.pooled,
                                  unit.random_seed).to(device)
         [self.source] = open_teachers(unit.teachers, self.stages, unit.data, self.splits, device,
                                       unit.key)
@@ -117,4 +117,4 @@ class HeadsTrainer(UnitTrainer):
                  "params": count_params(heads[stage]),
                  "macs": count_macs(heads[stage], heads[stage].in_shape),
                  "teacher_checksum": metrics["teacher_checksum_after"]}
-                for stage in unit.heads.stages]
+                for stage in unit.payload.stages]

@@ -6,7 +6,6 @@ method it runs.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections import defaultdict
 
@@ -16,10 +15,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from raykd.data import load_dataset
-from raykd.methods import MethodContext, Step, build_method
+from raykd.methods import MethodContext, Step, build_method, method_class
 from raykd.models import build_model, count_macs, count_params
-from raykd.models.batchnorm import recalibrate_batchnorm
-from raykd.models.export import build_stitched, candidate_spec, load_export, load_heads, save_export
+from raykd.models.export import load_export, model_name, save_export
 from raykd.models.staged import latency_ms
 from raykd.teacher.access import open_teachers
 from raykd.train.batches import WithIndex, epoch_order, evaluate, with_teacher
@@ -57,29 +55,18 @@ class ModelTrainer(UnitTrainer):
         unit, device = self.unit, self.device
         torch.manual_seed(unit.random_seed)
         self.splits = splits = load_dataset(unit.data)
-        if unit.stitch or unit.init_from:
-            model = (build_stitched(dataclasses.asdict(unit.stitch)) if unit.stitch  # teacher's
-                     else load_export(unit.init_from))                           # stem and head
-            if unit.reinit:             # same architecture, fresh weights (the baseline)
-                for m in model.modules():
-                    if hasattr(m, "reset_parameters"):
-                        m.reset_parameters()
-            elif unit.stitch and unit.stitch.bn_recalibration:
-                recalibrate_batchnorm(model.to(device), splits.train, unit.data.eval_batch_size,
-                                      unit.stitch.bn_recalibration, device)
-        else:
-            model = build_model(unit.model, splits.num_classes, splits.in_channels,
-                                splits.image_size)
+        model, started_from = student_model(unit, splits, device)
         # a model that starts from trained weights (a stitched student) is scored before training
         self.initial = {
-            f"initial_{name}": evaluate(model.to(device), part, unit.data.eval_batch_size, device)
-            for name, part in (("val_top1", splits.val), ("test_top1", splits.test))
-        } if (unit.stitch or unit.init_from) and not unit.reinit else {}
+            **{f"initial_{name}": evaluate(model.to(device), part, unit.data.eval_batch_size,
+                                           device)
+               for name, part in (("val_top1", splits.val), ("test_top1", splits.test))},
+            "started_from": started_from} if started_from else {}
         architectures = [load_export(h.export_path) for h in unit.teachers]
         self.method = build_method(unit.method_name, unit.method, MethodContext(
             student=model, num_classes=splits.num_classes, input_shape=splits.input_shape,
             teacher=architectures[0] if architectures else None, teachers=architectures,
-            heads=load_heads(unit.head_exports) if unit.head_exports else None))
+            inputs=unit.method_inputs))
         self.trainable = TrainableParts(model, self.method.modules()).to(device)
         self.student = model
         return self.trainable
@@ -160,21 +147,40 @@ class ModelTrainer(UnitTrainer):
 
     @classmethod
     def rows(cls, unit, metrics, common, num_classes, input_shape):
-        """A zoo model's row; a stitched student also gets a row for before its fine-tuning."""
+        """A model's row; a student that started from a trained model (its method's, e.g. a
+        stitched one, or `student.checkpoint`) also gets a row for that model, before training."""
         model = load_export(unit.export_path)    # what was trained and exported, counted
-        parts = (unit.stitch.parts if unit.stitch else
-                 (getattr(model, "stitch_info", None) or {}).get("parts", []))
-        name = ("stitched:" + "+".join(candidate_spec(p) for _a, _b, p in parts) if parts
-                else getattr(model, "arch", unit.model))
-        row = {**common, "method": unit.label, "model": name, "val_top1": metrics.get("val_top1"),
+        row = {**common, "method": unit.label, "model": model_name(model),
+               "val_top1": metrics.get("val_top1"),
                "test_top1": metrics.get("test_top1"), "params": count_params(model),
                "macs": count_macs(model, input_shape),
                # batch 1, one thread, eager PyTorch (`raykd export` adds ONNX / TorchScript's)
                "latency_ms": latency_ms(model, input_shape)}
-        if not (unit.stitch or unit.init_from) or unit.reinit:
+        if not metrics.get("started_from"):
             return [row]
-        before = {**row, "method": f"{unit.label}.{'stitched' if unit.stitch else 'start'}",
+        before = {**row, "method": f"{unit.label}.{metrics['started_from']}",
                   "epochs": 0,
                   "val_top1": metrics["initial_val_top1"],
                   "test_top1": metrics["initial_test_top1"]}
         return [before] if unit.optim.epochs == 0 else [before, row]
+
+
+def student_model(unit, splits, device, calibrate: bool = True) -> tuple[torch.nn.Module, str]:
+    """The model a `model` unit trains, and what trained model it starts from ("" for fresh
+    weights; else the label its row before training gets: the method's `start_label` for one
+    its method makes, e.g. a stitched student, "start" for `student.checkpoint`). `reinit` keeps
+    the architecture and draws fresh weights (the baseline)."""
+    method = method_class(unit.method_name) if unit.method_name else None
+    made = method.start_model(unit, splits, device, calibrate) if method else None
+    label = method.start_label if made is not None else ""
+    if made is None and unit.init_from:
+        made, label = load_export(unit.init_from), "start"
+    if made is None:
+        return build_model(unit.model, splits.num_classes, splits.in_channels,
+                           splits.image_size), ""
+    if unit.reinit:             # same architecture, fresh weights
+        for m in made.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        return made, ""
+    return made, label

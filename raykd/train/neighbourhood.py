@@ -59,7 +59,7 @@ class NeighbourhoodTrainer(UnitTrainer):
     kind = "neighbourhood"
 
     def build(self):
-        unit, nb = self.unit, self.unit.neighbourhood
+        unit, nb = self.unit, self.unit.payload
         self.start_block, self.stop_block = nb.start, nb.stop
         self.teacher = LocalTeacher(unit.teachers[0].export_path, "cpu")   # synthetic targets
         names = self.teacher.model.block_names
@@ -72,7 +72,7 @@ class NeighbourhoodTrainer(UnitTrainer):
         return self.candidate
 
     def start(self, start_epoch):
-        unit, nb, teacher = self.unit, self.unit.neighbourhood, self.teacher
+        unit, nb, teacher = self.unit, self.unit.payload, self.teacher
         self.synthetic = nb.inputs == "gaussian"
         if self.synthetic:
             self.boundary = GaussianBoundary(teacher, nb.start, nb.input_shape, unit.random_seed)
@@ -90,7 +90,7 @@ class NeighbourhoodTrainer(UnitTrainer):
         """The teacher's activations at every boundary of its partition, and its logits (the
         teacher's own accuracy is read, not computed again); its teacher unit stores them when
         the job planned it (raykd.methods.neighbourhood)."""
-        nb = self.unit.neighbourhood
+        nb = self.unit.payload
         return boundary_taps(self.teacher.model, nb.boundaries or (nb.start, nb.stop))
 
     def split_pairs(self, split: str, dataset) -> tuple[list[tuple], list[torch.Tensor]]:
@@ -116,7 +116,7 @@ class NeighbourhoodTrainer(UnitTrainer):
         self.candidate.train()
 
     def batches(self, epoch):
-        unit, nb, device = self.unit, self.unit.neighbourhood, self.device
+        unit, nb, device = self.unit, self.unit.payload, self.device
         gen = epoch_order(unit.random_seed, epoch)
         if self.synthetic:
             for _ in range(max(1, nb.gaussian_samples // unit.data.batch_size)):
@@ -151,7 +151,7 @@ class NeighbourhoodTrainer(UnitTrainer):
         from the activations stored at the neighbourhood's input and the teacher's logits: only
         the candidate and the blocks after it run (the blocks before it ran once, for the
         cache). The same numbers as evaluating the swapped teacher whole, in less time."""
-        model, stop, n = self.teacher.model, self.unit.neighbourhood.stop, len(
+        model, stop, n = self.teacher.model, self.unit.payload.stop, len(
             self.teacher.model.block_names)
         swapped = teacher = total = 0
         with mode(self.candidate, False), mode(model, False):
@@ -163,7 +163,7 @@ class NeighbourhoodTrainer(UnitTrainer):
         return swapped / max(total, 1), teacher / max(total, 1)
 
     def evaluate(self, epoch, final, seen):
-        nb, teacher = self.unit.neighbourhood, self.teacher
+        nb, teacher = self.unit.payload, self.teacher
         metrics = {"recon_val": self.relative_error()}
         if final:
             metrics.update(candidate_params=count_params(self.candidate), replaced_params=sum(
@@ -181,7 +181,7 @@ class NeighbourhoodTrainer(UnitTrainer):
     def costs(self) -> dict:
         """What a search budget adds up: MACs and batch-1 CPU latency of the candidate, of the
         teacher blocks it replaces, and of the whole teacher; the teacher's identity."""
-        nb, teacher = self.unit.neighbourhood, self.teacher.model
+        nb, teacher = self.unit.payload, self.teacher.model
         in_shape = self.candidate.in_shape
         replaced = BlockRange(teacher, nb.start, nb.stop)
         return {"macs": count_macs(self.candidate, in_shape),
@@ -201,7 +201,7 @@ class NeighbourhoodTrainer(UnitTrainer):
 
     @classmethod
     def rows(cls, unit, metrics, common, num_classes, input_shape):
-        nb = unit.neighbourhood
+        nb = unit.payload
         return [{**common, "method": unit.label, "model": nb.candidate,
                  "neighbourhood": nb.name, "nb_start": nb.start, "nb_stop": nb.stop,
                  "candidate": nb.candidate,
@@ -220,7 +220,7 @@ class NeighbourhoodTrainer(UnitTrainer):
     def stored(cls, unit):
         """This part's rows from the neighbourhood library, its checkpoint placed at the unit's
         export path; None when the library does not have it."""
-        nb = unit.neighbourhood
+        nb = unit.payload
         if not nb.library:
             return None
         found = NeighbourhoodLibrary(nb.library).find(
@@ -235,5 +235,5 @@ class NeighbourhoodTrainer(UnitTrainer):
 
     @classmethod
     def store(cls, unit, rows) -> None:
-        if unit.neighbourhood.library and not rows[0].get("reused_from"):
-            NeighbourhoodLibrary(unit.neighbourhood.library).add(rows[0], unit.export_path)
+        if unit.payload.library and not rows[0].get("reused_from"):
+            NeighbourhoodLibrary(unit.payload.library).add(rows[0], unit.export_path)
