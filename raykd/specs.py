@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from raykd.typed import AtLeast, Positive
 
 Optimizer = Literal["sgd", "adam"]
 Placement = Literal["auto", "local", "actors"]
@@ -29,14 +31,15 @@ class GaussianSpec:
 class DataSpec:
     dataset: str = "mnist5k"
     root: str | None = None           # local folder for cifar10/cifar100/imagenet
-    train_size: int | None = None     # limit training images (distillation helps most with few)
-    val_size: int | None = None       # None: the dataset's default
-    test_size: int | None = None
+    # limit training images (distillation helps most with few)
+    train_size: Annotated[int | None, AtLeast(1)] = None
+    val_size: Annotated[int | None, AtLeast(1)] = None       # None: the dataset's default
+    test_size: Annotated[int | None, AtLeast(1)] = None
     split_seed: int = 0               # the split is the same for every run seed
-    batch_size: int = 128
+    batch_size: Annotated[int, AtLeast(1)] = 128
     # no-grad passes (validation, test, teacher-cache fills): on CPU, batches of 64 run
     # 1.6-1.8x faster than 512 (bench/eval_batch.py: large batches spill out of the caches)
-    eval_batch_size: int = 64
+    eval_batch_size: Annotated[int, AtLeast(1)] = 64
     augment: bool = True              # standard augmentation for the torchvision datasets
     image_size: int | None = None     # imagenet crop size (default 224)
     loader_workers: int = 0
@@ -45,9 +48,9 @@ class DataSpec:
 
 @dataclass
 class OptimSpec:
-    epochs: int = 10
+    epochs: Annotated[int, AtLeast(1)] = 10
     optimizer: Optimizer = "sgd"
-    lr: float = 0.05
+    lr: Annotated[float, Positive] = 0.05
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -60,15 +63,17 @@ class TeacherSpec:
     model: str = "cnn_wide"
     checkpoint: str | None = None     # a raykd model export to use instead of training one
     train: OptimSpec = field(default_factory=OptimSpec)
-    count: int = 1                    # teachers per seed (independent runs, different seeds)
+    # teachers per seed (independent runs, different seeds)
+    count: Annotated[int, AtLeast(1)] = 1
     models: list[str] = field(default_factory=list)   # or one teacher per listed architecture
     # how students get the frozen teacher's outputs (raykd.teacher)
     placement: Placement = "auto"     # local (in each worker) | actors (shard actors) | auto
-    shards: int = 1                   # contiguous block ranges, one Ray actor each
-    replicas: int = 1                 # copies of the shard chain, load-balanced
+    shards: Annotated[int, AtLeast(1)] = 1                   # contiguous block ranges, one Ray actor each
+    replicas: Annotated[int, AtLeast(1)] = 1                 # copies of the shard chain, load-balanced
     cpus_per_shard: float = 1.0
     gpus_per_shard: float = 0.0       # a GPU fraction per shard actor (GPU clusters)
-    timeout_s: float = 120.0          # a request with no answer by then fails with an error
+    # a request with no answer by then fails with an error
+    timeout_s: Annotated[float, Positive] = 120.0
     cache: bool = True                # store teacher outputs for deterministic inputs
     cache_dir: str | None = None      # default: OUTPUT_DIR/feature_cache (shared across jobs)
     reuse: bool = True                # take an identical teacher from OUTPUT_DIR/teachers
@@ -96,20 +101,21 @@ class HeadSpec:
 class RaySpec:
     address: str | None = None        # None: the cluster in RAY_ADDRESS, else a local instance
     num_cpus: int | None = None       # for a local instance
-    workers: int = 1                  # Ray Train workers per run (DDP when > 1)
+    workers: Annotated[int, AtLeast(1)] = 1   # Ray Train workers per run (DDP when > 1)
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     max_parallel: int | None = None   # runs in flight at once (None: as resources allow)
     max_failures: int = 1             # retries of a run, each resuming from its last checkpoint
     pack: Pack = "auto"               # auto: ready units share one Ray Train run, spread over
                                       # its workers as lanes; off: one run per unit
-    pack_max: int = 64                # most units one run trains
+    pack_max: Annotated[int, AtLeast(1)] = 64                # most units one run trains
     lend_idle_cpus: bool = True       # a lane whose neighbours on its node wait for work trains
                                       # with their CPUs as extra torch threads (not bit-stable)
     resources_per_worker: dict[str, float] = field(default_factory=dict)   # custom resources
                                       # each Train worker needs, e.g. {gpu_node: 1} (a node type)
-    placement_timeout_s: float = 600.0  # a run whose workers cannot be placed by then fails,
-                                      # naming what it needs (autoscaling GPU nodes take minutes)
+    # a run whose workers cannot be placed by then fails, naming what it needs (autoscaling GPU
+    # nodes take minutes)
+    placement_timeout_s: Annotated[float, Positive] = 600.0
 
 
 @dataclass

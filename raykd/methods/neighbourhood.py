@@ -71,8 +71,6 @@ class NeighbourhoodParams:
             raise RaykdError(f"{where}.candidates: give at least one, e.g. [w0.5d1]")
         for c in self.candidates:
             parse_candidate(c)
-        if self.train.epochs < 1:   # as config.validate checks the job's own OptimSpecs
-            raise RaykdError(f"{where}.train.epochs must be at least 1, got {self.train.epochs}")
 
 
 @register_method("neighbourhood")
