@@ -7,6 +7,7 @@
     raykd results RUN_DIR [--plot F.png] print a run's results table (mean ± std over seeds)
     raykd export RUN_DIR --label L       a trained student as ONNX or TorchScript, checked
     raykd report RUN_DIR                 a one-page HTML report of a run
+    raykd data export NAME OUT           a built-in dataset as an image folder of PNG files
 
 Bad input ends with a one-line error and a non-zero exit, never a traceback.
 """
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_command(sub)
     add_submit_command(sub)
     add_run_dir_commands(sub)
+    add_data_command(sub)
     return p
 
 
@@ -298,6 +300,30 @@ def add_submit_command(sub) -> None:
                         "the job's output_dir, or runs/JOB_ID with --follow)")
     submit.set_defaults(fn=_cmd_submit)
 
+
+
+def add_data_command(sub) -> None:
+    data = sub.add_parser("data", help="write a built-in dataset as an image folder",
+                          description="Datasets as files, for jobs of your own.")
+    actions = data.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    export = actions.add_parser(
+        "export", help="write mnist5k or digits as PNG files in class folders",
+        description="Write a dataset that ships inside a package (mnist5k: 5,000 MNIST digits; "
+        "digits: scikit-learn's 1,797 8x8 digits) as OUT/train/<class>/NNNNN.png, the layout "
+        "of `dataset: imagefolder` (jobs/imagefolder.yaml reads it). Nothing is downloaded.")
+    export.add_argument("name", choices=["mnist5k", "digits"], help="the dataset")
+    export.add_argument("out", help="a new (or empty) folder")
+    export.add_argument("--limit", type=int, help="write only this many images (all classes)")
+    export.set_defaults(fn=_cmd_data_export)
+
+
+def _cmd_data_export(args) -> int:
+    from raykd.data.folder import export_folder
+
+    count = export_folder(args.name, args.out, args.limit)
+    print(f"wrote {count} {args.name} images to {args.out}/train/<class>/")
+    return 0
 
 
 def add_run_dir_commands(sub) -> None:

@@ -25,7 +25,8 @@ def teacher_architectures(spec: JobSpec, splits) -> list[StagedModel]:
     if spec.teacher.checkpoint:
         return [load_export(spec.teacher.checkpoint)]
     c, h, _ = splits.input_shape
-    return [build_model(m, splits.num_classes, c, h) for m in teacher_models(spec)]
+    return [build_model(m, splits.num_classes, c, h, spec.teacher.model_args,
+                        spec.teacher.stages) for m in teacher_models(spec)]
 
 
 @dataclass
@@ -90,7 +91,9 @@ class SeedPlan:
             extra = dict(per_link(link, teachers, deps)) if per_link else {}
             fields = dict(
                 role="student", label=name, method_name=method_name, method=parameters,
-                model=self.spec.student.model, optim=self.spec.student.train,
+                model=self.spec.student.model, model_args=dict(self.spec.student.model_args),
+                model_stages=list(self.spec.student.stages),
+                optim=self.spec.student.train,
                 init_from=self.spec.student.checkpoint, reinit=self.spec.student.reinit,
                 diagnostics_dir=str(self.spec.run_dir / "diagnostics" / f"seed{self.seed}-{name}"),
                 teacher_candidates=teachers, teacher_mode=mode,
@@ -104,7 +107,8 @@ def student_architecture(spec: JobSpec, splits) -> StagedModel:
     if spec.student.checkpoint:
         return load_export(spec.student.checkpoint)
     c, h, _ = splits.input_shape
-    return build_model(spec.student.model, splits.num_classes, c, h)
+    return build_model(spec.student.model, splits.num_classes, c, h, spec.student.model_args,
+                       spec.student.stages)
 
 
 def plan_units(spec: JobSpec, splits) -> list[Unit]:
@@ -120,7 +124,8 @@ def plan_units(spec: JobSpec, splits) -> list[Unit]:
             suffix = str(k) if k else ""
             plan.teachers.append(plan.add(plan.unit(
                 f"seed{seed}-teacher{suffix}", role="teacher", label="ce" + (f".t{k}" if k else ""),
-                method_name="ce", model=arch, optim=spec.teacher.train)))
+                method_name="ce", model=arch, model_args=dict(spec.teacher.model_args),
+                model_stages=list(spec.teacher.stages), optim=spec.teacher.train)))
         plan.exports = plan.exports or [t.export_path for t in plan.teachers]
         for label, entry in spec.methods.items():
             cls, params = method_params(label, entry)

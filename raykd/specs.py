@@ -41,7 +41,9 @@ class DataSpec:
     # 1.6-1.8x faster than 512 (bench/eval_batch.py: large batches spill out of the caches)
     eval_batch_size: Annotated[int, AtLeast(1)] = 64
     augment: bool = True              # standard augmentation for the torchvision datasets
-    image_size: int | None = None     # imagenet crop size (default 224)
+    image_size: int | None = None     # imagenet crop, imagefolder resize (default 224)
+    mean: list[float] = field(default_factory=list)   # imagefolder normalisation (default:
+    std: list[float] = field(default_factory=list)    # ImageNet's for colour, 0.5 for grey)
     loader_workers: int = 0
     gaussian: GaussianSpec = field(default_factory=GaussianSpec)
 
@@ -60,7 +62,10 @@ class OptimSpec:
 
 @dataclass
 class TeacherSpec:
+    # a zoo name, torchvision:NAME or timm:NAME (raykd.models.sources)
     model: str = "cnn_wide"
+    model_args: dict[str, Any] = field(default_factory=dict)   # the builder's keyword arguments
+    stages: list[str] = field(default_factory=list)   # module paths as stage1..N (sourced models)
     checkpoint: str | None = None     # a raykd model export to use instead of training one
     train: OptimSpec = field(default_factory=OptimSpec)
     # teachers per seed (independent runs, different seeds)
@@ -81,7 +86,9 @@ class TeacherSpec:
 
 @dataclass
 class StudentSpec:
-    model: str = "cnn_small"
+    model: str = "cnn_small"          # a zoo name, torchvision:NAME or timm:NAME
+    model_args: dict[str, Any] = field(default_factory=dict)
+    stages: list[str] = field(default_factory=list)   # module paths as stage1..N (sourced models)
     train: OptimSpec = field(default_factory=OptimSpec)
     checkpoint: str | None = None     # start from this raykd model export (e.g. a searched
                                       # stitched student) instead of building `model`

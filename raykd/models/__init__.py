@@ -5,6 +5,7 @@
 Names: the CIFAR ResNets resnet8..resnet110, resnet8x4, resnet32x4; Wide ResNets wrn_D_W
 (e.g. wrn_40_2); small CNNs cnn_small, cnn, cnn_wide (any input size, meant for 1x28x28 and 1x8x8);
 torchvision resnet18, resnet34 (ImageNet stem); resnet50_cifar, resnet152_cifar (3x3 stem, no max pool).
+Beyond the zoo: `torchvision:NAME` and `timm:NAME` (raykd.models.sources).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Callable
 from raykd.errors import RaykdError
 from raykd.models.cifar_resnet import cifar_resnet_blocks, wrn_blocks
 from raykd.models.small_cnn import small_cnn_blocks
+from raykd.models.sources import build_source_model, check_source
 from raykd.models.staged import LOGITS, StagedModel, count_macs, count_params
 from raykd.models.torchvision_resnet import torchvision_resnet_blocks
 
@@ -43,10 +45,14 @@ _WRN = re.compile(r"^wrn_(\d+)_(\d+)$")
 
 
 def model_names() -> list[str]:
-    return sorted(_FACTORIES) + ["wrn_D_W (D = 6n+4, e.g. wrn_16_2, wrn_40_2)"]
+    return sorted(_FACTORIES) + ["wrn_D_W (D = 6n+4, e.g. wrn_16_2, wrn_40_2)",
+                                 "torchvision:NAME", "timm:NAME"]
 
 
 def check_model_name(name: str) -> None:
+    if ":" in name:
+        check_source(name)
+        return
     if name in _FACTORIES:
         return
     m = _WRN.match(name)
@@ -55,14 +61,21 @@ def check_model_name(name: str) -> None:
     raise RaykdError(f"unknown model {name!r}; allowed: {', '.join(model_names())}")
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32
-                ) -> StagedModel:
+def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
+                args: dict | None = None, stages: list[str] | None = None) -> StagedModel:
+    """A zoo model by name, or `torchvision:NAME` / `timm:NAME` with keyword arguments `args`
+    and, optionally, its stages by module path (raykd.models.sources)."""
+    if ":" in name:
+        return build_source_model(name, num_classes, in_channels, image_size, args, stages)
     check_model_name(name)
+    if args or stages:
+        raise RaykdError(f"model {name}: model_args and stages are for torchvision: and timm: "
+                         "models; the zoo's are fixed")
     m = _WRN.match(name)
     if m:
         blocks, stages = wrn_blocks(int(m.group(1)), int(m.group(2)), num_classes, in_channels)
     else:
         blocks, stages = _FACTORIES[name](num_classes, in_channels, image_size)
     model = StagedModel(blocks, stages)
-    model.arch = name
+    model.arch, model.model_args = name, {}
     return model

@@ -47,6 +47,8 @@ def model_payload(model: StagedModel, num_classes: int, in_channels: int,
                   image_size: int) -> dict:
     """What a model export holds (plain values and CPU tensors: it can cross processes)."""
     return {"kind": "model", "arch": model.arch, "num_classes": num_classes,
+            "model_args": dict(getattr(model, "model_args", None) or {}),
+            "stage_paths": list(getattr(model, "stage_paths", None) or []),
             "in_channels": in_channels, "image_size": image_size, "state_dict": _weights(model),
             # a stitched student: the teacher export it came from and its candidates
             "stitch": getattr(model, "stitch_info", None)}
@@ -63,7 +65,8 @@ def load_export(path: str | Path, map_location="cpu") -> StagedModel:
         model = build_stitched(payload["stitch"])
     else:
         model = build_model(payload["arch"], payload["num_classes"], payload["in_channels"],
-                            payload["image_size"])
+                            payload["image_size"], payload.get("model_args"),
+                            payload.get("stage_paths"))
     model.load_state_dict(payload["state_dict"])
     return model.to(map_location)
 

@@ -23,15 +23,19 @@ LOGITS = "logits"
 
 
 class StagedModel(nn.Module):
-    def __init__(self, blocks: "OrderedDict[str, nn.Module]", stages: dict[str, str]):
+    def __init__(self, blocks: "OrderedDict[str, nn.Module]", stages: dict[str, str],
+                 paths: dict[str, str] | None = None):
+        """`paths`: module paths of the original model (`layer3.1`) -> the block ending where
+        that module ends, for a model cut from any `nn.Module` (raykd.models.graph)."""
         super().__init__()
         if not blocks:
             raise ValueError("a staged model needs at least one block")
         self.blocks = nn.ModuleDict(blocks)
-        unknown = [b for b in stages.values() if b not in self.blocks]
+        unknown = [b for b in [*stages.values(), *(paths or {}).values()] if b not in self.blocks]
         if unknown:
             raise ValueError(f"stage boundaries name unknown blocks: {unknown}")
         self.stages = dict(stages)
+        self.paths = dict(paths or {})
 
     # ----- names -------------------------------------------------------------------------
     @property
@@ -54,9 +58,13 @@ class StagedModel(nn.Module):
             return self.stages[tap]
         if tap in self.blocks:
             return tap
+        if tap in self.paths:
+            return self.paths[tap]
+        some = self.block_names if not self.paths else list(self.paths)
         raise RaykdError(
             f"unknown tap {tap!r}; allowed: {', '.join(self.stage_names + [LOGITS])} "
-            f"or a block name ({', '.join(self.block_names)})"
+            f"or a {'module path' if self.paths else 'block name'} ({', '.join(some[:16])}"
+            f"{', ...' if len(some) > 16 else ''})"
         )
 
     def block_index(self, name: str) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from raykd.files import atomic_copy, atomic_write, file_hash
 from raykd.log import log
+from raykd.models.sources import fingerprint
 from raykd.units import Unit
 
 STORE_DIR = "teachers"
@@ -23,10 +24,14 @@ STORE_DIR = "teachers"
 
 def teacher_digest(unit: Unit, workers: int) -> str:
     """Everything that decides a trained teacher's weights (not where it is written)."""
-    blob = json.dumps({
+    fields = {
         "model": unit.model, "method": unit.method_name, "params": unit.method,
         "optim": dataclasses.asdict(unit.optim), "data": dataclasses.asdict(unit.data),
-        "seed": unit.random_seed, "workers": workers}, sort_keys=True, default=str)
+        "seed": unit.random_seed, "workers": workers}
+    source = fingerprint(unit.model)
+    if source or unit.model_args:   # a torchvision:/timm: model (zoo digests stay as they were)
+        fields.update(model_args=unit.model_args, source=source)
+    blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -177,7 +177,7 @@ def student_model(unit, splits, device, calibrate: bool = True) -> tuple[torch.n
         made, label = load_export(unit.init_from), "start"
     if made is None:
         return build_model(unit.model, splits.num_classes, splits.in_channels,
-                           splits.image_size), ""
+                           splits.image_size, unit.model_args, unit.model_stages), ""
     if unit.reinit:             # same architecture, fresh weights
         for m in made.modules():
             if hasattr(m, "reset_parameters"):

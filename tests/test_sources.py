@@ -1,0 +1,151 @@
+"""Bring your own model and data: torchvision and timm models (random weights, nothing
+downloaded) cut into staged models, and image folders of real PNG files, through a real job."""
+import subprocess
+
+import pytest
+import torch
+
+from raykd.config import job_from_dict
+from raykd.data import load_dataset
+from raykd.errors import RaykdError
+from raykd.models import build_model
+from raykd.models.export import load_export, save_export
+from raykd.pipeline import run_job
+
+from conftest import RAYKD, small_job
+
+
+def _original(name: str, **kw):
+    import timm
+    import torchvision
+
+    source, arch = name.split(":")
+    if source == "timm":
+        return timm.create_model(arch, pretrained=False, num_classes=10, **kw)
+    return torchvision.models.get_model(arch, weights=None, num_classes=10, **kw)
+
+
+@pytest.mark.parametrize("name,kw,size,tap,module_path", [
+    ("torchvision:resnet18", {}, 64, "layer3.1", "layer3.1"),
+    ("torchvision:mobilenet_v3_small", {"width_mult": 0.25}, 64, "features.3", "features.3"),
+    ("timm:convnext_atto", {}, 64, "stages.1", "stages.1"),
+    ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8}, 32, "blocks.4",
+     "blocks.4"),
+])
+def test_a_sourced_model_is_cut_into_blocks_that_compute_what_it_computes(name, kw, size, tap,
+                                                                          module_path):
+    torch.manual_seed(0)
+    original = _original(name, **kw).eval()
+    torch.manual_seed(0)   # the same draws: the same initial weights
+    staged = build_model(name, 10, 3, size, kw).eval()
+    assert len(staged.blocks) > 3 and staged.arch == name
+    x = torch.randn(2, 3, size, size)
+    seen = {}
+    module = original.get_submodule(module_path)
+    hook = module.register_forward_hook(lambda m, i, o: seen.setdefault("tap", o))
+    with torch.no_grad():
+        want = original(x)
+        got = staged.features(x, [tap, "logits"])
+    hook.remove()
+    assert torch.allclose(got["logits"], want, atol=1e-5)
+    assert torch.equal(got[tap], seen["tap"]), "a module path taps that module's output"
+    assert staged.stage_names, "stages derived (timm feature_info or feature-map resolutions)"
+
+
+def test_a_sourced_export_round_trips_with_its_arguments_and_stages(tmp_path):
+    model = build_model("torchvision:mobilenet_v3_small", 10, 1, 32, {"width_mult": 0.25},
+                        ["features.1", "features.3", "features.8"])
+    assert model.stages == {"stage1": "features_1", "stage2": "features_3",
+                            "stage3": "features_8"}
+    save_export(model, tmp_path / "m.pt", 10, 1, 32)
+    back = load_export(tmp_path / "m.pt").eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), model.eval()(x))
+    assert back.stages == model.stages and back.model_args == {"width_mult": 0.25}
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: build_model("keras:resnet50", 10), "unknown model source 'keras'"),
+    (lambda: build_model("timm:resnet_18", 10), "unknown timm model 'resnet_18'; close:"),
+    (lambda: build_model("torchvision:resnet19", 10), "unknown torchvision classification "
+                                                      "model 'resnet19'; close: resnet18"),
+    (lambda: build_model("torchvision:resnet18", 10, 3, 32, {"depth": 3}),
+     "model torchvision:resnet18 with model_args {'depth': 3}: TypeError"),
+    (lambda: build_model("torchvision:resnet18", 10, 3, 32, None, ["layer1.0.conv1"]),
+     "cannot cut the model after 'layer1.0.conv1': more than one tensor crosses"),
+    (lambda: build_model("torchvision:resnet18", 10, 3, 32, None, ["layer9"]),
+     "no module 'layer9' in the model's forward pass; module paths there include conv1"),
+    (lambda: build_model("torchvision:resnet18", 10, 3, 32).resolve_tap("layer3.7"),
+     "unknown tap 'layer3.7'; allowed: stage1"),
+    (lambda: build_model("cnn_small", 10, 1, 28, {"width": 2}),
+     "model cnn_small: model_args and stages are for torchvision: and timm: models"),
+])
+def test_bad_models_are_one_line(call, message):
+    with pytest.raises(RaykdError) as err:
+        call()
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def png_folder(tmp_path_factory):
+    """600 real MNIST digits as PNG files in class folders, written by the command."""
+    out = tmp_path_factory.mktemp("png") / "mnist"
+    done = subprocess.run([RAYKD, "data", "export", "mnist5k", str(out), "--limit", "600"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_an_image_folder_loads_real_files_and_bad_folders_are_one_line(png_folder, tmp_path):
+    from PIL import Image
+
+    spec = job_from_dict(small_job(tmp_path, data={
+        "dataset": "imagefolder", "root": str(png_folder), "image_size": 16, "val_size": 50,
+        "test_size": 50, "augment": False}))
+    splits = load_dataset(spec.data)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (500, 50, 50)
+    assert splits.input_shape == (1, 16, 16) and splits.num_classes == 10 and splits.deterministic
+    x, y = splits.train[0]
+    assert x.shape == (1, 16, 16) and 0 <= y < 10
+    bad = tmp_path / "bad" / "train"
+    (bad / "cat").mkdir(parents=True)
+    cases = [("empty", "has no class folders")]
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    for root, message in cases + [("bad", "class folder")]:
+        with pytest.raises(RaykdError, match=message):
+            load_dataset(job_from_dict(small_job(tmp_path, data={
+                "dataset": "imagefolder", "root": str(tmp_path / root)})).data)
+    Image.new("L", (8, 8)).save(bad / "cat" / "a.png")
+    (bad / "cat" / "b.png").write_bytes(b"not an image")
+    with pytest.raises(RaykdError, match=r"b.png is not a readable image"):
+        load_dataset(job_from_dict(small_job(tmp_path, data={
+            "dataset": "imagefolder", "root": str(tmp_path / "bad")})).data)
+
+
+def test_a_timm_teacher_distils_into_a_torchvision_student_on_an_image_folder(
+        ray_session, png_folder, tmp_path):
+    """KD, Channel Distillation between stages given by module path, and DIH with heads on the
+    timm teacher's derived stages: every unit trains and exports, on real PNG files."""
+    job = small_job(
+        tmp_path, name="byo",
+        data={"dataset": "imagefolder", "root": str(png_folder), "image_size": 32,
+              "batch_size": 50, "val_size": 100, "test_size": 100, "augment": False},
+        teacher={"model": "timm:resnet10t", "stages": ["layer2", "layer3", "layer4"],
+                 "train": {"epochs": 2, "lr": 0.05}},
+        student={"model": "torchvision:mobilenet_v3_small", "model_args": {"width_mult": 0.25},
+                 "stages": ["features.1", "features.3", "features.8"],
+                 "train": {"epochs": 2, "lr": 0.05}},
+        methods={"kd": {"temperature": 4, "alpha": 0.9}, "cd": {}, "dih": {}},
+        heads={"train": {"epochs": 1, "lr": 0.05}})
+    df = run_job(job_from_dict(job))
+    assert sorted(df.method) == ["cd", "ce", "dih", "heads.stage1", "heads.stage2",
+                                 "heads.stage3", "kd"] or set(df.role) >= {"teacher", "student"}
+    students = df[df.role == "student"].set_index("method")
+    assert set(students.index) == {"kd", "cd", "dih"}
+    assert (students.model == "torchvision:mobilenet_v3_small").all()
+    assert df[df.role == "teacher"].model.iloc[0] == "timm:resnet10t"
+    assert df.val_top1.between(0, 1).all() and df.test_top1.between(0, 1).all()
+    for export in students.export:   # rebuilt from the export alone: source, arguments, stages
+        model = load_export(export)
+        assert model.stage_names == ["stage1", "stage2", "stage3"]
