@@ -79,6 +79,8 @@ def validate(spec: JobSpec) -> None:
     spec.output_dir = _resolve(spec.output_dir)
     spec.data.root = _resolve(spec.data.root)
     spec.teacher.cache_dir = _resolve(spec.teacher.cache_dir)
+    spec.teacher.weights = _resolve(spec.teacher.weights)
+    spec.student.weights = _resolve(spec.student.weights)
     for part in (spec.teacher, spec.student):
         where = "teacher" if part is spec.teacher else "student"
         if part.checkpoint is None:

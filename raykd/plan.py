@@ -11,8 +11,17 @@ from dataclasses import dataclass, field
 from raykd.methods import MethodContext, method_params
 from raykd.models import StagedModel, build_model
 from raykd.models.export import load_export
+from raykd.models.weights import load_weights
 from raykd.specs import JobSpec
 from raykd.units import OutputsToStore, Unit
+
+
+def with_weights(model, part, where: str):
+    """The architecture with the job's starting weights loaded: a file that does not fit fails
+    here, on the driver, before any run."""
+    if part.weights:
+        load_weights(model, part.weights, part.weights_skip, f"{where}.weights")
+    return model
 
 
 def teacher_models(spec: JobSpec) -> list[str]:
@@ -25,8 +34,9 @@ def teacher_architectures(spec: JobSpec, splits) -> list[StagedModel]:
     if spec.teacher.checkpoint:
         return [load_export(spec.teacher.checkpoint)]
     c, h, _ = splits.input_shape
-    return [build_model(m, splits.num_classes, c, h, spec.teacher.model_args,
-                        spec.teacher.stages) for m in teacher_models(spec)]
+    return [with_weights(build_model(m, splits.num_classes, c, h, spec.teacher.model_args,
+                                     spec.teacher.stages), spec.teacher, "teacher")
+            for m in teacher_models(spec)]
 
 
 @dataclass
@@ -93,6 +103,8 @@ class SeedPlan:
                 role="student", label=name, method_name=method_name, method=parameters,
                 model=self.spec.student.model, model_args=dict(self.spec.student.model_args),
                 model_stages=list(self.spec.student.stages),
+                weights=self.spec.student.weights,
+                weights_skip=list(self.spec.student.weights_skip),
                 optim=self.spec.student.train,
                 init_from=self.spec.student.checkpoint, reinit=self.spec.student.reinit,
                 diagnostics_dir=str(self.spec.run_dir / "diagnostics" / f"seed{self.seed}-{name}"),
@@ -107,8 +119,9 @@ def student_architecture(spec: JobSpec, splits) -> StagedModel:
     if spec.student.checkpoint:
         return load_export(spec.student.checkpoint)
     c, h, _ = splits.input_shape
-    return build_model(spec.student.model, splits.num_classes, c, h, spec.student.model_args,
-                       spec.student.stages)
+    return with_weights(build_model(spec.student.model, splits.num_classes, c, h,
+                                    spec.student.model_args, spec.student.stages),
+                        spec.student, "student")
 
 
 def plan_units(spec: JobSpec, splits) -> list[Unit]:
@@ -125,7 +138,8 @@ def plan_units(spec: JobSpec, splits) -> list[Unit]:
             plan.teachers.append(plan.add(plan.unit(
                 f"seed{seed}-teacher{suffix}", role="teacher", label="ce" + (f".t{k}" if k else ""),
                 method_name="ce", model=arch, model_args=dict(spec.teacher.model_args),
-                model_stages=list(spec.teacher.stages), optim=spec.teacher.train)))
+                model_stages=list(spec.teacher.stages), weights=spec.teacher.weights,
+                weights_skip=list(spec.teacher.weights_skip), optim=spec.teacher.train)))
         plan.exports = plan.exports or [t.export_path for t in plan.teachers]
         for label, entry in spec.methods.items():
             cls, params = method_params(label, entry)

@@ -66,6 +66,8 @@ class TeacherSpec:
     model: str = "cnn_wide"
     model_args: dict[str, Any] = field(default_factory=dict)   # the builder's keyword arguments
     stages: list[str] = field(default_factory=list)   # module paths as stage1..N (sourced models)
+    weights: str | None = None        # a state_dict (or raykd export) to start training from
+    weights_skip: list[str] = field(default_factory=list)   # key prefixes left out, e.g. [fc]
     checkpoint: str | None = None     # a raykd model export to use instead of training one
     train: OptimSpec = field(default_factory=OptimSpec)
     # teachers per seed (independent runs, different seeds)
@@ -89,6 +91,8 @@ class StudentSpec:
     model: str = "cnn_small"          # a zoo name, torchvision:NAME or timm:NAME
     model_args: dict[str, Any] = field(default_factory=dict)
     stages: list[str] = field(default_factory=list)   # module paths as stage1..N (sourced models)
+    weights: str | None = None        # a state_dict (or raykd export) to start training from
+    weights_skip: list[str] = field(default_factory=list)   # key prefixes left out, e.g. [fc]
     train: OptimSpec = field(default_factory=OptimSpec)
     checkpoint: str | None = None     # start from this raykd model export (e.g. a searched
                                       # stitched student) instead of building `model`

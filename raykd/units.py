@@ -74,6 +74,8 @@ class Unit:
     kind: Kind = "model"
     model_args: dict[str, Any] = field(default_factory=dict)   # a torchvision:/timm: builder's
     model_stages: list[str] = field(default_factory=list)      # its stages, by module path
+    weights: str | None = None    # a state_dict to start from (raykd.models.weights)
+    weights_skip: list[str] = field(default_factory=list)
     method_name: str | None = None    # registered method that trains it (kind "model")
     method: dict[str, Any] = field(default_factory=dict)   # that method's parameters
     history_path: str = ""        # per-epoch metrics, one JSON object a line (appended)

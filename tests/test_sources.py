@@ -149,3 +149,40 @@ def test_a_timm_teacher_distils_into_a_torchvision_student_on_an_image_folder(
     for export in students.export:   # rebuilt from the export alone: source, arguments, stages
         model = load_export(export)
         assert model.stage_names == ["stage1", "stage2", "stage3"]
+
+
+def test_starting_weights_load_exactly_and_bad_files_are_one_line(tmp_path):
+    import pickle
+
+    import torchvision
+
+    from raykd.models.weights import load_weights
+
+    torch.manual_seed(1)
+    trained = torchvision.models.resnet18(num_classes=10).eval()
+    torch.save(trained.state_dict(), tmp_path / "mine.pth")     # as a user saves theirs
+    torch.manual_seed(2)
+    model = load_weights(build_model("torchvision:resnet18", 10, 3, 32), tmp_path / "mine.pth")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), trained(x)), "the saved model's logits, exactly"
+    imagenet = torchvision.models.resnet18(num_classes=1000).state_dict()
+    torch.save(imagenet, tmp_path / "imagenet.pth")
+    with pytest.raises(RaykdError, match=r"fc.bias has shape \(1000,\), the model.s is "
+                                         r"\(10,\).*weights_skip"):
+        load_weights(build_model("torchvision:resnet18", 10, 3, 32), tmp_path / "imagenet.pth")
+    # the head left out: everything else loads
+    load_weights(build_model("torchvision:resnet18", 10, 3, 32), tmp_path / "imagenet.pth", ["fc"])
+    torch.save({"conv9.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(RaykdError, match="does not fit the model .missing bn1.bias"):
+        load_weights(build_model("torchvision:resnet18", 10, 3, 32), tmp_path / "other.pth")
+    (tmp_path / "code.pth").write_bytes(pickle.dumps(print))   # a pickled callable
+    with pytest.raises(RaykdError, match="not a raykd file that can be loaded safely"):
+        load_weights(build_model("torchvision:resnet18", 10, 3, 32), tmp_path / "code.pth")
+    # from a job: a teacher that does not fit fails before any run
+    job = small_job(tmp_path, data={"dataset": "gaussian", "gaussian": {"channels": 3}},
+                    teacher={"model": "torchvision:resnet18", "weights": str(tmp_path / "imagenet.pth")})
+    with pytest.raises(RaykdError, match="teacher.weights: .* fc.bias has shape"):
+        from raykd.plan import preflight
+        spec = job_from_dict(job)
+        preflight(spec, load_dataset(spec.data))

@@ -31,6 +31,8 @@ def teacher_digest(unit: Unit, workers: int) -> str:
     source = fingerprint(unit.model)
     if source or unit.model_args:   # a torchvision:/timm: model (zoo digests stay as they were)
         fields.update(model_args=unit.model_args, source=source)
+    if unit.weights:                # trained on from these weights
+        fields.update(weights=file_hash(unit.weights), weights_skip=unit.weights_skip)
     blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

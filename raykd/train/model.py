@@ -19,6 +19,7 @@ from raykd.methods import MethodContext, Step, build_method, method_class
 from raykd.models import build_model, count_macs, count_params
 from raykd.models.export import load_export, model_name, save_export
 from raykd.models.staged import latency_ms
+from raykd.models.weights import load_weights
 from raykd.teacher.access import open_teachers
 from raykd.train.batches import WithIndex, epoch_order, evaluate, with_teacher
 from raykd.train.skeleton import UnitTrainer, register_kind
@@ -176,8 +177,11 @@ def student_model(unit, splits, device, calibrate: bool = True) -> tuple[torch.n
     if made is None and unit.init_from:
         made, label = load_export(unit.init_from), "start"
     if made is None:
-        return build_model(unit.model, splits.num_classes, splits.in_channels,
-                           splits.image_size, unit.model_args, unit.model_stages), ""
+        model = build_model(unit.model, splits.num_classes, splits.in_channels,
+                            splits.image_size, unit.model_args, unit.model_stages)
+        if unit.weights:      # starting weights of the job's own (teacher.weights, ...)
+            load_weights(model, unit.weights, unit.weights_skip)
+        return model, ""
     if unit.reinit:             # same architecture, fresh weights
         for m in made.modules():
             if hasattr(m, "reset_parameters"):
