@@ -149,6 +149,10 @@ def test_a_timm_teacher_distils_into_a_torchvision_student_on_an_image_folder(
     for export in students.export:   # rebuilt from the export alone: source, arguments, stages
         model = load_export(export)
         assert model.stage_names == ["stage1", "stage2", "stage3"]
+    from raykd.deploy import export_student
+
+    record = export_student(tmp_path / "byo", "kd")   # ONNX, checked against PyTorch on test
+    assert record["top1_agreement"] == 1.0 and record["max_abs_diff"] < 1e-3
 
 
 def test_starting_weights_load_exactly_and_bad_files_are_one_line(tmp_path):
