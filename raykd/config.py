@@ -8,9 +8,8 @@ what is allowed, raised before any Ray work starts.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
-
-import yaml
 
 from raykd.data.registry import check_dataset_name
 from raykd.errors import RaykdError, one_line
@@ -19,26 +18,9 @@ from raykd.models import check_model_name
 from raykd.models.export import read_export
 from raykd.specs import JobSpec
 from raykd.typed import apply_overrides, from_dict
+from raykd.yaml_safe import MAX_BYTES, parse
 
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error (plain YAML
-    keeps the last one silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:     # an unhashable key: let the base loader report it
-                break
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
-                    key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
@@ -50,11 +32,14 @@ def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RaykdError(f"job file not found: {path}")
+    if path.stat().st_size > MAX_BYTES:   # before reading it into memory
+        raise RaykdError(f"{path}: larger than {MAX_BYTES // 1024} KiB; a job file is a few "
+                         "hundred lines at most")
     try:
         text = path.read_text()
-        raw = yaml.load(text, Loader=UniqueKeyLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise RaykdError(f"{path}: not valid YAML ({one_line(e, first=True)})") from e
+    raw = parse(text, str(path))
     if raw is None:
         raise RaykdError(f"{path}: the job file is empty; see jobs/quickstart.yaml for one")
     if not isinstance(raw, dict):
@@ -74,8 +59,22 @@ def _resolve(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
+MAX_SEEDS = 100   # planning is per seed; a job of more is a typo (seeds: 1000) or an attack
+
+
+def check_name(name: str) -> None:
+    """A job's name is its run folder under output_dir: one path component, never `..`."""
+    if not (JOB_NAME.fullmatch(name) and name not in (".", "..")):
+        raise RaykdError(f"name: {name[:60]!r} is not a job name; use letters, digits, '-', '_' "
+                         "and '.' (one folder name inside output_dir, not '.' or '..')")
+
+
 def validate(spec: JobSpec) -> None:
     """Check ranges and names against the registries so a bad job fails before Ray starts."""
+    check_name(spec.name)
+    if len(spec.seeds) > MAX_SEEDS:
+        raise RaykdError(f"seeds: {len(spec.seeds)} seeds; a job takes at most {MAX_SEEDS} "
+                         "(split a larger study into jobs)")
     spec.output_dir = _resolve(spec.output_dir)
     spec.data.root = _resolve(spec.data.root)
     spec.teacher.cache_dir = _resolve(spec.teacher.cache_dir)

@@ -42,7 +42,8 @@ def test_defaults_and_dotted_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("student.foo=1", "unknown key student.foo; allowed under student: model, train"),
+    ("student.foo=1", "unknown key student.foo; allowed under student: model, model_args, "
+                      "stages, weights"),
     ("student.train.epochs=abc", "student.train.epochs: expected an integer, got 'abc'"),
     ("data.augment=3", "data.augment: expected true or false"),
     ("data.dataset=cifar7", "unknown dataset 'cifar7'; allowed: cifar10, cifar100, digits"),
@@ -179,3 +180,43 @@ def test_an_exception_is_told_in_one_short_line():
     assert one_line(KeyError()) == "KeyError" and one_line(OSError(" \n "), typed=True) == "OSError"
     assert one_line(ValueError("x" * 10**6)) == "x" * 300 + "…", "a quoted value is never megabytes"
     assert one_line(ValueError("abcdef"), typed=True, limit=3) == "ValueError: abc…"
+
+
+def _bomb(levels: int = 9) -> str:
+    """A 'billion laughs' job: each alias level multiplies the value by nine."""
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("text,message", [
+    (_bomb() + "\nseeds: *l8\n", "its aliases expand to more than 100,000 values"),
+    (_bomb() + "\nmethods: {kd: {teachers: *l8}}\n", "its aliases expand to more than"),
+    ("seeds: [" + ",".join(["0"] * 600_000) + "]\n", "larger than 1024 KiB"),
+    ("seeds: [" + ",".join(str(i) for i in range(10_000)) + "]\nmethods: {kd: {}}\n",
+     "seeds: 10000 seeds; a job takes at most 100"),
+    ("name: ../escape\nmethods: {kd: {}}\n", "name: '../escape' is not a job name"),
+    ("name: /tmp/abs\nmethods: {kd: {}}\n", "name: '/tmp/abs' is not a job name"),
+    ("name: ''\nmethods: {kd: {}}\n", "name: '' is not a job name"),
+    ("name: ..\nmethods: {kd: {}}\n", "name: '..' is not a job name"),
+])
+def test_hostile_job_files_are_one_line_in_seconds_and_bounded_memory(tmp_path, text, message):
+    """Each in a fresh process (the `raykd` command's own reading of a job), killed past 60 s;
+    its peak memory must stay within 300 MB of what importing raykd takes."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    code = ("import resource, sys\nfrom raykd.config import load_job\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n    load_job(sys.argv[1])\nexcept Exception as e:\n"
+            "    print(type(e).__name__ + ': ' + str(e))\n"
+            "print('grew_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True, timeout=60)
+    out = done.stdout.strip().splitlines()
+    assert out[0].startswith("RaykdError: ") and message in out[0], done.stdout[-500:]
+    assert len(out[0]) < 400, "a one-line error quotes a short prefix, never the value"
+    assert int(out[-1].split()[1]) < 300_000, out[-1]
