@@ -16,6 +16,7 @@ from raykd.errors import RaykdError, one_line
 from raykd.methods import method_params
 from raykd.models import check_model_name
 from raykd.models.export import read_export
+from raykd.models.sources import allow_factories
 from raykd.specs import JobSpec
 from raykd.typed import apply_overrides, from_dict
 from raykd.yaml_safe import MAX_BYTES, parse
@@ -98,7 +99,9 @@ def validate(spec: JobSpec) -> None:
         raise RaykdError(f"data.root: {spec.data.root} is a file; give the folder that holds "
                          "the dataset")
     check_dataset_name(spec.data.dataset)
-    for name in [spec.teacher.model, *spec.teacher.models, spec.student.model]:
+    models = [spec.teacher.model, *spec.teacher.models, spec.student.model]
+    allow_factories(models)    # the job file names them: this process may import them
+    for name in models:
         check_model_name(name)
     if spec.teacher.checkpoint and (spec.teacher.count > 1 or spec.teacher.models):
         raise RaykdError("teacher.checkpoint gives one teacher; drop teacher.count/teacher.models")
@@ -134,6 +137,17 @@ def check_tracking(spec: JobSpec) -> None:
         except ImportError:
             raise RaykdError("tracking.tensorboard needs TensorBoard: "
                              "pip install 'raykd[track]'") from None
+
+
+def allow_run_factories(run_dir: str | Path) -> None:
+    """A run folder's own job.yaml names the factories its exports were built by: a command
+    that reads the folder (export, report) may import those, and only those."""
+    path = Path(run_dir) / "job.yaml"
+    if not path.is_file():
+        return
+    raw = parse(path.read_text(), str(path)) or {}
+    teacher, student = raw.get("teacher") or {}, raw.get("student") or {}
+    allow_factories([teacher.get("model"), *(teacher.get("models") or []), student.get("model")])
 
 
 def check_writable(spec: JobSpec) -> None:

@@ -133,12 +133,14 @@ def export_student(run_dir: str | Path, label: str, fmt: str = "onnx", seed: int
                    out: str | Path | None = None) -> dict:
     """Write the chosen student in `fmt`, check it on the test split, measure its latency; return
     the export's record (also written beside it as JSON)."""
+    from raykd.config import allow_run_factories
     from raykd.models.export import load_export
     from raykd.results import read_results
 
     if fmt not in FORMATS:
         raise RaykdError(f"--format {fmt}: allowed: {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
+    allow_run_factories(run_dir)     # models of the user's own, as the run's job names them
     row = choose_student(read_results(run_dir), label, seed)
     model = load_export(row["export"]).cpu().eval()
     x, y, dataset = load_test_split(run_dir)

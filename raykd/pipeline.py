@@ -19,6 +19,7 @@ from raykd.data import load_dataset
 from raykd.errors import RaykdError
 from raykd.log import duration, log
 from raykd.methods import method_class
+from raykd.models.sources import factory_runtime_env
 from raykd.plan import needed_by, plan_units, preflight, resolve_teachers
 from raykd.results import ResultsTable
 from raykd.scheduler import Launch, run_in_order
@@ -141,6 +142,9 @@ class JobRun:
         self.store = TeacherStore(Path(spec.output_dir) / STORE_DIR, spec.ray.workers) \
             if spec.teacher.reuse else None
         self.prepared: dict = {}       # key -> its Unit with teachers attached, or stored rows
+        # factories of the user's own that the job names: allowed, and importable, in its runs
+        self.runtime_env = factory_runtime_env(
+            [spec.teacher.model, *spec.teacher.models, spec.student.model])
 
     def run(self):
         release_finished_runs()
@@ -265,9 +269,11 @@ class JobRun:
             return Launch(ray.put({keys[0]: first}), [keys[0]])
         if not self.packable(first):
             announce([first], 1)
-            return Launch(fit_units.remote([first], self.settings), [keys[0]])
+            fit = fit_units.options(runtime_env=self.runtime_env) if self.runtime_env \
+                else fit_units
+            return Launch(fit.remote([first], self.settings), [keys[0]])
         pack = OpenPack([first], self.settings, lanes, accept=self.join,
-                        priority=self.waiting_on)
+                        priority=self.waiting_on, runtime_env=self.runtime_env)
         self.join(pack, keys[1:], announced=False)
         announce(list(pack.units.values()), lanes)
         return Launch(pack.ref, pack.keys, lanes, group=pack)

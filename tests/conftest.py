@@ -77,10 +77,10 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "jobs" / "quickstart.yaml"
 def tracked_run(ray_session, tmp_path_factory):
     """The quickstart itself (every method: teachers, DIH heads, neighbourhood parts, CE, KD,
     CD+GKD, KD-top5, DIH, FEED and stitched students), made small by overrides (two seeds, 200
-    training, 100 validation and 200 test images, a few epochs; CD with an Early Decay Teacher schedule) and tracked to MLflow
-    and TensorBoard, run twice through `raykd run` on the session's Ray: the first run fails
-    seed0-kd after its epoch 2, the second resumes it. Shared by the tracking, progress, export
-    and report tests."""
+    training, 100 validation and 200 test images, a few epochs; CD with an Early Decay Teacher
+    schedule) and tracked to MLflow and TensorBoard, run twice through `raykd run` on the
+    session's Ray: the first run fails seed0-kd after its epoch 2, the second resumes it. Shared
+    by the tracking, progress, export and report tests."""
     root = tmp_path_factory.mktemp("tracked")
     overrides = [
         f"output_dir={root}", "seeds=[0,1]", "data.train_size=200", "data.val_size=100",

@@ -190,3 +190,40 @@ def test_starting_weights_load_exactly_and_bad_files_are_one_line(tmp_path):
         from raykd.plan import preflight
         spec = job_from_dict(job)
         preflight(spec, load_dataset(spec.data))
+
+
+def test_a_factory_of_your_own_is_imported_only_because_a_job_names_it(tmp_path):
+    import sys
+
+    from raykd.models import sources
+
+    name = "byo_factory:tiny_net"
+    sources._ALLOWED.discard(name)
+    with pytest.raises(RaykdError, match="imports a factory only when the job file names it"):
+        build_model(name, 10, 1, 8)
+    spec = job_from_dict(small_job(tmp_path, student={"model": name, "model_args": {"width": 4}}))
+    model = build_model(spec.student.model, 10, 1, 8, spec.student.model_args)
+    assert model.arch == name and model.stage_names == ["stage1", "stage2"]
+    save_export(model, tmp_path / "own.pt", 10, 1, 8)
+    # a model file alone never makes raykd import code: a fresh process refuses it
+    code = ("import sys; from raykd.models.export import load_export\n"
+            "try:\n    load_export(sys.argv[1])\nexcept Exception as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "own.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert "imports a factory only when the job file names it" in done.stdout, done.stderr
+    assert "byo_factory" not in done.stderr
+    for bad, message in (("byo_factory:not_a_model", "returned str, not a torch.nn.Module"),
+                         ("byo_factory:absent", "byo_factory has no function 'absent'"),
+                         ("no_such_module:build", "cannot import no_such_module")):
+        sources.allow_factories([bad])
+        with pytest.raises(RaykdError, match=message):
+            build_model(bad, 10, 1, 8)
+
+
+def test_a_factory_student_trains_in_the_jobs_ray_workers(ray_session, tmp_path):
+    """The factory's folder reaches the workers through the run's runtime_env."""
+    job = small_job(tmp_path, name="own", methods={"kd": {"temperature": 4, "alpha": 0.9}},
+                    student={"model": "byo_factory:tiny_net", "train": {"epochs": 2, "lr": 0.1}})
+    df = raykd.run(job)
+    student = df[df.role == "student"].iloc[0]
+    assert student.model == "byo_factory:tiny_net" and 0 <= student.test_top1 <= 1

@@ -277,10 +277,11 @@ class OpenPack:
     queue is closed and drained."""
 
     def __init__(self, units: list[Unit], settings: RunSettings, lanes: int, accept=None,
-                 priority: dict[str, int] | None = None):
+                 priority: dict[str, int] | None = None, runtime_env: dict | None = None):
         """`accept(pack, keys)`: which offered keys join it (the caller queues them);
         `priority`: key -> how many units wait on it (those are trained first); with
-        `settings.lend_idle_cpus` a busy lane borrows its idle neighbours' CPUs (train.lanes)."""
+        `settings.lend_idle_cpus` a busy lane borrows its idle neighbours' CPUs (train.lanes);
+        `runtime_env`: the run's (its workers inherit it), e.g. a job's own factories."""
         self.settings, self.storage = settings, settings.storage
         self.accept, self.priority = accept, priority or {}
         self.cpus_per_worker = units[0].cpus_per_worker
@@ -293,8 +294,8 @@ class OpenPack:
         self.first_add = self.queue.add.remote(queued(units, self.storage),
                                                self.priorities(units))
         self.units: dict[str, Unit] = {u.key: u for u in units}
-        self.ref = fit_pack.remote(self.queue, settings, lanes, self.cpus_per_worker,
-                                   run_name(units))
+        fit = fit_pack.options(runtime_env=runtime_env) if runtime_env else fit_pack
+        self.ref = fit.remote(self.queue, settings, lanes, self.cpus_per_worker, run_name(units))
 
     @property
     def keys(self) -> list[str]:
