@@ -1,7 +1,7 @@
 """Bring-your-own models: raykd's KD epoch of a timm teacher into a torchvision student, through
 the models cut into blocks by torch.fx, against a plain PyTorch loop over the original modules.
 
-Same models (timm:resnet10t teacher, torchvision:mobilenet_v3_small x0.25 student, random
+Same models (timm:resnet10t teacher, torchvision:shufflenet_v2_x0_5 student, random
 weights), same image folder of real PNG files (mnist5k written by `raykd data export`, 32x32 grey,
 2,000 training images), same batch size, one CPU thread each, the teacher run on every step (no
 output cache). Target: at most 1.05x per epoch.
@@ -34,7 +34,7 @@ from raykd.units import Unit  # noqa: E402
 
 from results_md import alternating, fresh_workdir, machine, write_section  # noqa: E402
 
-TEACHER, STUDENT, ARGS = "timm:resnet10t", "torchvision:mobilenet_v3_small", {"width_mult": 0.25}
+TEACHER, STUDENT, ARGS = "timm:resnet10t", "torchvision:shufflenet_v2_x0_5", {}
 
 
 def original(name: str, args: dict, channels: int):
