@@ -164,3 +164,24 @@ def test_every_registered_method_keeps_the_contract(name, tmp_path):
     if extra is not None:
         assert all(p.grad is not None for p in extra.parameters()), "a module gets no gradient"
     assert set(method.loss_weights(5, 10)) <= set(terms)
+
+
+def test_a_student_started_from_trained_weights_is_scored_on_test_only_outside_sweeps(
+        tmp_path, digits_teacher):
+    """A stitched or `student.checkpoint` student is scored before training; a sweep trial
+    (evaluate_test False) must not read the test split for it."""
+    from raykd.specs import DataSpec, OptimSpec
+    from raykd.train.model import ModelTrainer
+    from raykd.units import Unit
+
+    def initial(evaluate_test: bool) -> dict:
+        unit = Unit(key="s", role="student", label="ce", method_name="ce", model="cnn",
+                    optim=OptimSpec(epochs=1), data=DataSpec(dataset="digits"), seed=0,
+                    export_path=str(tmp_path / "s.pt"), init_from=str(digits_teacher),
+                    evaluate_test=evaluate_test)
+        trainer = ModelTrainer(unit, 0, 1, torch.device("cpu"))
+        trainer.build()
+        return trainer.initial
+
+    assert set(initial(True)) == {"initial_val_top1", "initial_test_top1", "started_from"}
+    assert set(initial(False)) == {"initial_val_top1", "started_from"}

@@ -57,11 +57,13 @@ class ModelTrainer(UnitTrainer):
         torch.manual_seed(unit.random_seed)
         self.splits = splits = load_dataset(unit.data)
         model, started_from = student_model(unit, splits, device)
-        # a model that starts from trained weights (a stitched student) is scored before training
+        # a model that starts from trained weights (a stitched student) is scored before
+        # training; on the test split only where the unit may read it (never a sweep trial)
+        scored = [("val_top1", splits.val)] + (
+            [("test_top1", splits.test)] if unit.evaluate_test else [])
         self.initial = {
             **{f"initial_{name}": evaluate(model.to(device), part, unit.data.eval_batch_size,
-                                           device)
-               for name, part in (("val_top1", splits.val), ("test_top1", splits.test))},
+                                           device) for name, part in scored},
             "started_from": started_from} if started_from else {}
         architectures = [load_export(h.export_path) for h in unit.teachers]
         self.method = build_method(unit.method_name, unit.method, MethodContext(
@@ -162,7 +164,7 @@ class ModelTrainer(UnitTrainer):
         before = {**row, "method": f"{unit.label}.{metrics['started_from']}",
                   "epochs": 0,
                   "val_top1": metrics["initial_val_top1"],
-                  "test_top1": metrics["initial_test_top1"]}
+                  "test_top1": metrics.get("initial_test_top1")}
         return [before] if unit.optim.epochs == 0 else [before, row]
 
 
