@@ -98,13 +98,15 @@ def _cmd_sweep(args) -> int:
     from raykd.data import load_dataset
     from raykd.plan import preflight
     from raykd.ray_env import init_ray
-    from raykd.sweep import check_sweep, run_sweep
+    from raykd.sweep import check_prerequisites, check_sweep, run_sweep
 
     raw = load_raw(args.job, args.overrides)
     spec = job_from_dict(raw)
     check_sweep(raw, spec)             # every bad key or range fails here, before Ray starts
     check_writable(spec)
-    preflight(spec, load_dataset(spec.data))
+    splits = load_dataset(spec.data)
+    preflight(spec, splits)
+    check_prerequisites(raw, spec, splits)
     init_ray(spec.ray.address, spec.ray.num_cpus)
     table, df = run_sweep(raw)
     print(f"\nsweep: {spec.run_dir / 'sweep.parquet'} (best configuration: "

@@ -101,6 +101,40 @@ def check_sweep(raw: dict, spec: JobSpec) -> SweepSpec:
     return sweep
 
 
+def check_prerequisites(raw: dict, spec: JobSpec, shapes) -> None:
+    """Refuse, in one line, a searched key that changes what the tuned student's prerequisites
+    (teachers, DIH heads, ND parts) train, or the number of epochs: a sweep trains the
+    prerequisites once, before any trial, so every trial would distil from the same ones and
+    best.yaml would record a value that never took effect; and ASHA schedules on the base
+    epoch count. Checked by planning the job with each dimension's representative values and
+    comparing the prerequisite units with the base plan's."""
+    from raykd.plan import needed_by, plan_units
+
+    sweep = spec.sweep
+    seed = spec.seeds[0] if sweep.seed is None else sweep.seed
+    target = f"seed{seed}-{sweep.method}"
+
+    def prerequisites(job: JobSpec) -> dict:
+        one = copy.deepcopy(job)
+        one.seeds = [seed]
+        units = {u.key: u for u in plan_units(one, shapes)}
+        keys = needed_by(units, [target]) - {target}
+        return {k: dataclasses.asdict(units[k]) for k in sorted(keys)}
+
+    base = prerequisites(spec)
+    for key, dim in sweep.space.items():
+        if key.endswith(".epochs"):
+            raise RaykdError(f"sweep.space.{key}: epochs cannot be searched (ASHA stops trials "
+                             "by epoch against the job's own count); set it in the job")
+        for value in check_dim(key, dim):
+            changed = [k for k, unit in prerequisites(job_from_dict(
+                with_values(raw, {key: value}))).items() if base.get(k) != unit]
+            if changed:
+                raise RaykdError(f"sweep.space.{key}: changes what {changed[0]} trains, which "
+                                 "a sweep trains once before its trials; tune it in a sweep "
+                                 "of its own, or set it in the job")
+
+
 def absolute_paths(raw: dict, spec: JobSpec) -> dict:
     """The raw job with every path as the driver resolved it."""
     out = copy.deepcopy(raw)
@@ -250,6 +284,7 @@ class Sweep:
         self.target = f"seed{self.seed}-{self.sweep.method}"
         self.splits = load_dataset(self.spec.data)
         self.shapes = Shapes(self.splits.num_classes, tuple(self.splits.input_shape))
+        check_prerequisites(raw, self.spec, self.shapes)
 
     def run(self):
         self.check_folder()

@@ -209,3 +209,34 @@ def test_optuna_search_is_built_and_refuses_grids():
     spec.space["methods.kd.k"] = SearchDim("grid", values=[1, 2])
     with pytest.raises(RaykdError, match="optuna cannot take grid dimensions"):
         search_alg(spec)
+
+
+@pytest.mark.parametrize("methods,key,dim,message", [
+    ({"dih": {}}, "heads.train.lr", {"type": "choice", "values": [0.01, 0.1]},
+     "sweep.space.heads.train.lr: changes what seed0-heads trains"),
+    ({"nd": {"method": "neighbourhood", "groups": ["stage2"]}}, "methods.nd.candidates",
+     {"type": "choice", "values": [["w0.5d1"], ["w1d1"]]},
+     "sweep.space.methods.nd.candidates: changes what seed0-nd-stage2-"),
+    ({"kd": {}}, "student.train.epochs", {"type": "choice", "values": [2, 4]},
+     "sweep.space.student.train.epochs: epochs cannot be searched"),
+    ({"dih": {}}, "methods.dih.temperature", {"type": "uniform", "low": 1, "high": 8}, None),
+])
+def test_keys_that_change_a_prerequisite_or_the_epochs_are_refused(tmp_path, methods, key, dim,
+                                                                   message):
+    """A sweep trains the tuned student's prerequisites once: a key that changes them would
+    never take effect (and ASHA schedules on the job's epochs)."""
+    from raykd.data import load_dataset
+    from raykd.sweep import Shapes, check_prerequisites
+
+    job = small_job(tmp_path, name="pre", methods=methods)
+    job["sweep"] = {"method": next(iter(methods)), "space": {key: dim}}
+    spec = job_from_dict(job)
+    check_sweep(job, spec)
+    splits = load_dataset(spec.data)
+    shapes = Shapes(splits.num_classes, tuple(splits.input_shape))
+    if message is None:
+        check_prerequisites(job, spec, shapes)
+        return
+    with pytest.raises(RaykdError) as err:
+        check_prerequisites(job, spec, shapes)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
