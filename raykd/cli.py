@@ -25,13 +25,14 @@ def _cmd_run(args) -> int:
     from raykd.data import load_dataset
     from raykd.pipeline import run_job
     from raykd.plan import preflight
-    from raykd.ray_env import init_ray
+    from raykd.ray_env import init_ray, terminate_as_interrupt
 
     spec = load_job(args.job, args.overrides)
     check_writable(spec)
     splits = load_dataset(spec.data)  # absent data fails here, before Ray starts
     preflight(spec, splits)
     init_ray(spec.ray.address, spec.ray.num_cpus)
+    terminate_as_interrupt()   # after ray.init, which installs Ray's own handler
     df = run_job(spec, splits=splits, fail_at=injected_failures(), checked=True)
     print(f"\nresults: {spec.run_dir / 'results.parquet'}")
     print_report(spec.run_dir, df)
@@ -97,7 +98,7 @@ def _cmd_sweep(args) -> int:
     from raykd.config import check_writable, job_from_dict, load_raw
     from raykd.data import load_dataset
     from raykd.plan import preflight
-    from raykd.ray_env import init_ray
+    from raykd.ray_env import init_ray, terminate_as_interrupt
     from raykd.sweep import check_prerequisites, check_sweep, run_sweep
 
     raw = load_raw(args.job, args.overrides)
@@ -108,6 +109,7 @@ def _cmd_sweep(args) -> int:
     preflight(spec, splits)
     check_prerequisites(raw, spec, splits)
     init_ray(spec.ray.address, spec.ray.num_cpus)
+    terminate_as_interrupt()   # after ray.init, which installs Ray's own handler
     table, df = run_sweep(raw)
     print(f"\nsweep: {spec.run_dir / 'sweep.parquet'} (best configuration: "
           f"{spec.run_dir / 'best.yaml'})")
@@ -118,7 +120,7 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_search(args) -> int:
-    from raykd.ray_env import init_ray
+    from raykd.ray_env import init_ray, terminate_as_interrupt
     from raykd.search import SearchRequest, library_entries, positions, run_search, solve
 
     try:
@@ -133,6 +135,7 @@ def _cmd_search(args) -> int:
     # a bad library or an impossible budget fails here, before Ray starts
     solve(positions(library_entries(request)[0]), request)
     init_ray(None, None)
+    terminate_as_interrupt()   # after ray.init, which installs Ray's own handler
     table, results = run_search(request)
     shown = table.drop(columns=["positions"])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -375,9 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     except RaykdError as e:
         print(f"raykd: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("raykd: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from raykd.errors import Terminated
+        from raykd.ray_env import TERMINATED
+
+        terminated = isinstance(e, Terminated) or bool(TERMINATED)
+        print(f"raykd: {'terminated' if terminated else 'interrupted'}; re-run the same command "
+              "to resume", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as e:
         if os.environ.get("RAYKD_DEBUG"):
             raise

@@ -12,6 +12,10 @@ class RaykdError(Exception):
     pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (a job scheduler or `kill` stops raykd the same way)."""
+
+
 def one_line(exc: BaseException, *, first: bool = False, typed: bool = False,
              limit: int = LIMIT) -> str:
     """`exc` in one line: the last non-empty line of its message (where a wrapped error or a

@@ -176,8 +176,7 @@ class JobRun:
         for key, epoch in self.fail_at.items():
             units[key].fail_at_epoch = epoch
         self.units = units
-        self.done = {k for k, u in units.items()
-                     if self.table.get(k) and Path(u.export_path).exists()}
+        self.done = {k for k, u in units.items() if self.finished(u)}
         reused = [k for k, u in units.items() if self.store and u.role == "teacher"
                   and k not in self.done and self.take_stored(u)]
         if reused:
@@ -188,6 +187,21 @@ class JobRun:
             log.info("%d of %d runs already finished in %s; running the rest", len(self.done),
                      len(units), self.run_dir)
         self.waiting_on = {k: sum(k in u.depends_on for u in units.values()) for k in units}
+
+    def finished(self, unit) -> bool:
+        """Trained before with the settings it has now (a row and an export). A unit whose
+        settings changed is trained again: its old history is set aside, its row replaced. Rows
+        written before raykd recorded settings count as finished."""
+        row = self.table.get(unit.key)
+        if not row or not Path(unit.export_path).exists():
+            return False
+        if row.get("settings") in (None, "", unit.settings):
+            return True
+        log.info("%s: its settings changed since it was trained; training it again", unit.key)
+        history = Path(unit.history_path)
+        if history.is_file():
+            history.replace(history.with_suffix(".replaced.jsonl"))
+        return False
 
     def take_stored(self, unit) -> bool:
         row = self.store.fetch(unit)

@@ -6,8 +6,13 @@ method's `plan` hook, so adding a method or a unit kind never touches this file.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
 
+from raykd.files import file_hash
 from raykd.methods import MethodContext, method_params
 from raykd.models import StagedModel, build_model
 from raykd.models.export import load_export
@@ -124,6 +129,32 @@ def student_architecture(spec: JobSpec, splits) -> StagedModel:
                         spec.student, "student")
 
 
+# Fields that say where a unit's outputs go or how it is run now, not what it trains
+_NOT_SETTINGS = {"export_path", "history_path", "diagnostics_dir", "teacher_exports", "teachers",
+                 "resume_dir", "state_dir", "queued_at", "fail_at_epoch", "store_outputs",
+                 "settings", "cpus_per_worker"}
+
+
+def settle_settings(units: list[Unit]) -> None:
+    """Each unit's `settings` digest: its own fields that decide what it trains, its starting
+    weights' content, and its dependencies' digests (a changed teacher changes its students')."""
+    by_key = {u.key: u for u in units}
+
+    def digest(unit: Unit) -> str:
+        if not unit.settings:
+            fields = {k: v for k, v in dataclasses.asdict(unit).items()
+                      if k not in _NOT_SETTINGS}
+            if unit.weights and os.path.isfile(unit.weights):
+                fields["weights_content"] = file_hash(unit.weights)
+            deps = [digest(by_key[d]) for d in sorted(unit.depends_on) if d in by_key]
+            blob = json.dumps([fields, deps], sort_keys=True, default=str)
+            unit.settings = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return unit.settings
+
+    for unit in units:
+        digest(unit)
+
+
 def plan_units(spec: JobSpec, splits) -> list[Unit]:
     """Per seed: the teachers, then each method's units (its `plan` hook)."""
     teacher_arch = teacher_architectures(spec, splits)[0]
@@ -145,6 +176,7 @@ def plan_units(spec: JobSpec, splits) -> list[Unit]:
             cls, params = method_params(label, entry)
             cls.plan(plan, label, dict(entry or {}), params)
         units.extend(plan.units.values())
+    settle_settings(units)
     return units
 
 

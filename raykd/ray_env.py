@@ -5,7 +5,7 @@ import ipaddress
 import logging
 import os
 
-from raykd.errors import RaykdError
+from raykd.errors import RaykdError, Terminated
 from raykd.log import log
 
 # Set before ray.init so that every Ray process inherits them.
@@ -49,6 +49,24 @@ def set_ray_env() -> None:
         # token auth on and write ~/.ray/auth_token on the first init. Inside a job submitted to
         # a cluster (RAY_ADDRESS set) the cluster's own mode, inherited from its raylet, applies.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+TERMINATED: list[int] = []   # SIGTERM received (the CLI says "terminated", exits 143)
+
+
+def terminate_as_interrupt() -> None:
+    """SIGTERM ends the driver as Ctrl-C does (one line, exit 143, re-run to resume), not by
+    Ray's own handler (sys.exit from inside whatever Ray was doing, then a crash dump). Set after
+    ray.init, which installs Ray's; only the main thread can."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        TERMINATED.append(signum)   # Ray may turn the exception into a plain KeyboardInterrupt
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,

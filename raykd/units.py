@@ -101,6 +101,9 @@ class Unit:
     queued_at: float = 0.0        # packed: when it joined its run's queue (its wall time's start)
     store_outputs: OutputsToStore | None = None   # for its dependants, once trained
     fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint
+    # a digest of everything that decides what the unit trains, its dependencies' included
+    # (raykd.plan.settle_settings): a re-run trains a unit again when it changed
+    settings: str = ""
 
     @property
     def random_seed(self) -> int:

@@ -253,3 +253,34 @@ def test_a_teacher_re_exported_to_the_same_path_is_never_served_stale(ray_sessio
     entries = [p for p in (tmp_path / "feature_cache").iterdir() if not p.name.startswith(".")]
     assert len(entries) == 2, "the replaced teacher is a new cache entry"
     assert not (abs(old - new) < 1e-6).all(), "the second job saw the new teacher"
+
+
+def test_sigterm_stops_the_driver_in_one_line_as_ctrl_c_does(ray_session, tmp_path,
+                                                              digits_teacher):
+    """`kill PID` (a scheduler's stop) ends `raykd run` like Ctrl-C: one line, exit 143, no
+    crash dump, and nothing of the job keeps the session's CPUs."""
+    job = slow_job(tmp_path, digits_teacher, "term", methods={"ce": {}})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([RAYKD, "run", str(path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and \
+            epochs_done(tmp_path / "term" / "metrics" / "seed0-ce.jsonl") < 1:
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGTERM)
+    try:
+        _, err = driver.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        raise AssertionError("SIGTERM did not stop the driver within 60 s") from None
+    assert driver.returncode == 143, err[-2000:]
+    # (a worker's last progress line may still arrive after it, while Ray shuts down)
+    assert "raykd: terminated; re-run the same command to resume" in err.splitlines(), err
+    assert "Traceback" not in err and "SIGABRT" not in err
+    deadline = time.monotonic() + 60
+    while (ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]
+           and time.monotonic() < deadline):
+        time.sleep(0.5)
+    assert ray_session.available_resources().get("CPU", 0) == ray_session.cluster_resources()["CPU"]

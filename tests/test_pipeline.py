@@ -40,6 +40,16 @@ def test_end_to_end_on_digits_then_reuse(ray_session, tmp_path, capsys):
     # a second run of the same job finds every run finished and trains nothing
     again = run_job(spec)
     assert sorted(again.wall_s) == sorted(df.wall_s)
+    # a re-run with one method's settings changed trains that unit again, from the start (not
+    # from its old checkpoint), and keeps the others
+    changed = run_job(job_from_dict(small_job(tmp_path, methods={
+        "ce": {}, "kd": {"temperature": 2, "alpha": 0.9}}))).set_index("unit")
+    before = df.set_index("unit")
+    for key in ("seed0-teacher", "seed0-ce"):
+        assert changed.loc[key, "wall_s"] == before.loc[key, "wall_s"], key
+    assert changed.loc["seed0-kd", "settings"] != before.loc["seed0-kd", "settings"]
+    assert changed.loc["seed0-kd", "resumed_from"] == 0 and changed.loc["seed0-kd", "epochs"] == 3
+    assert (spec.run_dir / "metrics" / "seed0-kd.replaced.jsonl").is_file()
     # `raykd results` prints mean ± std per method and draws the plot
     capsys.readouterr()
     assert main(["results", str(spec.run_dir), "--plot", str(tmp_path / "acc.png")]) == 0

@@ -66,7 +66,7 @@ def test_a_sourced_export_round_trips_with_its_arguments_and_stages(tmp_path):
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda: build_model("keras:resnet50", 10), "unknown model source 'keras'"),
+    (lambda: build_model("keras:res-net50", 10), "unknown model source in 'keras:res-net50'"),
     (lambda: build_model("timm:resnet_18", 10), "unknown timm model 'resnet_18'; close:"),
     (lambda: build_model("torchvision:resnet19", 10), "unknown torchvision classification "
                                                       "model 'resnet19'; close: resnet18"),

@@ -65,6 +65,11 @@ class Progress:
         if not os.path.isfile(path):
             return 0
         state = torch_load(path, map_location=self.device)
+        if state.get("settings", self.unit.settings) != self.unit.settings:
+            if self.rank == 0:   # a checkpoint of what the unit trained before it changed
+                log.info("[%s] its settings changed since its last checkpoint: training it "
+                         "from the start", self.unit.key)
+            return 0
         self.module.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -76,7 +81,8 @@ class Progress:
 
     def state(self, epoch: int, metrics: dict) -> dict:
         return {"trainable": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "metrics": metrics}
+                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "metrics": metrics,
+                "settings": self.unit.settings}
 
     def end_epoch(self, epoch: int, metrics: dict) -> None:
         """epoch is 0-based; metrics are this epoch's."""

@@ -380,7 +380,8 @@ def unit_rows(unit: Unit, metrics: dict, started_at: float, workers: int, packed
         ended = float(history["epoch_finished_at"].max()) - started_at
         wall_s = min(wall_s, ended) if ended > 0 else wall_s
     common = {
-        "unit": unit.key, "role": unit.role, "dataset": unit.data.dataset, "seed": unit.seed,
+        "unit": unit.key, "settings": unit.settings, "role": unit.role,
+        "dataset": unit.data.dataset, "seed": unit.seed,
         "wall_s": wall_s, "started_at": started_at,
         "finished_at": time.time(),
         "train_s": float(history["epoch_s"].sum()) if history is not None else None,
