@@ -23,12 +23,14 @@ from raykd.errors import RaykdError
 def _cmd_run(args) -> int:
     from raykd.config import check_writable, load_job
     from raykd.data import load_dataset
+    from raykd.ownership import own
     from raykd.pipeline import run_job
     from raykd.plan import preflight
     from raykd.ray_env import init_ray, terminate_as_interrupt
 
     spec = load_job(args.job, args.overrides)
     check_writable(spec)
+    own(spec.run_dir, wait=args.wait)   # one driver per run folder, before Ray starts
     splits = load_dataset(spec.data)  # absent data fails here, before Ray starts
     preflight(spec, splits)
     init_ray(spec.ray.address, spec.ray.num_cpus)
@@ -97,6 +99,7 @@ def _cmd_submit(args) -> int:
 def _cmd_sweep(args) -> int:
     from raykd.config import check_writable, job_from_dict, load_raw
     from raykd.data import load_dataset
+    from raykd.ownership import own
     from raykd.plan import preflight
     from raykd.ray_env import init_ray, terminate_as_interrupt
     from raykd.sweep import check_prerequisites, check_sweep, run_sweep
@@ -105,6 +108,7 @@ def _cmd_sweep(args) -> int:
     spec = job_from_dict(raw)
     check_sweep(raw, spec)             # every bad key or range fails here, before Ray starts
     check_writable(spec)
+    own(spec.run_dir, wait=args.wait)
     splits = load_dataset(spec.data)
     preflight(spec, splits)
     check_prerequisites(raw, spec, splits)
@@ -217,6 +221,9 @@ def job_command(sub, name: str, fn, summary: str, description: str, job_help: st
     cmd = sub.add_parser(name, help=summary, description=description)
     cmd.add_argument("job", help=job_help)
     cmd.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    cmd.add_argument("--wait", action="store_true",
+                     help="if another raykd driver is running this job's folder, wait for it to "
+                     "end instead of stopping with an error")
     cmd.set_defaults(fn=fn)
 
 

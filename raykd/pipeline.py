@@ -20,6 +20,7 @@ from raykd.errors import RaykdError
 from raykd.log import duration, log
 from raykd.methods import method_class
 from raykd.models.sources import factory_runtime_env
+from raykd.ownership import own
 from raykd.plan import needed_by, plan_units, preflight, resolve_teachers
 from raykd.results import ResultsTable
 from raykd.scheduler import Launch, run_in_order
@@ -147,6 +148,7 @@ class JobRun:
             [spec.teacher.model, *spec.teacher.models, spec.student.model])
 
     def run(self):
+        own(self.run_dir)            # one driver per run folder (raykd.ownership)
         release_finished_runs()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         check_shared_storage(self.spec.output_dir)   # multi-node clusters only

@@ -294,7 +294,11 @@ class Sweep:
         return table, self.run_best(self.best(table))
 
     def check_folder(self) -> None:
-        """A run folder holds one sweep: a changed `sweep:` section is refused."""
+        """A run folder holds one sweep, run by one driver: a changed `sweep:` section is
+        refused."""
+        from raykd.ownership import own
+
+        own(self.run_dir)
         self.folder.mkdir(parents=True, exist_ok=True)
         stored = self.folder / "sweep.yaml"
         section = yaml.safe_dump(dataclasses.asdict(self.sweep), sort_keys=True)

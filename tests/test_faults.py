@@ -284,3 +284,33 @@ def test_sigterm_stops_the_driver_in_one_line_as_ctrl_c_does(ray_session, tmp_pa
            and time.monotonic() < deadline):
         time.sleep(0.5)
     assert ray_session.available_resources().get("CPU", 0) == ray_session.cluster_resources()["CPU"]
+
+
+def test_a_second_driver_on_a_running_jobs_folder_stops_in_one_line_or_waits(
+        ray_session, tmp_path, digits_teacher):
+    """Two `raykd run` of one job on one folder would both train its units: the second exits
+    at once naming the owner, or with --wait runs once the first has ended (finding it done)."""
+    job = slow_job(tmp_path, digits_teacher, "owned", methods={"ce": {}})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    first = subprocess.Popen([RAYKD, "run", str(path)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and \
+            epochs_done(tmp_path / "owned" / "metrics" / "seed0-ce.jsonl") < 1:
+        time.sleep(0.1)
+    second = subprocess.run([RAYKD, "run", str(path)], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert second.returncode == 2, second.stderr[-2000:]
+    line = second.stderr.strip().splitlines()[-1]
+    assert "is in use by another raykd driver" in line and f"(pid {first.pid} on " in line, line
+    waiting = subprocess.Popen([RAYKD, "run", str(path), "--wait"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    _, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err[-2000:]
+    assert "1 of 1 runs already finished" in err
+    rows = pd.read_parquet(tmp_path / "owned" / "results.parquet")
+    assert list(rows.unit) == ["seed0-ce"], "one row: trained once"
