@@ -161,3 +161,17 @@ def test_what_cannot_be_placed_fails_in_one_line_naming_what_it_waits_for(ray_se
     finally:
         remove_placement_group(holder)
     assert _free_cpus(ray_session) == 2
+
+
+def test_a_unit_resumed_after_its_last_epoch_says_so_in_its_row(ray_session, tmp_path):
+    """Its driver died after the last checkpoint, before the row: the re-run trains nothing,
+    logs "resuming after epoch 3", and its row says resumed_from 3 (not 0)."""
+    from raykd.train.runner import RunSettings, fit_units
+
+    spec = job_from_dict(small_job(tmp_path, methods={"ce": {}}))
+    [teacher] = [u for u in plan_units(spec, load_dataset(spec.data)) if u.role == "teacher"]
+    settings = RunSettings(str(tmp_path / "ray"), 10, (1, 8, 8), max_failures=0)
+    [first] = ray_session.get(fit_units.remote([teacher], settings))[teacher.key]
+    [again] = ray_session.get(fit_units.remote([teacher], settings))[teacher.key]
+    assert first["resumed_from"] == 0 and again["resumed_from"] == 3
+    assert again["epochs"] == 3 and again["val_top1"] == first["val_top1"]

@@ -105,7 +105,9 @@ class Progress:
             report(self.unit.key, metrics, self.state(epoch, metrics), self.rank)
 
     def finish(self, start_epoch: int, epochs: int) -> None:
-        """A run that had already finished reports its final state again, so the fit's result
-        carries its metrics (a packed unit's folder holds them already)."""
-        if 0 < epochs <= start_epoch and not self.unit.state_dir:
+        """A unit resumed after its last epoch trains nothing: it saves its final state again,
+        marked as resumed there (its row then says `resumed_from` N, as its log line says
+        "resuming after epoch N"), and a run's fit result carries its metrics."""
+        if 0 < epochs <= start_epoch:
+            self.last = {**self.last, "resumed_from": start_epoch}
             self.save(epochs - 1, self.last)
