@@ -37,6 +37,19 @@ def ray_session():
     ray.shutdown()
 
 
+def all_cpus_free(ray, timeout_s: float = 60) -> bool:
+    """Wait until nothing holds any of the session's CPUs (runs, trials and their placement
+    groups released); whether that happened within `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def small_job(tmp_path, **sections) -> dict:
     """A digits job small enough for a unit test (seconds of training per run)."""
     job = {

@@ -19,7 +19,7 @@ from raykd.config import job_from_dict
 from raykd.files import torch_load
 from raykd.pipeline import run_job
 
-from conftest import small_job
+from conftest import all_cpus_free, small_job
 
 RAYKD = str(Path(sys.executable).parent / "raykd")
 
@@ -279,11 +279,7 @@ def test_sigterm_stops_the_driver_in_one_line_as_ctrl_c_does(ray_session, tmp_pa
     # (a worker's last progress line may still arrive after it, while Ray shuts down)
     assert "raykd: terminated; re-run the same command to resume" in err.splitlines(), err
     assert "Traceback" not in err and "SIGABRT" not in err
-    deadline = time.monotonic() + 60
-    while (ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]
-           and time.monotonic() < deadline):
-        time.sleep(0.5)
-    assert ray_session.available_resources().get("CPU", 0) == ray_session.cluster_resources()["CPU"]
+    assert all_cpus_free(ray_session), "something of the job still holds the session's CPUs"
 
 
 def test_a_second_driver_on_a_running_jobs_folder_stops_in_one_line_or_waits(

@@ -17,7 +17,7 @@ from raykd.pipeline import run_job, wait_for_room
 from raykd.plan import plan_units
 from raykd.results import REQUIRED_COLUMNS, read_results
 
-from conftest import small_job
+from conftest import all_cpus_free, small_job
 
 
 def test_end_to_end_on_digits_then_reuse(ray_session, tmp_path, capsys):
@@ -109,14 +109,6 @@ def _stuck_teardown() -> None:
     time.sleep(3600)
 
 
-def _free_cpus(ray_session, timeout_s: float = 30) -> float:
-    deadline = time.monotonic() + timeout_s
-    while (ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]
-           and time.monotonic() < deadline):
-        time.sleep(0.2)
-    return ray_session.available_resources().get("CPU", 0)
-
-
 def test_a_finished_run_stuck_in_teardown_is_stopped_before_new_runs_start(ray_session):
     from raykd import pipeline
 
@@ -127,7 +119,7 @@ def test_a_finished_run_stuck_in_teardown_is_stopped_before_new_runs_start(ray_s
     started = time.monotonic()
     pipeline.release_finished_runs(bound_s=2)
     assert time.monotonic() - started < 10, "bounded: never waits for the stuck run"
-    assert _free_cpus(ray_session) == ray_session.cluster_resources()["CPU"]
+    assert all_cpus_free(ray_session, 30)
     pipeline.wait_for_room({"CPU": 2}, "the sweep's first trial", bound_s=5)   # returns
 
 
@@ -160,7 +152,7 @@ def test_what_cannot_be_placed_fails_in_one_line_naming_what_it_waits_for(ray_se
         assert time.monotonic() - started < 40
     finally:
         remove_placement_group(holder)
-    assert _free_cpus(ray_session) == 2
+    assert all_cpus_free(ray_session, 30)
 
 
 def test_a_unit_resumed_after_its_last_epoch_says_so_in_its_row(ray_session, tmp_path):

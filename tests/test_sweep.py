@@ -16,7 +16,7 @@ from raykd.config import job_from_dict, load_job
 from raykd.errors import RaykdError
 from raykd.sweep import check_sweep, run_sweep
 
-from conftest import small_job
+from conftest import all_cpus_free, small_job
 
 RAYKD = str(Path(sys.executable).parent / "raykd")
 REPO = Path(__file__).resolve().parent.parent
@@ -168,11 +168,7 @@ def test_the_readme_sweep_on_a_fresh_folder_stops_on_ctrl_c_and_resumes_to_the_e
     table = pd.read_parquet(tmp_path / "relative_out" / "sweep_kd" / "sweep.parquet")
     assert len(table) == 2 and (table.status == "finished").all()
     # nothing of either driver holds the session's CPUs (trials, their Train runs, PGs)
-    deadline = time.monotonic() + 60
-    while (ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]
-           and time.monotonic() < deadline):
-        time.sleep(0.5)
-    assert ray_session.available_resources().get("CPU", 0) == ray_session.cluster_resources()["CPU"]
+    assert all_cpus_free(ray_session), "something of the job still holds the session's CPUs"
 
 
 def test_a_trial_exported_before_its_driver_died_is_reported_not_retrained(tmp_path):
