@@ -19,7 +19,7 @@ from raykd.specs import JobSpec
 
 def run(job: str | Path | dict | JobSpec, overrides: list[str] | tuple[str, ...] = ()):
     """Run (or resume) a job; return its results table (one row per trained model)."""
-    from raykd.config import check_writable, job_from_dict, load_job
+    from raykd.config import check_writable, job_from_dict, job_runtime_env, load_job
     from raykd.data import load_dataset
     from raykd.pipeline import run_job
     from raykd.plan import preflight
@@ -37,7 +37,7 @@ def run(job: str | Path | dict | JobSpec, overrides: list[str] | tuple[str, ...]
     check_writable(spec)
     splits = load_dataset(spec.data)     # absent data fails here, before Ray starts
     preflight(spec, splits)
-    init_ray(spec.ray.address, spec.ray.num_cpus)
+    init_ray(spec.ray.address, spec.ray.num_cpus, runtime_env=job_runtime_env(spec))
     return run_job(spec, splits=splits, checked=True)
 
 

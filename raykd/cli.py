@@ -21,7 +21,7 @@ from raykd.errors import RaykdError
 
 
 def _cmd_run(args) -> int:
-    from raykd.config import check_writable, load_job
+    from raykd.config import check_writable, job_runtime_env, load_job
     from raykd.data import load_dataset
     from raykd.ownership import own
     from raykd.pipeline import run_job
@@ -33,7 +33,7 @@ def _cmd_run(args) -> int:
     own(spec.run_dir, wait=args.wait)   # one driver per run folder, before Ray starts
     splits = load_dataset(spec.data)  # absent data fails here, before Ray starts
     preflight(spec, splits)
-    init_ray(spec.ray.address, spec.ray.num_cpus)
+    init_ray(spec.ray.address, spec.ray.num_cpus, runtime_env=job_runtime_env(spec))
     terminate_as_interrupt()   # after ray.init, which installs Ray's own handler
     df = run_job(spec, splits=splits, fail_at=injected_failures(), checked=True)
     print(f"\nresults: {spec.run_dir / 'results.parquet'}")
@@ -97,7 +97,7 @@ def _cmd_submit(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from raykd.config import check_writable, job_from_dict, load_raw
+    from raykd.config import check_writable, job_from_dict, job_runtime_env, load_raw
     from raykd.data import load_dataset
     from raykd.ownership import own
     from raykd.plan import preflight
@@ -112,7 +112,7 @@ def _cmd_sweep(args) -> int:
     splits = load_dataset(spec.data)
     preflight(spec, splits)
     check_prerequisites(raw, spec, splits)
-    init_ray(spec.ray.address, spec.ray.num_cpus)
+    init_ray(spec.ray.address, spec.ray.num_cpus, runtime_env=job_runtime_env(spec))
     terminate_as_interrupt()   # after ray.init, which installs Ray's own handler
     table, df = run_sweep(raw)
     print(f"\nsweep: {spec.run_dir / 'sweep.parquet'} (best configuration: "

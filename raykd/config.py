@@ -11,12 +11,12 @@ import copy
 import re
 from pathlib import Path
 
-from raykd.data.registry import check_dataset_name
+from raykd import factories
+from raykd.data import check_dataset_name
 from raykd.errors import RaykdError, one_line
 from raykd.methods import method_params
 from raykd.models import check_model_name
 from raykd.models.export import read_export
-from raykd.models.sources import allow_factories
 from raykd.specs import JobSpec
 from raykd.typed import apply_overrides, from_dict
 from raykd.yaml_safe import MAX_BYTES, parse
@@ -98,9 +98,9 @@ def validate(spec: JobSpec) -> None:
             and not Path(spec.data.root).is_dir():
         raise RaykdError(f"data.root: {spec.data.root} is a file; give the folder that holds "
                          "the dataset")
-    check_dataset_name(spec.data.dataset)
+    factories.allow(job_factories(spec))   # the job file names them: this process may import them
+    check_data(spec.data)
     models = [spec.teacher.model, *spec.teacher.models, spec.student.model]
-    allow_factories(models)    # the job file names them: this process may import them
     for name in models:
         check_model_name(name)
     if spec.teacher.checkpoint and (spec.teacher.count > 1 or spec.teacher.models):
@@ -117,6 +117,19 @@ def validate(spec: JobSpec) -> None:
         if bad:
             raise RaykdError(f"{where}.lr_milestones are fractions of the run in (0, 1), got {bad}")
     check_tracking(spec)
+
+
+IN_MEMORY = ("digits", "mnist5k", "gaussian")   # normalised tensors: nothing to augment
+
+
+def check_data(data) -> None:
+    check_dataset_name(data.dataset)
+    if data.dataset in IN_MEMORY and data.augment not in ("auto", "none"):
+        raise RaykdError(f"data.augment={data.augment}: {data.dataset} is held in memory as "
+                         "normalised tensors and is never augmented; allowed here: auto, none")
+    if data.args and ":" not in data.dataset:
+        raise RaykdError(f"data.args are the keyword arguments of a torchvision:CLASS dataset or "
+                         f"a data factory of your own; {data.dataset} takes none")
 
 
 def check_tracking(spec: JobSpec) -> None:
@@ -147,7 +160,20 @@ def allow_run_factories(run_dir: str | Path) -> None:
         return
     raw = parse(path.read_text(), str(path)) or {}
     teacher, student = raw.get("teacher") or {}, raw.get("student") or {}
-    allow_factories([teacher.get("model"), *(teacher.get("models") or []), student.get("model")])
+    factories.allow([teacher.get("model"), *(teacher.get("models") or []), student.get("model"),
+                     (raw.get("data") or {}).get("dataset")])
+
+
+def job_runtime_env(spec: JobSpec) -> dict | None:
+    """The Ray `runtime_env` a job's driver needs: its factories of your own, allowed and on the
+    path in every process it starts (None when it names none)."""
+    return factories.runtime_env(job_factories(spec))
+
+
+def job_factories(spec: JobSpec) -> list[str]:
+    """The functions of the user's own a job names (models and data), `package.module:function`."""
+    return factories.factories([spec.teacher.model, *spec.teacher.models, spec.student.model,
+                                spec.data.dataset])
 
 
 def check_writable(spec: JobSpec) -> None:

@@ -15,11 +15,12 @@ from pathlib import Path
 import ray
 import yaml
 
+from raykd import factories
+from raykd.config import job_factories
 from raykd.data import load_dataset
 from raykd.errors import RaykdError
 from raykd.log import duration, log
 from raykd.methods import method_class
-from raykd.models.sources import factory_runtime_env
 from raykd.ownership import own
 from raykd.plan import needed_by, plan_units, preflight, resolve_teachers
 from raykd.results import ResultsTable
@@ -144,8 +145,7 @@ class JobRun:
             if spec.teacher.reuse else None
         self.prepared: dict = {}       # key -> its Unit with teachers attached, or stored rows
         # factories of the user's own that the job names: allowed, and importable, in its runs
-        self.runtime_env = factory_runtime_env(
-            [spec.teacher.model, *spec.teacher.models, spec.student.model])
+        self.runtime_env = factories.runtime_env(job_factories(spec))
 
     def run(self):
         own(self.run_dir)            # one driver per run folder (raykd.ownership)
@@ -218,7 +218,8 @@ class JobRun:
             self.splits.input_shape, users=[u.teacher_candidates for u in todo],
             most_at_once=max([len(u.teacher_candidates) if u.teacher_mode == "all" else 1
                               for u in todo] or [1]),
-            run_cpus=self.spec.ray.workers * self.spec.ray.cpus_per_worker)
+            run_cpus=self.spec.ray.workers * self.spec.ray.cpus_per_worker,
+            runtime_env=self.runtime_env)
 
     # ---- schedule ----
 

@@ -70,7 +70,10 @@ def terminate_as_interrupt() -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
-             log_to_driver: bool = True) -> None:
+             log_to_driver: bool = True, runtime_env: dict | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local instance on loopback;
+    `runtime_env` is the whole driver's (every task, actor, Train run and Tune trial inherits
+    it: the job's factories of its own, raykd.factories)."""
     import ray
 
     set_ray_env()
@@ -78,7 +81,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         return
     address = address or os.environ.get("RAY_ADDRESS")
     # Ray's own start-up lines (with colour codes) stay quiet; raykd says where the dashboard is
-    quiet = {"logging_level": logging.WARNING}
+    quiet = {"logging_level": logging.WARNING,
+             **({"runtime_env": runtime_env} if runtime_env else {})}
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, **quiet)
     else:

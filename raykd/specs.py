@@ -15,6 +15,7 @@ Optimizer = Literal["sgd", "adam"]
 Placement = Literal["auto", "local", "actors"]
 HeadLayout = Literal["together", "separate"]
 Pack = Literal["auto", "off"]
+Augment = Literal["auto", "standard", "cifar", "none"]
 
 
 @dataclass
@@ -29,8 +30,9 @@ class GaussianSpec:
 
 @dataclass
 class DataSpec:
+    # a built-in name, imagefolder, torchvision:CLASS or package.module:function (raykd.data)
     dataset: str = "mnist5k"
-    root: str | None = None           # local folder for cifar10/cifar100/imagenet
+    root: str | None = None           # local folder for cifar10/cifar100/imagenet/imagefolder/torchvision:
     # limit training images (distillation helps most with few)
     train_size: Annotated[int | None, AtLeast(1)] = None
     val_size: Annotated[int | None, AtLeast(1)] = None       # None: the dataset's default
@@ -40,8 +42,11 @@ class DataSpec:
     # no-grad passes (validation, test, teacher-cache fills): on CPU, batches of 64 run
     # 1.6-1.8x faster than 512 (bench/eval_batch.py: large batches spill out of the caches)
     eval_batch_size: Annotated[int, AtLeast(1)] = 64
-    augment: bool = True              # standard augmentation for the torchvision datasets
-    image_size: int | None = None     # imagenet crop, imagefolder resize (default 224)
+    # the training split's augmentation (raykd.data.augment); auto: the dataset's own recipe
+    augment: Augment = "auto"
+    image_size: int | None = None     # imagenet crop, imagefolder/torchvision: resize
+    # keyword arguments of a torchvision: dataset class or a data factory of your own
+    args: dict[str, Any] = field(default_factory=dict)
     mean: list[float] = field(default_factory=list)   # imagefolder normalisation (default:
     std: list[float] = field(default_factory=list)    # ImageNet's for colour, 0.5 for grey)
     loader_workers: int = 0

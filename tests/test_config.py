@@ -45,7 +45,10 @@ def test_defaults_and_dotted_overrides(tmp_path):
     ("student.foo=1", "unknown key student.foo; allowed under student: model, model_args, "
                       "stages, weights"),
     ("student.train.epochs=abc", "student.train.epochs: expected an integer, got 'abc'"),
-    ("data.augment=3", "data.augment: expected true or false"),
+    ("data.augment=3", "data.augment: unknown 3; allowed: auto, standard, cifar, none"),
+    ("data.augment=cifar", "data.augment=cifar: mnist5k is held in memory as normalised tensors"),
+    ("data.args={root:x}", "data.args are the keyword arguments of a torchvision:CLASS dataset"),
+    ("data.dataset=torchvision:MNST", "unknown torchvision dataset class 'MNST'; close: MNIST"),
     ("data.dataset=cifar7", "unknown dataset 'cifar7'; allowed: cifar10, cifar100, digits"),
     ("student.model=resnet9", "unknown model 'resnet9'; allowed:"),
     ("methods.x.method=nope", "methods.x: unknown method 'nope'; allowed: cd, ce, dih, feed, kd"),

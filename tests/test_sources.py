@@ -102,7 +102,7 @@ def test_an_image_folder_loads_real_files_and_bad_folders_are_one_line(png_folde
 
     spec = job_from_dict(small_job(tmp_path, data={
         "dataset": "imagefolder", "root": str(png_folder), "image_size": 16, "val_size": 50,
-        "test_size": 50, "augment": False}))
+        "test_size": 50, "augment": "none"}))
     splits = load_dataset(spec.data)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (500, 50, 50)
     assert splits.input_shape == (1, 16, 16) and splits.num_classes == 10 and splits.deterministic
@@ -131,7 +131,7 @@ def test_a_timm_teacher_distils_into_a_torchvision_student_on_an_image_folder(
     job = small_job(
         tmp_path, name="byo",
         data={"dataset": "imagefolder", "root": str(png_folder), "image_size": 32,
-              "batch_size": 50, "val_size": 100, "test_size": 100, "augment": False},
+              "batch_size": 50, "val_size": 100, "test_size": 100, "augment": "none"},
         teacher={"model": "timm:resnet10t", "stages": ["layer2", "layer3", "layer4"],
                  "train": {"epochs": 2, "lr": 0.05}},
         student={"model": "torchvision:mobilenet_v3_small", "model_args": {"width_mult": 0.25},
@@ -195,11 +195,11 @@ def test_starting_weights_load_exactly_and_bad_files_are_one_line(tmp_path):
 def test_a_factory_of_your_own_is_imported_only_because_a_job_names_it(tmp_path):
     import sys
 
-    from raykd.models import sources
+    from raykd import factories
 
     name = "byo_factory:tiny_net"
-    sources._ALLOWED.discard(name)
-    with pytest.raises(RaykdError, match="imports a factory only when the job file names it"):
+    factories._ALLOWED.discard(name)
+    with pytest.raises(RaykdError, match="imports a function of your own only when the job file names it"):
         build_model(name, 10, 1, 8)
     spec = job_from_dict(small_job(tmp_path, student={"model": name, "model_args": {"width": 4}}))
     model = build_model(spec.student.model, 10, 1, 8, spec.student.model_args)
@@ -210,12 +210,12 @@ def test_a_factory_of_your_own_is_imported_only_because_a_job_names_it(tmp_path)
             "try:\n    load_export(sys.argv[1])\nexcept Exception as e:\n    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "own.pt")],
                           capture_output=True, text=True, timeout=120)
-    assert "imports a factory only when the job file names it" in done.stdout, done.stderr
+    assert "imports a function of your own only when the job file names it" in done.stdout, done.stderr
     assert "byo_factory" not in done.stderr
     for bad, message in (("byo_factory:not_a_model", "returned str, not a torch.nn.Module"),
                          ("byo_factory:absent", "byo_factory has no function 'absent'"),
                          ("no_such_module:build", "cannot import no_such_module")):
-        sources.allow_factories([bad])
+        factories.allow([bad])
         with pytest.raises(RaykdError, match=message):
             build_model(bad, 10, 1, 8)
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from raykd.data.augment import preset, train_transforms
 from raykd.data.registry import DatasetSplits, _limit, register_dataset, split_indices, subset
 from raykd.errors import RaykdError
 
@@ -105,7 +106,8 @@ def _cifar(spec, name: str) -> DatasetSplits:
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     mean, std = _CIFAR_STATS[name]
     norm = [T.ToTensor(), T.Normalize(mean, std)]
-    aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if spec.augment else []
+    augment = preset(spec.augment, "cifar")
+    aug = train_transforms(augment, 32, [])
     try:
         train_aug = cls(root, train=True, download=False, transform=T.Compose(aug + norm))
         train_plain = cls(root, train=True, download=False, transform=T.Compose(norm))
@@ -117,10 +119,12 @@ def _cifar(spec, name: str) -> DatasetSplits:
         ) from e
     val_size = 5000 if spec.val_size is None else spec.val_size
     return _holdout_splits(train_aug, train_plain, test, len(train_plain), val_size, spec, name,
-                           num_classes=len(train_plain.classes), shape=(3, 32, 32))
+                           num_classes=len(train_plain.classes), shape=(3, 32, 32),
+                           deterministic=augment == "none")
 
 
-def _holdout_splits(train_aug, train_plain, test, n, val_size, spec, name, num_classes, shape):
+def _holdout_splits(train_aug, train_plain, test, n, val_size, spec, name, num_classes, shape,
+                    deterministic: bool):
     """Validation is held out of the official training set; the official test set is test."""
     if val_size >= n:
         raise RaykdError(f"data.val_size={val_size} leaves no training images in {name}")
@@ -130,7 +134,7 @@ def _holdout_splits(train_aug, train_plain, test, n, val_size, spec, name, num_c
         test = subset(test, list(range(min(spec.test_size, len(test)))))
     return DatasetSplits(train=subset(train_aug, train_idx), val=subset(train_plain, val_idx),
                          test=test, num_classes=num_classes, input_shape=shape,
-                         deterministic=not spec.augment)
+                         deterministic=deterministic)
 
 
 @register_dataset("cifar10")
@@ -157,13 +161,13 @@ def imagenet(spec) -> DatasetSplits:
             "(the ILSVRC-2012 train and val sets, val sorted into class folders); set data.root")
     norm = [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
     size = spec.image_size or 224
-    train_tf = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if spec.augment else [
-        T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
     eval_tf = [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
+    augment = preset(spec.augment, "standard")
+    train_tf = train_transforms(augment, size, eval_tf)
     train_aug = datasets.ImageFolder(tr_dir, transform=T.Compose(train_tf + norm))
     train_plain = datasets.ImageFolder(tr_dir, transform=T.Compose(eval_tf + norm))
     test = datasets.ImageFolder(te_dir, transform=T.Compose(eval_tf + norm))
     val_size = 10000 if spec.val_size is None else spec.val_size
     return _holdout_splits(train_aug, train_plain, test, len(train_plain), val_size, spec,
                            "imagenet", num_classes=len(train_plain.classes),
-                           shape=(3, size, size))
+                           shape=(3, size, size), deterministic=augment == "none")

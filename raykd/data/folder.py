@@ -6,8 +6,8 @@
 
 Every image is resized to `data.image_size` (square) and normalised with `data.mean` and
 `data.std` (default: ImageNet's); grey or colour as the first training image is (the rest are
-converted to its mode). With `data.augment` the training split is augmented (random resized crop
-and horizontal flip), so the teacher-output cache is not used for it. Every file is checked to be
+converted to its mode). The training split is augmented as `data.augment` says (raykd.data.augment;
+`standard` by default), so the teacher-output cache is not used for it unless that is `none`. Every file is checked to be
 a readable image before any Ray work: a bad one is named in one line.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from raykd.data.augment import preset, train_transforms
 from raykd.data.registry import DatasetSplits, register_dataset, split_indices, subset
 from raykd.errors import RaykdError, one_line
 
@@ -89,9 +90,10 @@ def imagefolder(spec) -> DatasetSplits:
                          f"{'grey' if channels == 1 else 'colour'} images, got {len(mean)} and "
                          f"{len(std)}")
     norm = [T.ToTensor(), T.Normalize(mean, std)]
-    plain = T.Compose([T.Resize((size, size))] + norm)
-    augmented = T.Compose([T.RandomResizedCrop(size, scale=(0.35, 1.0)),
-                           T.RandomHorizontalFlip()] + norm) if spec.augment else plain
+    resize = [T.Resize((size, size))]
+    plain = T.Compose(resize + norm)
+    augment = preset(spec.augment, "standard")
+    augmented = T.Compose(train_transforms(augment, size, resize) + norm)
     held_out = {name: class_files(root / name) for name in ("val", "test")
                 if (root / name).is_dir()}
     for name, (found, _) in held_out.items():
@@ -112,7 +114,7 @@ def imagefolder(spec) -> DatasetSplits:
 
     return DatasetSplits(train=subset(every, tr), val=held("val", va), test=held("test", te),
                          num_classes=len(classes), input_shape=(channels, size, size),
-                         deterministic=not spec.augment)
+                         deterministic=augment == "none")
 
 
 def export_folder(name: str, out: str | Path, limit: int | None = None) -> int:

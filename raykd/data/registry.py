@@ -40,15 +40,9 @@ def dataset_names() -> list[str]:
     return sorted(_DATASETS)
 
 
-def check_dataset_name(name: str) -> None:
-    if name not in _DATASETS:
-        raise RaykdError(f"unknown dataset {name!r}; allowed: {', '.join(dataset_names())}")
-
-
-def load_dataset(spec) -> DatasetSplits:
-    """Build the splits a `DataSpec` describes (raykd.specs)."""
-    check_dataset_name(spec.dataset)
-    return _DATASETS[spec.dataset](spec)
+def registered() -> dict[str, Callable]:
+    """raykd's own datasets by name (those registered with `register_dataset`)."""
+    return _DATASETS
 
 
 def split_indices(n: int, val_size: int, test_size: int, train_size: int | None, seed: int,

@@ -13,27 +13,15 @@ extraction uses), else the last block at each feature-map resolution.
 from __future__ import annotations
 
 import difflib
-import importlib
-import importlib.util
 import inspect
-import os
-import re
-from pathlib import Path
 
 from torch import nn
 
 from raykd.errors import RaykdError, one_line
-from raykd.files import file_hash
+from raykd.factories import check_allowed, code_fingerprint, is_factory, load
 from raykd.models.staged import StagedModel
 
 SOURCES = ("torchvision", "timm")
-FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")   # package.module:function
-FACTORIES_ENV = "RAYKD_FACTORIES"    # the factories a job names, for the processes it starts
-
-# Factories this process may import: only those a job file names (config.validate, or the
-# run folder's own job.yaml), never because an export names one. Ray processes a job starts get
-# the job's list through FACTORIES_ENV (`runtime_env`).
-_ALLOWED: set[str] = {f for f in os.environ.get(FACTORIES_ENV, "").split(",") if f}
 
 
 def split_source(name: str) -> tuple[str, str]:
@@ -44,44 +32,11 @@ def split_source(name: str) -> tuple[str, str]:
     prefix, arch = name.split(":", 1)
     if prefix in SOURCES:
         return prefix, arch
-    if FACTORY.fullmatch(name):
+    if is_factory(name):
         return "factory", name
     raise RaykdError(f"unknown model source in {name!r}; allowed: "
                      f"{', '.join(s + ':NAME' for s in SOURCES)}, package.module:function (a "
                      "factory of your own) or a zoo model name")
-
-
-def factories(names) -> list[str]:
-    return sorted({n for n in names if n and split_source(n)[0] == "factory"})
-
-
-def allow_factories(names) -> None:
-    """Let this process import these factories (those a job file names)."""
-    _ALLOWED.update(factories(names))
-
-
-def factory_runtime_env(names) -> dict | None:
-    """The `runtime_env` for Ray work that builds these factories' models: their names, and the
-    folders they import from on PYTHONPATH (None when the job names none)."""
-    wanted = factories(names)
-    if not wanted:
-        return None
-    roots = {module_root(n.split(":")[0]) for n in wanted}
-    path = os.pathsep.join([*sorted(r for r in roots if r), os.environ.get("PYTHONPATH", "")])
-    return {"env_vars": {FACTORIES_ENV: ",".join(wanted), "PYTHONPATH": path.strip(os.pathsep)}}
-
-
-def module_root(module: str) -> str | None:
-    """The folder a module is imported from (the parent of its top-level package)."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin:
-        return None
-    origin = Path(spec.origin)
-    depth = module.count(".") + (1 if origin.name == "__init__.py" else 0)
-    return str(origin.parents[depth])
 
 
 def fingerprint(name: str) -> str | None:
@@ -91,9 +46,7 @@ def fingerprint(name: str) -> str | None:
     if source == "zoo":
         return None
     if source == "factory":   # your own code: its file's content
-        spec = importlib.util.find_spec(name.split(":")[0])
-        origin = spec.origin if spec else None
-        return f"factory {file_hash(origin)}" if origin and os.path.isfile(origin) else name
+        return code_fingerprint(name)
     from importlib.metadata import version
 
     return f"{source} {version(source)}"
@@ -108,10 +61,7 @@ def check_source(name: str) -> None:
     """One line for an unknown torchvision or timm model (with close matches)."""
     source, arch = split_source(name)
     if source == "factory":
-        if name not in _ALLOWED:
-            raise RaykdError(f"model {name}: raykd imports a factory only when the job file "
-                             "names it (teacher.model, teacher.models or student.model), never "
-                             "because a model file does")
+        check_allowed(name, "model")
         return
     if source == "torchvision":
         import torchvision
@@ -165,15 +115,7 @@ def build_source_model(name: str, num_classes: int, in_channels: int, image_size
 
 def _factory(name: str, num_classes: int, in_channels: int, args: dict) -> nn.Module:
     """Call `package.module:function(num_classes=..., [in_channels=...,] **args)`."""
-    module_name, function = name.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise RaykdError(f"model {name}: cannot import {module_name} ({one_line(e)}); it must be "
-                         "on the Python path (the folder you run raykd from is)") from None
-    build = getattr(module, function, None)
-    if not callable(build):
-        raise RaykdError(f"model {name}: {module_name} has no function {function!r}")
+    build = load(name, "model")
     params = inspect.signature(build).parameters
     kwargs = {"num_classes": num_classes, **args}
     if "in_channels" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):

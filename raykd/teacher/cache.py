@@ -15,7 +15,6 @@ Private folders left by a killed writer are removed once they are an hour old.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from raykd.data import data_identity
 from raykd.errors import one_line
 from raykd.files import file_hash, file_lock
 from raykd.log import log
@@ -40,7 +40,7 @@ _verified: set[tuple[str, int, int]] = set()   # (file, size, mtime) hashed by t
 
 def source_key(teacher_export: str, data_spec, split: str) -> str:
     """What an entry's rows are computed from (teacher weights, data, split), whatever its taps."""
-    data = dataclasses.asdict(data_spec)
+    data = data_identity(data_spec)
     for k in ("batch_size", "eval_batch_size", "loader_workers"):   # don't change the data
         data.pop(k, None)
     blob = json.dumps({"teacher": file_hash(teacher_export), "data": data, "split": split},

@@ -23,10 +23,13 @@ def resolve_placement(teacher: TeacherSpec) -> str:
 
 class TeacherPool:
     def __init__(self, job_name: str, teacher: TeacherSpec, cache_dir: str | None, input_shape,
-                 users: list[list[str]], most_at_once: int, run_cpus: float):
+                 users: list[list[str]], most_at_once: int, run_cpus: float,
+                 runtime_env: dict | None = None):
         """`users`: each future unit's teacher exports; `most_at_once`: the most teachers one
-        unit uses at once; `run_cpus`: what one training run needs."""
+        unit uses at once; `run_cpus`: what one training run needs; `runtime_env`: the shard
+        actors' (the job's factories of its own, raykd.factories)."""
         self.job_name, self.spec, self.input_shape = job_name, teacher, input_shape
+        self.runtime_env = runtime_env
         self.placement = resolve_placement(teacher)
         self.cache_dir = cache_dir
         self.live: dict[str, TeacherService] = {}
@@ -62,7 +65,7 @@ class TeacherPool:
             service = TeacherService(
                 name, export, self.input_shape, shards=t.shards, replicas=t.replicas,
                 cpus_per_shard=t.cpus_per_shard, gpus_per_shard=t.gpus_per_shard,
-                timeout_s=t.timeout_s, cache_dir=self.cache_dir)
+                timeout_s=t.timeout_s, cache_dir=self.cache_dir, runtime_env=self.runtime_env)
             service.wait_ready()
             self.live[export] = service
         return [self.live[e].handle for e in exports]

@@ -39,7 +39,7 @@ class TeacherService:
     def __init__(self, name: str, export_path: str, input_shape, shards: int = 1,
                  replicas: int = 1, cpus_per_shard: float = 1.0, gpus_per_shard: float = 0.0,
                  timeout_s: float = 120.0, cache_dir: str | None = None,
-                 task_retries: int = RETRIES):
+                 task_retries: int = RETRIES, runtime_env: dict | None = None):
         model = load_export(export_path)
         self.name = name
         self.ranges = partition_blocks(model, shards, input_shape)
@@ -54,6 +54,7 @@ class TeacherService:
                     name=shard_name(name, r, k), namespace=NAMESPACE, lifetime=None,
                     num_cpus=cpus_per_shard, num_gpus=gpus_per_shard,
                     max_restarts=RESTARTS, max_task_retries=task_retries,
+                    **({"runtime_env": runtime_env} if runtime_env else {}),
                 ).remote(str(export_path), start, stop, max(1, int(cpus_per_shard))))
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:

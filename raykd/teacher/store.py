@@ -14,6 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from raykd.data import data_identity
 from raykd.files import atomic_copy, atomic_write, file_hash
 from raykd.log import log
 from raykd.models.sources import fingerprint
@@ -26,7 +27,7 @@ def teacher_digest(unit: Unit, workers: int) -> str:
     """Everything that decides a trained teacher's weights (not where it is written)."""
     fields = {
         "model": unit.model, "method": unit.method_name, "params": unit.method,
-        "optim": dataclasses.asdict(unit.optim), "data": dataclasses.asdict(unit.data),
+        "optim": dataclasses.asdict(unit.optim), "data": data_identity(unit.data),
         "seed": unit.random_seed, "workers": workers}
     source = fingerprint(unit.model)
     if source or unit.model_args:   # a torchvision:/timm: model (zoo digests stay as they were)

