@@ -103,7 +103,8 @@ def library_entries(request: SearchRequest) -> tuple[pd.DataFrame, str]:
             .first().sort_values(["nb_start", "cost"]))
     teacher = Path(mine.teacher_export.iloc[0])
     if Path(request.teacher).is_file():
-        teacher = Path(request.teacher)
+        # absolute: the fine-tuning runs' Ray workers do not start in this folder
+        teacher = Path(request.teacher).resolve()
     if not teacher.is_file():
         raise RaykdError(f"the library's teacher export {teacher} is missing; pass --teacher "
                          "with its path")

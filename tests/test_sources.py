@@ -1,9 +1,11 @@
 """Bring your own model and data: torchvision and timm models (random weights, nothing
 downloaded) cut into staged models, and image folders of real PNG files, through a real job."""
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import raykd
 from raykd.config import job_from_dict
@@ -124,10 +126,11 @@ def test_an_image_folder_loads_real_files_and_bad_folders_are_one_line(png_folde
 
 
 def test_a_timm_teacher_distils_into_a_torchvision_student_on_an_image_folder(
-        ray_session, png_folder, tmp_path):
-    """KD, Channel Distillation between stages given by module path, and DIH with heads on the
-    timm teacher's stages: every unit trains and exports, on real PNG files, through
-    `raykd.run` with a dict."""
+        ray_session, png_folder, tmp_path, monkeypatch):
+    """KD, Channel Distillation between stages given by module path, DIH with heads on the timm
+    teacher's stages, and Neighbourhood Distillation of the timm teacher cut at those stages,
+    whose library `raykd search` then searches: every unit trains and exports, on real PNG
+    files, through `raykd.run` with a dict."""
     job = small_job(
         tmp_path, name="byo",
         data={"dataset": "imagefolder", "root": str(png_folder), "image_size": 32,
@@ -137,13 +140,31 @@ def test_a_timm_teacher_distils_into_a_torchvision_student_on_an_image_folder(
         student={"model": "torchvision:mobilenet_v3_small", "model_args": {"width_mult": 0.25},
                  "stages": ["features.1", "features.3", "features.8"],
                  "train": {"epochs": 2, "lr": 0.05}},
-        methods={"kd": {"temperature": 4, "alpha": 0.9}, "cd": {}, "dih": {}},
+        methods={"kd": {"temperature": 4, "alpha": 0.9}, "cd": {}, "dih": {},
+                 "nd": {"method": "neighbourhood", "candidates": ["w0.25d1"],
+                        "train": {"epochs": 1}, "bn_recalibration": 50}},
         heads={"train": {"epochs": 1, "lr": 0.05}})
     df = raykd.run(job)     # from Python, as a notebook would
-    assert set(df.role) == {"teacher", "head", "student"}
-    students = df[df.role == "student"].set_index("method")
+    assert set(df.role) == {"teacher", "head", "neighbourhood", "student"}
+    assert len(df[df.role == "neighbourhood"]) == 3, "one part per stage of the timm teacher"
+    students = df[(df.role == "student") & ~df.method.str.startswith("nd")].set_index("method")
     assert set(students.index) == {"kd", "cd", "dih"}
     assert (students.model == "torchvision:mobilenet_v3_small").all()
+    stitched = df[df.method == "nd.stitched"].iloc[0]   # no fine-tuning asked
+    assert stitched.model.startswith("stitched:") and stitched.params < df[
+        df.role == "teacher"].params.iloc[0]
+    # the library of the cut timm teacher's parts, searched (the teacher given by a path
+    # relative to where the search runs, as on the command line)
+    from raykd.search import SearchRequest, run_search
+
+    monkeypatch.chdir(tmp_path)
+    teacher = Path(df[df.role == "teacher"].export.iloc[0]).relative_to(tmp_path)
+    table, _ = run_search(SearchRequest(str(tmp_path / "neighbourhoods"), str(teacher), top=1,
+                                        finetune_epochs=0, out=str(tmp_path / "search")))
+    assert table.chosen.sum() == 1 and table.val_top1.between(0, 1).all()
+    assert load_export(tmp_path / "search" / "student.pt").stage_names
+    ready = yaml.safe_load((tmp_path / "search" / "student.yaml").read_text())
+    assert ready["teacher"]["checkpoint"] == str(tmp_path / teacher), "runs from anywhere"
     assert df[df.role == "teacher"].model.iloc[0] == "timm:resnet10t"
     assert df.val_top1.between(0, 1).all() and df.test_top1.between(0, 1).all()
     for export in students.export:   # rebuilt from the export alone: source, arguments, stages
