@@ -17,6 +17,7 @@ from raykd.errors import RaykdError, one_line
 from raykd.methods import method_params
 from raykd.models import check_model_name
 from raykd.models.export import read_export
+from raykd.models.pretrained import resolve_weights
 from raykd.specs import JobSpec
 from raykd.typed import apply_overrides, from_dict
 from raykd.yaml_safe import MAX_BYTES, parse
@@ -79,8 +80,8 @@ def validate(spec: JobSpec) -> None:
     spec.output_dir = _resolve(spec.output_dir)
     spec.data.root = _resolve(spec.data.root)
     spec.teacher.cache_dir = _resolve(spec.teacher.cache_dir)
-    spec.teacher.weights = _resolve(spec.teacher.weights)
-    spec.student.weights = _resolve(spec.student.weights)
+    spec.teacher.weights = resolve_weights(spec.teacher.model, spec.teacher.weights, "teacher")
+    spec.student.weights = resolve_weights(spec.student.model, spec.student.weights, "student")
     for part in (spec.teacher, spec.student):
         where = "teacher" if part is spec.teacher else "student"
         if part.checkpoint is None:

@@ -181,7 +181,7 @@ def test_starting_weights_load_exactly_and_bad_files_are_one_line(tmp_path):
 
     import torchvision
 
-    from raykd.models.weights import load_weights
+    from raykd.models.weights import load_weights, original_keys
 
     torch.manual_seed(1)
     trained = torchvision.models.resnet18(num_classes=10).eval()
@@ -248,3 +248,56 @@ def test_a_factory_student_trains_in_the_jobs_ray_workers(ray_session, tmp_path)
     df = raykd.run(job)
     student = df[df.role == "student"].iloc[0]
     assert student.model == "byo_factory:tiny_net" and 0 <= student.test_top1 <= 1
+
+
+def test_published_weights_by_name_load_from_the_local_caches_only(tmp_path, monkeypatch):
+    """torchvision's `IMAGENET1K_V1` and timm's pretrained tags resolve to the files torchvision
+    and timm would have downloaded, in torch's hub cache and the Hugging Face hub cache (here
+    written by the test, with random weights); absent, one line says what to fetch."""
+    import safetensors.torch
+    import timm
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    job = {"teacher": {"model": "torchvision:resnet18", "weights": "IMAGENET1K_V1",
+                       "weights_skip": ["fc"]},
+           "student": {"model": "timm:resnet10t", "weights": "pretrained",
+                       "weights_skip": ["fc"]}}
+    for part, message in (("teacher", "resnet18-f37072fd.pth is not in torch's hub cache"),
+                          ("student", "timm's resnet10t weights are not cached locally")):
+        with pytest.raises(RaykdError, match=message) as err:
+            job_from_dict(small_job(tmp_path, **{part: job[part]}))
+        assert "never downloads" in str(err.value) and "\n" not in str(err.value)
+    torch.manual_seed(0)
+    published = torchvision.models.resnet18()         # as torchvision's download would be
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(published.state_dict(), hub / "resnet18-f37072fd.pth")
+    snapshot = tmp_path / "hf" / "models--timm--resnet10t.c3_in1k" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    timm_published = timm.create_model("resnet10t")
+    safetensors.torch.save_file(timm_published.state_dict(), str(snapshot / "model.safetensors"))
+    spec = job_from_dict(small_job(tmp_path, data={"dataset": "gaussian", "gaussian": {
+        "channels": 3, "image_size": 32}}, **job))
+    assert spec.teacher.weights == str(hub / "resnet18-f37072fd.pth")
+    assert spec.student.weights.endswith("model.safetensors")
+    from raykd.models.weights import load_weights, original_keys
+
+    for name, weights, original, key in (
+            ("torchvision:resnet18", spec.teacher.weights, published, "layer3.1.conv2.weight"),
+            ("timm:resnet10t", spec.student.weights, timm_published, "layer3.0.conv2.weight")):
+        model = load_weights(build_model(name, 10, 3, 32), weights, ["fc"])
+        found = {orig: model.state_dict()[k] for k, orig in original_keys(model).items()}
+        assert torch.equal(found[key], original.state_dict()[key]), name
+    for weights, message in (("IMAGENET1K_V9", "has no weights 'IMAGENET1K_V9'; allowed: "
+                                               "IMAGENET1K_V1, DEFAULT"),):
+        with pytest.raises(RaykdError, match=message):
+            job_from_dict(small_job(tmp_path, teacher={"model": "torchvision:resnet18",
+                                                       "weights": weights}))
+    with pytest.raises(RaykdError, match="no pretrained tag 'in22k'; allowed: pretrained, "
+                                         "c3_in1k"):
+        job_from_dict(small_job(tmp_path, student={"model": "timm:resnet10t",
+                                                   "weights": "in22k"}))

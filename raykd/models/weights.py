@@ -1,6 +1,7 @@
 """Starting weights from a file: `teacher.weights` / `student.weights`.
 
-The file is a plain `state_dict` saved by `torch.save(model.state_dict(), PATH)` (keys of the
+The file (or published weights by name, resolved to their locally cached file by
+raykd.models.pretrained) is a plain `state_dict` saved by `torch.save(model.state_dict(), PATH)` (keys of the
 original torchvision, timm or zoo module), a dict holding one under `state_dict`/`model`, or a
 raykd model export. It is read with `weights_only=True`: a file that holds anything but tensors and
 plain values is refused and nothing in it runs. Every key must find its parameter with the same
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from raykd.errors import RaykdError
+from raykd.errors import RaykdError, one_line
 from raykd.files import torch_load
 from raykd.models.staged import StagedModel
 
@@ -30,6 +31,13 @@ def original_keys(model: StagedModel) -> dict[str, str]:
 
 
 def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    if str(path).endswith(".safetensors"):   # the Hugging Face format timm publishes: tensors only
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise RaykdError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
     payload = torch_load(path)
     if isinstance(payload, dict):
         for field in ("state_dict", "model"):
