@@ -301,3 +301,43 @@ def test_published_weights_by_name_load_from_the_local_caches_only(tmp_path, mon
                                          "c3_in1k"):
         job_from_dict(small_job(tmp_path, student={"model": "timm:resnet10t",
                                                    "weights": "in22k"}))
+
+
+def test_token_neighbourhoods_of_a_vit_get_token_candidates(tmp_path):
+    """Neighbourhood Distillation's candidates on a timm ViT, whose cuts carry tokens (N, L, C):
+    the residual-MLP family reproduces each neighbourhood's output shape, stitches into a model
+    that runs, and round-trips through its file; the depthwise family is one line."""
+    from raykd.models.export import load_candidate, save_candidate
+    from raykd.models.stitch import block_shapes, make_candidate, neighbourhoods, stitch
+
+    vit = build_model("timm:vit_tiny_patch16_224", 10, 3, 32, {"img_size": 32, "patch_size": 8})
+    shapes = block_shapes(vit, (3, 32, 32))
+    parts = []
+    for name, start, stop in neighbourhoods(vit, []):
+        (enter, leave) = shapes[start][0], shapes[stop - 1][1]
+        if len(enter) != 2:       # the last stage may end at the pooled features
+            continue
+        candidate = make_candidate("w0.5d1", enter, leave, relu_out=False)
+        x = torch.randn(2, *enter)
+        assert candidate(x).shape == (2, *leave), name
+        parts.append((start, stop, candidate))
+    assert len(parts) >= 2 and all(len(p[2].in_shape) == 2 for p in parts)
+    student = stitch(vit, parts).eval()
+    assert student(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    save_candidate(parts[0][2], tmp_path / "part.pt")
+    back = load_candidate(tmp_path / "part.pt").eval()
+    x = torch.randn(2, *parts[0][2].in_shape)
+    assert torch.equal(back(x), parts[0][2].eval()(x))
+    with pytest.raises(RaykdError, match="depthwise .dw. candidates need feature maps"):
+        make_candidate("dw1d1", parts[0][2].in_shape, parts[0][2].out_shape)
+    with pytest.raises(RaykdError, match=r"candidates need feature maps \(C, H, W\) or tokens"):
+        make_candidate("w0.5d1", (192, 4, 4), (17, 192))
+    # planning: by default the stage from the patch embedding's maps to tokens stays the
+    # teacher's; named, it is one line before any Ray work
+    from raykd.models.stitch import candidate_neighbourhoods
+
+    kept = candidate_neighbourhoods(vit, [], (3, 32, 32), ["w0.5d1"])
+    assert [n for n, _, _ in kept] == [n for n, _, _ in neighbourhoods(vit, [])][1:]
+    with pytest.raises(RaykdError, match="neighbourhood stage1: candidate w0.5d1: the "
+                                         "neighbourhood goes from"):
+        candidate_neighbourhoods(vit, ["stage1"], (3, 32, 32), ["w0.5d1"])

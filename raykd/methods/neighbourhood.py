@@ -26,7 +26,13 @@ from raykd.methods.base import DistillMethod, Step, parse_params, register_metho
 from raykd.models import count_params
 from raykd.models.batchnorm import recalibrate_batchnorm
 from raykd.models.export import build_stitched, load_export
-from raykd.models.stitch import boundary_taps, neighbourhoods, parse_candidate, pools
+from raykd.models.stitch import (
+    boundary_taps,
+    candidate_neighbourhoods,
+    neighbourhoods,
+    parse_candidate,
+    pools,
+)
 from raykd.selection import choose_one_per_group
 from raykd.specs import OptimSpec
 from raykd.typed import AtLeast, Between, NonNegative, Positive
@@ -84,7 +90,8 @@ class NeighbourhoodDistillation(DistillMethod):
         trained from scratch)."""
         library = params.library or str(Path(plan.spec.output_dir) / LIBRARY_DIR)
         parts = []
-        partition = neighbourhoods(plan.teacher_arch, params.groups)
+        partition = candidate_neighbourhoods(plan.teacher_arch, params.groups,
+                                             plan.input_shape, params.candidates)
         boundaries = tuple(sorted({i for _, start, stop in partition for i in (start, stop)}))
         for name, start, stop in partition:
             for cand in params.candidates:

@@ -19,7 +19,7 @@ from raykd.errors import RaykdError
 from raykd.files import torch_load, torch_save
 from raykd.models import StagedModel, build_model
 from raykd.models.heads import StageHead
-from raykd.models.stitch import Candidate, stitch
+from raykd.models.stitch import make_candidate, stitch
 
 KINDS = ("model", "heads", "candidate")
 
@@ -110,7 +110,7 @@ def load_heads(paths: list[str]) -> nn.ModuleDict:
 
 # ---- neighbourhood candidates -------------------------------------------------------------
 
-def save_candidate(module: Candidate, path: str | Path) -> None:
+def save_candidate(module: nn.Module, path: str | Path) -> None:
     torch_save({"kind": "candidate", "spec": module.spec, "in_shape": list(module.in_shape),
                 "out_shape": list(module.out_shape), "relu_out": module.relu_out,
                 "pool": module.pool, "state_dict": _weights(module)}, path)
@@ -120,9 +120,10 @@ def candidate_spec(path: str | Path) -> str:
     return read_export(path, "candidate")["spec"]
 
 
-def load_candidate(path: str | Path) -> Candidate:
+def load_candidate(path: str | Path) -> nn.Module:
     payload = read_export(path, "candidate")
-    module = Candidate(payload["spec"], tuple(payload["in_shape"]), tuple(payload["out_shape"]),
-                       payload.get("relu_out", True), payload.get("pool", False))
+    module = make_candidate(payload["spec"], tuple(payload["in_shape"]),
+                            tuple(payload["out_shape"]), payload.get("relu_out", True),
+                            payload.get("pool", False))
     module.load_state_dict(payload["state_dict"])
     return module

@@ -12,6 +12,10 @@ A candidate downsamples the way its neighbourhood does: where the teacher's bloc
 resolution; otherwise (strided residual stages) by striding that convolution. A strided
 convolution sees one position in four and cannot express a max over a window, so on pooling
 teachers it left every part with a large reconstruction error (bench/RESULTS.md, ND section).
+Where a cut carries tokens (N, L, C: a ViT's blocks) rather than feature maps, the `w` family is
+a residual MLP over the channels instead (`TokenCandidate`): a projection to the output channels
+where they differ, then `depth` pre-norm layers LayerNorm-Linear-GELU-Linear of inner width
+`width` times the output channels; the token count must stay the same across the neighbourhood.
 A stitched student is the teacher's own blocks (stem, classifier,
 anything between) with chosen candidates in place of their neighbourhoods.
 """
@@ -93,6 +97,52 @@ class Candidate(nn.Module):
         return F.relu(out) if self.relu_out else out
 
 
+class TokenCandidate(nn.Module):
+    """The `w<width>d<depth>` family for a neighbourhood whose ends are tokens (L, C)."""
+
+    def __init__(self, spec: str, in_shape: tuple[int, int], out_shape: tuple[int, int],
+                 relu_out: bool = False, pool: bool = False):
+        super().__init__()
+        family, width, depth = parse_candidate(spec)
+        self.spec, self.in_shape, self.out_shape = spec, tuple(in_shape), tuple(out_shape)
+        self.relu_out, self.pool = relu_out, False
+        (lin, cin), (lout, cout) = in_shape, out_shape
+        if family != "conv":
+            raise RaykdError(f"candidate {spec}: this neighbourhood's ends are tokens {in_shape} -> "
+                             f"{out_shape}; depthwise (dw) candidates need feature maps, use "
+                             "w<width>d<depth>")
+        if lin != lout:
+            raise RaykdError(f"candidate {spec}: the neighbourhood changes the token count "
+                             f"({lin} -> {lout}); token candidates keep it: choose other groups")
+        inner = max(1, round(width * cout))
+        self.project = nn.Linear(cin, cout) if cin != cout else nn.Identity()
+        self.layers = nn.ModuleList(nn.Sequential(
+            nn.LayerNorm(cout), nn.Linear(cout, inner), nn.GELU(), nn.Linear(inner, cout))
+            for _ in range(depth))
+        for layer in self.layers:     # each starts near the identity, as the conv family's
+            nn.init.zeros_(layer[-1].weight)   # damped last BatchNorm does
+            nn.init.zeros_(layer[-1].bias)
+
+    def forward(self, x):
+        x = self.project(x)
+        for layer in self.layers:
+            x = x + layer(x)
+        return F.relu(x) if self.relu_out else x
+
+
+def make_candidate(spec: str, in_shape: tuple, out_shape: tuple, relu_out: bool = True,
+                   pool: bool = False) -> nn.Module:
+    """The candidate `spec` for a neighbourhood from `in_shape` to `out_shape` (per image): the
+    token family where its ends are (L, C) tokens, the convolutional one for (C, H, W) maps."""
+    if len(in_shape) == 2 and len(out_shape) == 2:
+        return TokenCandidate(spec, in_shape, out_shape, relu_out, pool)
+    if len(in_shape) == 3 and len(out_shape) == 3:
+        return Candidate(spec, in_shape, out_shape, relu_out, pool)
+    raise RaykdError(f"candidate {spec}: the neighbourhood goes from {tuple(in_shape)} to "
+                     f"{tuple(out_shape)} per image; candidates need feature maps (C, H, W) or "
+                     "tokens (L, C) at both ends: choose other groups")
+
+
 def block_shapes(model: StagedModel, input_shape) -> list[tuple[tuple, tuple]]:
     """(input shape, output shape) of every block."""
     outs = tap_shapes(model, model.block_names, input_shape)
@@ -133,6 +183,33 @@ def neighbourhoods(model: StagedModel, groups: list[str]) -> list[tuple[str, int
     if any(a[1] > b[0] for a, b in zip(ranges, ranges[1:])):
         raise RaykdError("neighbourhoods overlap; give disjoint stages or blocks")
     return out
+
+
+def candidate_neighbourhoods(model: StagedModel, groups: list[str], input_shape,
+                            candidates: list[str]) -> list[tuple[str, int, int]]:
+    """`neighbourhoods`, checked against the candidates: each must fit between a neighbourhood's
+    ends (feature maps or tokens at both). With the default groups (one per stage) a stage that
+    no candidate fits (a ViT's first, from the patch embedding's maps to tokens) stays the
+    teacher's, and the log says so; groups the job names must all fit (one line otherwise)."""
+    from raykd.log import log
+
+    shapes = block_shapes(model, input_shape)
+    kept = []
+    for name, start, stop in neighbourhoods(model, groups):
+        try:
+            for spec in candidates:
+                make_candidate(spec, shapes[start][0], shapes[stop - 1][1])
+        except RaykdError as e:
+            if groups:
+                raise RaykdError(f"neighbourhood {name}: {e}") from None
+            log.info("neighbourhood %s stays the teacher's: %s", name, e)
+            continue
+        kept.append((name, start, stop))
+    if not kept:
+        raise RaykdError("no neighbourhood of the teacher fits the candidates "
+                         f"{', '.join(candidates)}; give groups whose ends are feature maps or "
+                         "tokens")
+    return kept
 
 
 def boundary_taps(model: StagedModel, boundaries) -> list[str]:

@@ -26,7 +26,7 @@ from raykd.losses import neighbourhood_loss
 from raykd.models import LOGITS, count_macs, count_params
 from raykd.models.export import save_candidate
 from raykd.models.staged import BlockRange, latency_ms, mode, nonnegative_taps
-from raykd.models.stitch import Candidate, block_shapes, boundary_taps, parse_candidate
+from raykd.models.stitch import block_shapes, boundary_taps, make_candidate, parse_candidate
 from raykd.teacher import LocalTeacher
 from raykd.teacher.access import open_teachers
 from raykd.teacher.cache import cached_teacher
@@ -67,8 +67,9 @@ class NeighbourhoodTrainer(UnitTrainer):
         shapes = block_shapes(self.teacher.model, nb.input_shape)
         torch.manual_seed(unit.random_seed)
         relu_out = nonnegative_taps(self.teacher.model, [self.out_tap], nb.input_shape)
-        self.candidate = Candidate(nb.candidate, shapes[nb.start][0], shapes[nb.stop - 1][1],
-                                   relu_out[self.out_tap], nb.pool).to(self.device)
+        self.candidate = make_candidate(nb.candidate, shapes[nb.start][0],
+                                        shapes[nb.stop - 1][1], relu_out[self.out_tap],
+                                        nb.pool).to(self.device)
         return self.candidate
 
     def start(self, start_epoch):
