@@ -61,7 +61,7 @@ def _cmd_submit(args) -> int:
 
     from raykd.config import load_job
     from raykd.files import atomic_write
-    from raykd.submit import Cluster, job_path_in_project, results_from_logs
+    from raykd.submit import Cluster, check_factories_travel, job_path_in_project, results_from_logs
 
     if args.stop or args.follow:
         if args.job:
@@ -78,6 +78,7 @@ def _cmd_submit(args) -> int:
         spec = load_job(args.job, args.overrides)   # a bad job fails here, not on the cluster
         project = Path.cwd()
         relative = job_path_in_project(args.job, project)
+        check_factories_travel(spec, project)
         cluster = Cluster(args.address, args.token_file)
         job_id = cluster.submit(relative, args.overrides, project)
         local = Path(args.results_dir) / spec.name if args.results_dir else spec.run_dir

@@ -80,6 +80,22 @@ def code_fingerprint(name: str) -> str:
     return f"factory {file_hash(origin)}" if origin and os.path.isfile(origin) else name
 
 
+def outside(names, project: Path) -> list[tuple[str, str]]:
+    """(factory, its module's file) for the factories whose module a cluster would not receive
+    with `project` as the job's working_dir: neither inside it nor an installed package."""
+    cwd_on_path()
+    found = []
+    for name in factories(names):
+        spec = importlib.util.find_spec(name.split(":")[0].split(".")[0])
+        origin = Path(spec.origin).resolve() if spec and spec.origin else None
+        if origin is None:
+            found.append((name, "not found here"))
+        elif not (origin.is_relative_to(project.resolve())
+                  or {"site-packages", "dist-packages"} & set(origin.parts)):
+            found.append((name, str(origin)))
+    return found
+
+
 def check_allowed(name: str, where: str) -> None:
     if name not in _ALLOWED:
         raise RaykdError(f"{where} {name}: raykd imports a function of your own only when the "
@@ -94,8 +110,11 @@ def load(name: str, where: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise RaykdError(f"{where} {name}: cannot import {module_name} ({one_line(e)}); it must "
-                         "be on the Python path (the folder you run raykd from is)") from None
+        import socket
+
+        raise RaykdError(f"{where} {name}: cannot import {module_name} on {socket.gethostname()} "
+                         f"({one_line(e)}); it must be on the Python path (the folder you run "
+                         "raykd from is; on a cluster, the submitted project folder)") from None
     found = getattr(module, function, None)
     if not callable(found):
         raise RaykdError(f"{where} {name}: {module_name} has no function {function!r}")

@@ -24,6 +24,7 @@ import shlex
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -33,6 +34,7 @@ RESULTS_BEGIN = "RAYKD-RESULTS-BEGIN"
 RESULTS_END = "RAYKD-RESULTS-END"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 CONNECT_TIMEOUT_S = 5.0
+AGENT_WAIT_S = 60.0   # how long a submission waits for a freshly started head's job agent
 
 
 def emit_results(frame) -> None:
@@ -125,9 +127,23 @@ class Cluster:
     def submit(self, job_path: str, overrides: list[str], project: Path) -> str:
         entry = " ".join(["python", "-m", "raykd", "run", shlex.quote(job_path),
                           *map(shlex.quote, overrides), "--emit-results"])
-        return self.call("submit_job", entrypoint=entry, runtime_env={
-            "working_dir": str(project),
-            "excludes": [".venv/", "runs/", "bench/runs/", ".git/", "*.pt", "*.parquet"]})
+        runtime_env = {"working_dir": str(project),
+                       "excludes": [".venv/", "runs/", "bench/runs/", ".git/", "*.pt", "*.parquet"]}
+        # our own id, so that a retry after a lost reply can never submit the job twice
+        submission_id = f"raysubmit_raykd_{uuid.uuid4().hex[:16]}"
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return self.client.submit_job(entrypoint=entry, runtime_env=runtime_env,
+                                              submission_id=submission_id)
+            except Exception as e:
+                text = one_line(e, first=True)
+                if "already exists" in text:      # an earlier try went through
+                    return submission_id
+                # a head that has just started has no job agent yet: Ray says "try again later"
+                if "try again later" not in text or time.monotonic() > deadline:
+                    raise RaykdError(self._explain(e)) from None
+                time.sleep(2.0)
 
     def follow(self, job_id: str, out=sys.stdout, poll_s: float = 1.0) -> tuple[str, str]:
         """Print the job's log as it grows (without the results block); return (final status,
@@ -144,6 +160,20 @@ class Cluster:
             if status in TERMINAL:
                 return status, logs
             time.sleep(poll_s)
+
+
+def check_factories_travel(spec, project: Path) -> None:
+    """Every factory of the user's own that the job names reaches the cluster: its module inside
+    the project folder (the job's working_dir, on every node's path) or an installed package."""
+    from raykd import factories
+    from raykd.config import job_factories
+
+    stranded = factories.outside(job_factories(spec), project)
+    if stranded:
+        name, origin = stranded[0]
+        raise RaykdError(f"{name}: its module ({origin}) is outside the project folder {project}, "
+                         "which is all the cluster receives (working_dir); move it inside, or "
+                         "install it on the cluster as a package")
 
 
 def job_path_in_project(job: str, project: Path) -> str:

@@ -112,7 +112,13 @@ class Head:
         raise AssertionError("the test head did not start: " + (tmp / "head.log").read_text()[-2000:])
 
     def _start(self, args, log: Path):
-        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args],
+        # every fixed default port of a node's agents taken fresh, so a head started here never
+        # collides with another Ray on this machine (its dashboard agent on 52365 would leave
+        # the head with no job agent: "No available agent to submit job")
+        ports = [f"--{name}={free_port()}" for name in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+            "runtime-env-agent-port", "ray-client-server-port")]
+        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *ports, *args],
                                 env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
@@ -147,6 +153,29 @@ class Head:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+MY_MODELS = """from torch import nn
+
+
+def small(num_classes, in_channels=1):
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 8 * 8, num_classes))
+"""
+
+
+def test_a_factory_outside_the_project_folder_fails_before_anything_is_sent(
+        tmp_path, capsys, monkeypatch, digits_teacher):
+    """The cluster receives the project folder only: a factory module elsewhere (here the
+    tests' own folder) would not import there, so `raykd submit` says so in one line."""
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    job = tiny_job(project / "own.yaml", tmp_path / "out", digits_teacher,
+                   student={"model": "byo_factory:tiny_net"})
+    err = one_line_error(capsys, "submit", job.name, "--address",
+                         f"http://127.0.0.1:{free_port()}")
+    assert "byo_factory:tiny_net: its module" in err and "outside the project folder" in err
+
+
 def tiny_job(path: Path, out: Path, teacher: Path, name: str = "tiny", **extra) -> Path:
     job = {"name": name, "output_dir": str(out), "seeds": [0],
            "data": {"dataset": "digits", "batch_size": 64},
@@ -176,8 +205,12 @@ def submit_flow(tmp_path: Path, head: Head, token: str, digits_teacher: Path,
                 second_node: str) -> None:
     project = tmp_path / "project"
     project.mkdir()
+    # the student is the user's own model, from a module in the project folder only: it reaches
+    # the cluster's driver and the second node's worker through the job's working_dir
+    (project / "my_models.py").write_text(MY_MODELS)
     out = tmp_path / "cluster_out"
     job = tiny_job(project / "tiny.yaml", out, digits_teacher,
+                   student={"model": "my_models:small", "train": {"epochs": 1, "lr": 0.1}},
                    ray={"workers": 1, "max_failures": 0,
                         "resources_per_worker": {"second_node": 1}})
     client_env = {**os.environ, "HOME": str(tmp_path / "client"), "RAY_AUTH_MODE": "disabled"}
@@ -203,6 +236,7 @@ def submit_flow(tmp_path: Path, head: Head, token: str, digits_teacher: Path,
     assert "shared storage: all 2 nodes read and write" in ok.stdout
     rows = pd.read_parquet(local / "tiny" / "results.parquet")
     assert list(rows.method) == ["kd"] and 0 <= rows.test_top1[0] <= 1
+    assert list(rows.model) == ["my_models:small"]
     assert rows.node[0] == second_node, "the unit ran on the node with the resource"
     # its export and checkpoint are where the driver, on the other node, looks for them
     assert Path(rows.export[0]).is_file()
