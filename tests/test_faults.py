@@ -43,13 +43,17 @@ def epochs_done(history: Path) -> int:
 
 def kill_training_workers_when(done, killed: list) -> threading.Thread:
     """A thread that SIGKILLs every live Ray Train worker once `done()` is true."""
+    import ray
     from ray.util.state import list_actors
 
     def run():
         deadline = time.monotonic() + 300
         while not done() and time.monotonic() < deadline:
             time.sleep(0.05)
-        for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+        # this session's Ray by its address: another Ray on the machine would make the state
+        # API's own lookup fail ("Found multiple active Ray instances")
+        for actor in list_actors(address=ray.get_runtime_context().gcs_address,
+                                 filters=[("class_name", "=", "RayTrainWorker"),
                                           ("state", "=", "ALIVE")]):
             os.kill(actor.pid, signal.SIGKILL)
             killed.append(actor.pid)

@@ -181,7 +181,7 @@ def test_starting_weights_load_exactly_and_bad_files_are_one_line(tmp_path):
 
     import torchvision
 
-    from raykd.models.weights import load_weights, original_keys
+    from raykd.models.weights import load_weights
 
     torch.manual_seed(1)
     trained = torchvision.models.resnet18(num_classes=10).eval()

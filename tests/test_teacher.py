@@ -98,7 +98,8 @@ def _shard_pid(service: str, shard: int) -> int:
     name = shard_name(service, 0, shard)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        alive = [a for a in list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")])
+        alive = [a for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                        filters=[("name", "=", name), ("state", "=", "ALIVE")])
                  if a.pid]
         if alive:
             return alive[0].pid
