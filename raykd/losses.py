@@ -120,14 +120,20 @@ def dih_loss(student_logits: torch.Tensor, cohort_logits: list[torch.Tensor],
     sum_j [a_j T^2 KL(p^T(z_j) || p^T(z_s)) + (1 - a_j) CE(z_s, y)].
 
     CE sits inside the sum (counted k+1 times) as in the official code; `ce_once` counts it
-    once with weight (1 - mean a_j). `alpha` is one weight or one per cohort member.
+    once with weight (1 - mean a_j). `alpha` is one weight or one per cohort member. A member
+    whose weight is 0 is switched off: it adds nothing, not even its CE term (the official
+    code's `if alpha_value != 0.0`); with every member off the loss is plain CE.
     """
     alphas = list(alpha) if isinstance(alpha, (list, tuple)) else [float(alpha)] * len(cohort_logits)
     if len(alphas) != len(cohort_logits):
         raise ValueError(f"dih_loss: {len(alphas)} weights for {len(cohort_logits)} cohort members")
     ce = F.cross_entropy(student_logits, targets)
+    on = [(a, z) for a, z in zip(alphas, cohort_logits) if a != 0.0]
+    if not on:
+        return ce
+    alphas = [a for a, _ in on]
     total = student_logits.new_zeros(())
-    for a, z in zip(alphas, cohort_logits):
+    for a, z in on:
         total = total + a * kd_loss(student_logits, z, temperature)
         if not ce_once:
             total = total + (1 - a) * ce

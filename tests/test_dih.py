@@ -30,6 +30,12 @@ def test_dih_loss_golden_values():
     assert dih_loss(S, COHORT, Y, [0.2, 0.5], 2.0).item() == pytest.approx(2.153575978493284, rel=1e-6)
     with pytest.raises(ValueError, match="2 cohort members"):
         dih_loss(S, COHORT, Y, [0.1, 0.1, 0.1], 2.0)
+    # a member with weight 0 is skipped, CE term included (the official train_dih.py:
+    # `if alpha_value != 0.0: loss += kd_loss(...)`): only member 2, 0.5 T^2 KL_2 + 0.5 CE
+    assert dih_loss(S, COHORT, Y, [0.0, 0.5], 2.0).item() == pytest.approx(0.8635377337573695,
+                                                                          rel=1e-6)
+    ce = torch.nn.functional.cross_entropy(S, Y)
+    assert dih_loss(S, COHORT, Y, [0.0, 0.0], 2.0).item() == pytest.approx(ce.item())
 
 
 def test_a_stage_that_does_not_exist_is_a_clear_error(tmp_path):
