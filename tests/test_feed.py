@@ -65,3 +65,19 @@ def test_several_teachers_parallel_and_sequential_feed(ray_session, tmp_path):
     for name in ("feed", "feed_seq.1", "feed_seq.2"):
         assert count_params(load_export(df.loc[name, "export"])) == plain
         assert df.loc[name, "params"] == plain
+
+
+def test_the_transformation_is_factor_transfers_translator():
+    """Channels go in -> in -> out -> out, each conv followed by BatchNorm and LeakyReLU(0.1), as
+    Factor Transfer's translator (RepDistiller models/util.py `Translator`): the width changes in
+    the second convolution, which matters when student and teacher widths differ."""
+    from torch import nn
+
+    from raykd.methods.feed import transformation
+
+    t = transformation(16, 40)
+    convs = [(m.in_channels, m.out_channels) for m in t if isinstance(m, nn.Conv2d)]
+    assert convs == [(16, 16), (16, 40), (40, 40)]
+    assert [type(m).__name__ for m in t] == ["Conv2d", "BatchNorm2d", "LeakyReLU"] * 3
+    assert all(m.negative_slope == 0.1 for m in t if isinstance(m, nn.LeakyReLU))
+    assert t(torch.randn(2, 16, 4, 4)).shape == (2, 40, 4, 4)

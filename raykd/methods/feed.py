@@ -35,10 +35,13 @@ class FEEDParams:
 
 
 def transformation(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.1),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.LeakyReLU(0.1),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.LeakyReLU(0.1))
+    """Factor Transfer's translator, which FEED takes for its per-teacher transformation: three
+    3x3 conv-BN-LeakyReLU(0.1) layers whose channels go in -> in -> out -> out (the change of
+    width happens in the second; RepDistiller's `Translator`, from the FT code)."""
+    layers = []
+    for a, b in ((cin, cin), (cin, cout), (cout, cout)):
+        layers += [nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.LeakyReLU(0.1)]
+    return nn.Sequential(*layers)
 
 
 @register_method("feed")
