@@ -135,7 +135,7 @@ def _cmd_search(args) -> int:
             from None
     request = SearchRequest(args.library, args.teacher, args.max_params, args.max_macs,
                             args.max_latency_ms, args.top, args.proxy, args.finetune_epochs,
-                            seeds, args.out, args.bn_recalibration)
+                            seeds, args.out, args.bn_recalibration, args.inputs)
     request.check()
     # a bad library or an impossible budget fails here, before Ray starts
     solve(positions(library_entries(request)[0]), request)
@@ -289,6 +289,9 @@ def add_search_command(sub) -> None:
     search.add_argument("--bn-recalibration", type=int, default=2048, metavar="N",
                         help="training images to recompute each stitched student's BatchNorm "
                              "statistics on before it is scored (2048; 0 keeps the parts' own)")
+    search.add_argument("--inputs", choices=("data", "gaussian"), default=None,
+                        help="search the parts distilled on real images or on synthetic inputs "
+                             "(default: the kind the library holds; required when it holds both)")
     search.set_defaults(fn=_cmd_search)
 
 

@@ -51,6 +51,9 @@ class SearchRequest:
     seeds: tuple[int, ...] = (0,)
     out: str | None = None
     bn_recalibration: int = 2048     # training images for each student's BatchNorm statistics
+    # parts distilled on "data" or on "gaussian" inputs (their errors are not comparable);
+    # None: the kind the library holds, when it holds one
+    inputs: str | None = None
 
     def check(self) -> None:
         for name in ("max_params", "max_macs", "max_latency_ms"):
@@ -64,6 +67,8 @@ class SearchRequest:
                              f"{self.bn_recalibration}")
         if self.finetune_epochs < 0:
             raise RaykdError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
+        if self.inputs not in (None, "data", "gaussian"):
+            raise RaykdError(f"--inputs {self.inputs!r}: choose data or gaussian")
         if self.proxy not in PROXIES:
             raise RaykdError(f"--proxy {self.proxy!r}: choose {' or '.join(PROXIES)}")
 
@@ -98,9 +103,12 @@ def library_entries(request: SearchRequest) -> tuple[pd.DataFrame, str]:
         if file_hash(path) != row.checkpoint_hash:
             raise RaykdError(f"{path} does not match the hash recorded in "
                              f"{library.catalog_path} (corrupted or replaced)")
+    mine = same_inputs(mine, request.inputs)
     mine = mine.assign(cost=proxy_cost(mine, request.proxy))
-    best = (mine.sort_values("cost").groupby(["nb_start", "nb_stop", "candidate"], as_index=False)
-            .first().sort_values(["nb_start", "cost"]))
+    # whole rows: per position and candidate the part with the lowest cost, every column its own
+    best = (mine.sort_values("cost", kind="stable")
+            .drop_duplicates(["nb_start", "nb_stop", "candidate"])
+            .sort_values(["nb_start", "cost"], kind="stable"))
     teacher = Path(mine.teacher_export.iloc[0])
     if Path(request.teacher).is_file():
         # absolute: the fine-tuning runs' Ray workers do not start in this folder
@@ -109,6 +117,24 @@ def library_entries(request: SearchRequest) -> tuple[pd.DataFrame, str]:
         raise RaykdError(f"the library's teacher export {teacher} is missing; pass --teacher "
                          "with its path")
     return best.reset_index(drop=True), str(teacher)
+
+
+def same_inputs(rows: pd.DataFrame, inputs: str | None) -> pd.DataFrame:
+    """The parts distilled on one kind of inputs: a reconstruction error on synthetic Gaussian
+    inputs is not comparable with one on real validation images, so the two never compete."""
+    held = sorted(set(rows["inputs"].fillna("data"))) if "inputs" in rows else ["data"]
+    if inputs is None:
+        if len(held) > 1:
+            raise RaykdError(f"the library holds parts distilled on {' and '.join(held)} inputs, "
+                             "whose errors are not comparable; choose one with --inputs "
+                             f"{'|'.join(held)}")
+        inputs = held[0]
+    if inputs not in held:
+        raise RaykdError(f"the library has no parts distilled on {inputs} inputs for this "
+                         f"teacher; it has {', '.join(held)}")
+    if "inputs" not in rows:       # a library from before parts recorded their inputs
+        return rows
+    return rows[rows["inputs"].fillna("data") == inputs]
 
 
 def proxy_cost(rows: pd.DataFrame, proxy: str) -> pd.Series:

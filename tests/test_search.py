@@ -104,6 +104,31 @@ def fake_library(tmp_path, teacher=b"teacher"):
     return lib, export
 
 
+def test_the_search_picks_whole_rows_and_keeps_data_and_gaussian_parts_apart(tmp_path):
+    """Per position and candidate, the row of the best part, every column its own (a Gaussian
+    part's row never borrows a data part's accuracy); parts distilled on data and on Gaussian
+    inputs never compete, and a library holding both asks which."""
+    lib, export = fake_library(tmp_path)
+    catalog = pd.read_parquet(lib / "catalog.parquet")
+    gaussian = catalog.copy()
+    gaussian["inputs"], gaussian["val_top1"] = "gaussian", float("nan")
+    gaussian["recon_val"] = 0.01        # far "better", on inputs that are not comparable
+    catalog["inputs"] = "data"
+    catalog.loc[0, "recon_val"] = float("nan")   # an unscored first row must not leak
+    both = pd.concat([gaussian, catalog], ignore_index=True)
+    both.to_parquet(lib / "catalog.parquet")
+    with pytest.raises(RaykdError, match="holds parts distilled on data and gaussian inputs"):
+        library_entries(SearchRequest(str(lib), str(export)))
+    entries, _ = library_entries(SearchRequest(str(lib), str(export), inputs="data"))
+    assert (entries.inputs == "data").all() and len(entries) == 6
+    assert entries.val_top1.notna().all()
+    entries, _ = library_entries(SearchRequest(str(lib), str(export), inputs="gaussian"))
+    assert (entries.inputs == "gaussian").all() and entries.val_top1.isna().all()
+    # whole rows: a row's columns all come from that row
+    for row in entries.itertuples():
+        assert row.recon_val == 0.01 and row.inputs == "gaussian"
+
+
 def test_bad_libraries_are_one_line_errors(tmp_path, capsys):
     lib, export = fake_library(tmp_path)
     entries, teacher = library_entries(SearchRequest(str(lib), str(export)))
