@@ -112,6 +112,13 @@ class Unit:
         link and its teacher) start from the same weights or see the same batch order."""
         return derive_seed(self.seed, self.seed_stream or self.key)
 
+    @property
+    def augmentation_seed(self) -> int:
+        """The random views of augmented training images: one stream per job seed, shared by
+        every unit of that seed (raykd.train.batches.SeededSamples), so DIH heads trained
+        together or one run each see the same view of an image in an epoch."""
+        return derive_seed(self.seed, "augmentation")
+
 
 def derive_seed(seed: int, stream: str) -> int:
     digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()

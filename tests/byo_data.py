@@ -35,3 +35,29 @@ def augmented_without_val():
 
 def broken():
     raise OSError("the bucket is not mounted")
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Digits with the CIFAR recipe shrunk to 8x8: pad 1, random crop, horizontal flip, drawn
+    from torch's random stream as torchvision's transforms do."""
+
+    def __init__(self, x, y):
+        from torchvision import transforms as T
+
+        self.x, self.y = x, y
+        self.transform = T.Compose([T.RandomCrop(8, padding=1), T.RandomHorizontalFlip()])
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.transform(self.x[i]), int(self.y[i])
+
+
+def augmented_digits(test: int = 300, val: int = 200):
+    """scikit-learn's digits, the training split augmented (so not deterministic)."""
+    x, y = _digits(8)
+    train = slice(test + val, None)
+    return {"train": Augmented(x[train], y[train]),
+            "val": TensorDataset(x[test:test + val], y[test:test + val]),
+            "test": TensorDataset(x[:test], y[:test]), "num_classes": 10, "deterministic": False}

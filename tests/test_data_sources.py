@@ -148,3 +148,29 @@ def test_a_sweep_of_your_own_model_on_your_own_data_from_the_command_line(ray_se
     assert len(table) == 2 and (table.status == "finished").all()
     results = pd.read_parquet(run_dir / "results.parquet")
     assert set(results.method) == {"ce", "kd"} and results.val_top1.between(0, 1).all()
+
+
+def test_augmented_views_depend_on_seed_epoch_and_image_alone(tmp_path):
+    """An augmented training split as units iterate it: each image's random view is drawn from
+    (seed, epoch, index), so a resumed process, another order, another rank or loader worker
+    draws the same view; the next epoch draws anew; the global random stream is untouched."""
+    from raykd.train.batches import SeededSamples, at_epoch, training_samples
+
+    spec = job_from_dict(small_job(tmp_path, data={"dataset": "byo_data:augmented_digits"}))
+    splits = load_dataset(spec.data)
+    assert not splits.deterministic
+    first = at_epoch(training_samples(splits, 7), 3)
+    assert isinstance(first, SeededSamples)
+    views = [first[i][0] for i in range(20)]
+    torch.manual_seed(12345)              # whatever the process-global stream holds
+    before = torch.get_rng_state()
+    again = at_epoch(SeededSamples(splits.train, 7), 3)     # a resumed process
+    assert all(torch.equal(again[i][0], views[i]) for i in reversed(range(20)))
+    assert torch.equal(torch.get_rng_state(), before), "the global stream is left alone"
+    later = at_epoch(SeededSamples(splits.train, 7), 4)
+    assert any(not torch.equal(later[i][0], views[i]) for i in range(20))
+    other = at_epoch(SeededSamples(splits.train, 8), 3)
+    assert any(not torch.equal(other[i][0], views[i]) for i in range(20))
+    # deterministic splits are iterated as they are
+    plain = load_dataset(job_from_dict(small_job(tmp_path)).data)
+    assert training_samples(plain, 7) is plain.train

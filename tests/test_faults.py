@@ -69,10 +69,12 @@ def test_a_packed_lane_killed_mid_epoch_resumes_each_unit_to_bit_identical_weigh
     SIGKILLed mid-epoch once the second unit has reported its third. The pack restarts: the
     finished first unit is not trained again, the second resumes from its own last checkpoint to
     the same weights as an unpacked, uninterrupted run (a lone unit with packing on is a pack of
-    one: the same path)."""
-    plain = run_job(job_from_dict(slow_job(tmp_path, digits_teacher, "alone",
+    one: the same path). The training images are augmented (random crops and flips), so the
+    resumed epochs must replay their random views exactly."""
+    augmented = {"dataset": "byo_data:augmented_digits", "batch_size": 4}
+    plain = run_job(job_from_dict(slow_job(tmp_path, digits_teacher, "alone", data=augmented,
                                            methods={"ce2": {"method": "ce"}})))
-    spec = job_from_dict(slow_job(tmp_path, digits_teacher, "lane",
+    spec = job_from_dict(slow_job(tmp_path, digits_teacher, "lane", data=augmented,
                                   methods={"ce": {}, "ce2": {"method": "ce"}},
                                   ray={"workers": 1, "max_failures": 1, "max_parallel": 1}))
     metrics = spec.run_dir / "metrics"

@@ -23,6 +23,40 @@ class WithIndex(torch.utils.data.Dataset):
         return x, y, i
 
 
+class SeededSamples(torch.utils.data.Dataset):
+    """An augmented training split whose random transforms draw, for each image, from a
+    generator seeded by (seed, epoch, image index) alone, never from the process-global stream:
+    so a run resumed at epoch e draws what it drew the first time, units that share a seed (DIH
+    heads trained together or one run each) see the same views, data-parallel ranks and loader
+    workers draw each image's view once and independently, whatever the order or sharding."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):    # the global stream is left as it was
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_033 + int(i))
+                              % (1 << 63))
+            return self.dataset[i]
+
+
+def training_samples(splits, seed: int):
+    """The training split as a unit iterates it: seeded per image where it is augmented."""
+    return splits.train if splits.deterministic else SeededSamples(splits.train, seed)
+
+
+def at_epoch(samples, epoch: int):
+    if isinstance(samples, SeededSamples):
+        samples.set_epoch(epoch)
+    return samples
+
+
 def with_teacher(loader, teachers, taps, device):
     """Yield (x, y, pending outputs of each teacher), asking for batch i+1 before batch i is
     trained on, so teachers served by actors work while the student steps."""

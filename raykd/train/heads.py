@@ -17,7 +17,7 @@ from raykd.models.export import load_heads, save_heads
 from raykd.models.heads import build_heads
 from raykd.teacher.access import open_teacher, open_teachers
 from raykd.teacher.cache import cached_teacher
-from raykd.train.batches import WithIndex, epoch_order, with_teacher
+from raykd.train.batches import WithIndex, at_epoch, epoch_order, training_samples, with_teacher
 from raykd.train.skeleton import UnitTrainer, register_kind
 
 
@@ -45,6 +45,7 @@ class HeadsTrainer(UnitTrainer):
         unit, device = self.unit, self.device
         self.stages = unit.payload.stages
         self.splits = load_dataset(unit.data)
+        self.train_samples = training_samples(self.splits, unit.augmentation_seed)
         self.teacher = open_teacher(unit.teachers[0], device)   # the real teacher, or its shards
         self.stored_splits: dict = {}
         self.heads = build_heads(self.teacher.model, self.stages, self.splits.input_shape,
@@ -64,7 +65,8 @@ class HeadsTrainer(UnitTrainer):
         self.heads.train()
 
     def batches(self, epoch):
-        loader = DataLoader(WithIndex(self.splits.train), batch_size=self.unit.data.batch_size,
+        loader = DataLoader(WithIndex(at_epoch(self.train_samples, epoch)),
+                            batch_size=self.unit.data.batch_size,
                             shuffle=True, generator=epoch_order(self.unit.random_seed, epoch))
         return with_teacher(loader, [self.source], self.stages, self.device)
 

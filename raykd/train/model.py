@@ -21,7 +21,7 @@ from raykd.models.export import load_export, model_name, save_export
 from raykd.models.staged import latency_ms
 from raykd.models.weights import load_weights
 from raykd.teacher.access import open_teachers
-from raykd.train.batches import WithIndex, epoch_order, evaluate, with_teacher
+from raykd.train.batches import WithIndex, at_epoch, epoch_order, evaluate, training_samples, with_teacher
 from raykd.train.skeleton import UnitTrainer, register_kind
 
 
@@ -56,6 +56,7 @@ class ModelTrainer(UnitTrainer):
         unit, device = self.unit, self.device
         torch.manual_seed(unit.random_seed)
         self.splits = splits = load_dataset(unit.data)
+        self.train_samples = training_samples(splits, unit.augmentation_seed)
         model, started_from = student_model(unit, splits, device)
         # a model that starts from trained weights (a stitched student) is scored before
         # training; on the test split only where the unit may read it (never a sweep trial)
@@ -95,7 +96,7 @@ class ModelTrainer(UnitTrainer):
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         loader = DataLoader(
-            WithIndex(self.splits.train), batch_size=self.unit.data.batch_size,
+            WithIndex(at_epoch(self.train_samples, epoch)), batch_size=self.unit.data.batch_size,
             sampler=self.sampler, shuffle=self.sampler is None, drop_last=False,
             num_workers=self.unit.data.loader_workers,
             generator=epoch_order(self.unit.random_seed, epoch))

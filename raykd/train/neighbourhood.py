@@ -30,7 +30,7 @@ from raykd.models.stitch import block_shapes, boundary_taps, make_candidate, par
 from raykd.teacher import LocalTeacher
 from raykd.teacher.access import open_teachers
 from raykd.teacher.cache import cached_teacher
-from raykd.train.batches import WithIndex, epoch_order, with_teacher
+from raykd.train.batches import WithIndex, at_epoch, epoch_order, training_samples, with_teacher
 from raykd.train.skeleton import UnitTrainer, register_kind
 
 
@@ -82,6 +82,7 @@ class NeighbourhoodTrainer(UnitTrainer):
                 self.val_pairs = [(held_out, teacher.model.run_blocks(held_out, nb.start, nb.stop))]
             return
         self.splits = load_dataset(unit.data)
+        self.train_samples = training_samples(self.splits, unit.augmentation_seed)
         [self.source] = open_teachers(unit.teachers, self.boundary_taps(), unit.data,
                                       self.splits, self.device, unit.key,
                                       read=[self.in_tap, self.out_tap])
@@ -126,7 +127,8 @@ class NeighbourhoodTrainer(UnitTrainer):
                     target = self.teacher.model.run_blocks(a, nb.start, nb.stop)
                 yield a.to(device), target.to(device)
             return
-        loader = DataLoader(WithIndex(self.splits.train), batch_size=unit.data.batch_size,
+        loader = DataLoader(WithIndex(at_epoch(self.train_samples, epoch)),
+                            batch_size=unit.data.batch_size,
                             shuffle=True, generator=gen)
         for _x, _y, pending in with_teacher(loader, [self.source], [self.in_tap, self.out_tap],
                                             device):
