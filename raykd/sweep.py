@@ -265,6 +265,28 @@ def run_sweep(raw: dict, fail_when: dict | None = None):
     return Sweep(raw, fail_when).run()
 
 
+# where a job runs and how it reports, not what a trial computes: these may change on resume
+_NOT_TRIAL = ("output_dir", "tracking.", "ray.address", "ray.num_cpus", "ray.max_parallel",
+              "ray.placement_timeout_s", "sweep.max_concurrent")
+
+
+def trial_fields(spec) -> dict:
+    """The resolved job as dotted keys, without those that cannot change what a trial
+    computes (where it runs, how it is tracked)."""
+    flat: dict = {}
+
+    def walk(value, prefix: str) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = value
+
+    walk(dataclasses.asdict(spec), "")
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()
+            if not any(k == n or k.startswith(n) for n in _NOT_TRIAL)}
+
+
 class Sweep:
     """One `raykd sweep`, its steps in the order they happen: check the run folder and the
     cluster, train what every trial needs (`prerequisites`), `search` with Tune, write the
@@ -294,8 +316,9 @@ class Sweep:
         return table, self.run_best(self.best(table))
 
     def check_folder(self) -> None:
-        """A run folder holds one sweep, run by one driver: a changed `sweep:` section is
-        refused."""
+        """A run folder holds one sweep, run by one driver: resuming it with a job changed in
+        anything a trial depends on (the `sweep:` section, a method, the data, a model, ...) is
+        refused, naming the first changed key."""
         from raykd.ownership import own
 
         own(self.run_dir)
@@ -306,6 +329,18 @@ class Sweep:
             raise RaykdError(f"{self.run_dir} holds a sweep with another `sweep:` section; give "
                              "the job a new name (name=...) or restore the old section")
         stored.write_text(section)
+        stored_job = self.folder / "job.yaml"
+        now = trial_fields(self.spec)
+        if stored_job.exists():
+            before = yaml.safe_load(stored_job.read_text()) or {}
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            if changed:
+                key = changed[0]
+                raise RaykdError(
+                    f"{self.run_dir} holds a sweep of a job whose {key} was "
+                    f"{before.get(key)!r}, now {now.get(key)!r}: its trials would mix both; give "
+                    "the job a new name (name=...) or restore the old value")
+        stored_job.write_text(yaml.safe_dump(now, sort_keys=True))
 
     def check_trial_slots(self) -> int:
         import ray

@@ -1,5 +1,6 @@
 """`raykd sweep`: Ray Tune trials that are real Ray Train runs, ASHA, failures, resume, and
 one-line errors before any trial starts."""
+import copy
 import json
 import os
 import signal
@@ -236,3 +237,27 @@ def test_keys_that_change_a_prerequisite_or_the_epochs_are_refused(tmp_path, met
     with pytest.raises(RaykdError) as err:
         check_prerequisites(job, spec, shapes)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_sweep_resumed_with_a_changed_job_is_refused_naming_the_key(tmp_path):
+    """A sweep's folder remembers the whole resolved job, not only its `sweep:` section: a
+    resume with a changed method, data or model setting would mix trials of two jobs, and is
+    one line naming the key; where it runs or how it is tracked may change."""
+    from raykd.sweep import Sweep
+
+    job = _sweep_job(tmp_path, "resumed", {"student.train.lr": {
+        "type": "grid", "values": [0.1, 0.2]}})
+    Sweep(copy.deepcopy(job)).check_folder()
+    moved = copy.deepcopy(job)
+    moved["ray"]["num_cpus"] = 2
+    moved["tracking"] = {"tensorboard": True}
+    Sweep(moved).check_folder()                 # not what a trial computes
+    for key, value, message in (
+            ("methods", {"kd": {"temperature": 4, "alpha": 0.5}}, "methods.kd.alpha was 0.9, "
+                                                                   "now 0.5"),
+            ("data", {"dataset": "digits", "batch_size": 32}, "data.batch_size was 64, now 32")):
+        changed = copy.deepcopy(job)
+        changed[key] = value
+        with pytest.raises(RaykdError, match=message) as err:
+            Sweep(changed).check_folder()
+        assert "give the job a new name" in str(err.value)
