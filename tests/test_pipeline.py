@@ -74,6 +74,16 @@ def test_data_parallel_run_with_two_workers(ray_session, tmp_path):
     # together they cover it once per epoch (1,097 images, padded to an even 1,098)
     assert (history.worker_images == 549).all() and (history.train_images == 1098).all()
     assert df[df.role == "teacher"].iloc[0].test_top1 > 0.8
+    # the reported accuracies are the exported model's (rank 0's, BatchNorm statistics too),
+    # though each worker scored its own half of the split
+    from raykd.data import load_dataset
+    from raykd.train.batches import evaluate
+
+    splits = load_dataset(spec.data)
+    for row in df.itertuples():
+        exported = load_export(row.export)
+        assert row.val_top1 == evaluate(exported, splits.val, 64, "cpu"), row.unit
+        assert row.test_top1 == evaluate(exported, splits.test, 64, "cpu"), row.unit
 
 
 def test_actor_served_and_cached_teachers_train_the_same_student_as_local(ray_session, tmp_path):

@@ -115,6 +115,11 @@ class ModelTrainer(UnitTrainer):
 
     def evaluate(self, epoch, final, seen):
         unit, eval_batch = self.unit, self.unit.data.eval_batch_size
+        if self.world > 1:
+            # score what is exported: rank 0's model, BatchNorm statistics included (each rank
+            # updated its own copy on its own last batches since DDP last broadcast them)
+            for buffer in self.student.buffers():
+                dist.broadcast(buffer, 0)
         metrics = {**self.initial, "train_images": self.total_seen(seen), "worker_images": seen,
                    **{f"w_{k}": v for k, v in
                       self.method.loss_weights(epoch, unit.optim.epochs).items()},
