@@ -27,10 +27,12 @@ def _cmd_run(args) -> int:
     from raykd.pipeline import run_job
     from raykd.plan import preflight
     from raykd.ray_env import init_ray, terminate_as_interrupt
+    from raykd.results import ResultsTable
 
     spec = load_job(args.job, args.overrides)
     check_writable(spec)
     own(spec.run_dir, wait=args.wait)   # one driver per run folder, before Ray starts
+    ResultsTable(spec.run_dir)        # a damaged results table is set aside before Ray starts
     splits = load_dataset(spec.data)  # absent data fails here, before Ray starts
     preflight(spec, splits)
     init_ray(spec.ray.address, spec.ray.num_cpus, runtime_env=job_runtime_env(spec))

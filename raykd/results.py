@@ -6,12 +6,14 @@ was done. Accuracies are fractions in [0, 1]; summaries give mean ± std over se
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 
-from raykd.errors import RaykdError
+from raykd.errors import RaykdError, one_line
 from raykd.files import atomic_write, remove_stale_temps
+from raykd.log import log
 
 RESULTS_FILE = "results.parquet"
 REQUIRED_COLUMNS = ["method", "role", "model", "dataset", "seed", "val_top1", "test_top1",
@@ -28,7 +30,13 @@ class ResultsTable:
         remove_stale_temps(self.path)
         self.rows: list[dict] = []
         if self.path.exists():
-            self.rows = pd.read_parquet(self.path).to_dict("records")
+            try:
+                self.rows = read_table(self.path).to_dict("records")
+            except RaykdError as e:   # the finished runs' rows are rebuilt from their exports
+                aside = self.path.with_name(self.path.name + ".damaged")
+                os.replace(self.path, aside)
+                log.warning("%s; set aside as %s: the finished runs' rows are written again "
+                            "from their checkpoints and exports, nothing is retrained", e, aside)
 
     def get(self, unit: str) -> dict | None:
         for row in self.rows:
@@ -59,7 +67,15 @@ def read_results(run_dir: str | Path) -> pd.DataFrame:
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise RaykdError(f"no results table at {path} (is {run_dir} a run directory?)")
-    return pd.read_parquet(path)
+    return read_table(path)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:    # truncated or not Parquet (pyarrow's ArrowInvalid, OSError, ...)
+        raise RaykdError(f"the results table {path} is damaged ({one_line(e, first=True)}); "
+                         "re-run the job to rebuild it from its finished runs") from None
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:

@@ -316,3 +316,34 @@ def test_a_second_driver_on_a_running_jobs_folder_stops_in_one_line_or_waits(
     assert "1 of 1 runs already finished" in err
     rows = pd.read_parquet(tmp_path / "owned" / "results.parquet")
     assert list(rows.unit) == ["seed0-ce"], "one row: trained once"
+
+
+def test_damaged_state_is_set_aside_and_the_rerun_repairs_it(ray_session, tmp_path,
+                                                              digits_teacher, capsys):
+    """A truncated results table and a truncated unit checkpoint, written by the test: `raykd
+    results` says in one line what is wrong; the re-run sets both aside (`*.damaged`, a warning
+    naming each), rebuilds the finished unit's row without training it, and trains the unit
+    whose checkpoint was damaged from the start, instead of failing the same way forever."""
+    from raykd.train.layout import state_file
+
+    spec = job_from_dict(small_job(tmp_path, name="damaged", methods={"ce": {}, "kd": {}},
+                                   teacher={"checkpoint": str(digits_teacher)}))
+    first = run_job(spec).set_index("unit")
+    results = spec.run_dir / "results.parquet"
+    results.write_bytes(results.read_bytes()[:40])
+    [state] = sorted((spec.run_dir / "ray").rglob(state_file("seed0-kd")),
+                     key=lambda p: p.stat().st_mtime)[-1:]
+    state.write_bytes(state.read_bytes()[:100])
+    (spec.run_dir / "models" / "seed0-kd.pt").unlink()     # so it is not taken as finished
+    capsys.readouterr()
+    assert main(["results", str(spec.run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is damaged" in err and "re-run the job" in err and len(err.splitlines()) == 1, err
+    again = run_job(spec).set_index("unit")
+    assert (spec.run_dir / "results.parquet.damaged").is_file()
+    assert Path(f"{state}.damaged").is_file()
+    assert again.loc["seed0-ce", "resumed_from"] == 3, "rebuilt from its checkpoint, not retrained"
+    assert again.loc["seed0-ce", "val_top1"] == first.loc["seed0-ce", "val_top1"]
+    assert again.loc["seed0-kd", "resumed_from"] == 0 and again.loc["seed0-kd", "epochs"] == 3
+    history = (spec.run_dir / "metrics" / "seed0-kd.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in history] == [1, 2, 3]

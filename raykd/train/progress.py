@@ -18,6 +18,7 @@ from pathlib import Path
 import ray.train
 import torch
 
+from raykd.errors import RaykdError, one_line
 from raykd.files import atomic_write, torch_load, torch_save
 from raykd.log import log
 from raykd.train.layout import metrics_file, state_file
@@ -64,7 +65,11 @@ class Progress:
     def _load(self, path: str) -> int:
         if not os.path.isfile(path):
             return 0
-        state = torch_load(path, map_location=self.device)
+        try:
+            state = torch_load(path, map_location=self.device)
+        except RaykdError as e:     # truncated or corrupted: a re-run could never get past it
+            self.set_aside(path, e)
+            return 0
         if state.get("settings", self.unit.settings) != self.unit.settings:
             if self.rank == 0:   # a checkpoint of what the unit trained before it changed
                 log.info("[%s] its settings changed since its last checkpoint: training it "
@@ -78,6 +83,17 @@ class Progress:
         if self.rank == 0 and start > 0:
             log.info("[%s] resuming after epoch %d", self.unit.key, start)
         return start
+
+    def set_aside(self, path: str, error: Exception) -> None:
+        """A damaged checkpoint is renamed `*.damaged` (kept for a look, never read again) and
+        the unit trains from the start, its old history set aside the same way."""
+        if self.rank != 0:
+            return
+        for damaged in (path, self.unit.history_path):
+            if damaged and os.path.isfile(damaged):
+                os.replace(damaged, f"{damaged}.damaged")
+        log.warning("[%s] its checkpoint %s is damaged (%s); set aside as %s.damaged, training "
+                    "it from the start", self.unit.key, path, one_line(error), path)
 
     def state(self, epoch: int, metrics: dict) -> dict:
         return {"trainable": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
