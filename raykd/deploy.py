@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from raykd.errors import RaykdError
-from raykd.files import atomic_write
+from raykd.files import atomic_write, output_folder
 from raykd.log import log
 from raykd.models.staged import median_ms
 
@@ -140,11 +140,11 @@ def export_student(run_dir: str | Path, label: str, fmt: str = "onnx", seed: int
     if fmt not in FORMATS:
         raise RaykdError(f"--format {fmt}: allowed: {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
+    folder = output_folder(out) if out else run_dir / "export"   # checked before the work
     allow_run_factories(run_dir)     # models of the user's own, as the run's job names them
     row = choose_student(read_results(run_dir), label, seed)
     model = load_export(row["export"]).cpu().eval()
     x, y, dataset = load_test_split(run_dir)
-    folder = Path(out) if out else run_dir / "export"
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{label}-seed{int(row['seed'])}".replace(":", "_").replace("/", "_")
     path = folder / (name + SUFFIX[fmt])

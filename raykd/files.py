@@ -105,3 +105,28 @@ def remove_stale_temps(path: str | Path, max_age_s: float = 3600.0) -> int:
         except OSError:
             continue
     return removed
+
+
+def output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """A folder the command may write into, created; one line if it is a file or cannot be
+    created or written (checked before any work)."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise RaykdError(f"{flag} {path} is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RaykdError(f"{flag} {path}: cannot create it ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise RaykdError(f"{flag} {path}: not writable")
+    return path
+
+
+def output_file(path: str | Path, flag: str = "--out") -> Path:
+    """A file the command may write (its folder created); one line if it names a folder or its
+    folder cannot be created or written (checked before any work)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise RaykdError(f"{flag} {path} is a folder; give the file's path inside it")
+    output_folder(path.parent, f"{flag} {path}: its folder")
+    return path

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from raykd.files import atomic_write
+from raykd.files import atomic_write, output_file
 from raykd.results import final_diagnostics, load_history, read_results, summary_figure, summary_table
 
 REPORT_FILE = "report.html"
@@ -236,8 +236,8 @@ def build_report(run_dir: str | Path) -> str:
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    path = output_file(out) if out else Path(run_dir) / REPORT_FILE   # checked before the work
     page = build_report(run_dir)
-    path = Path(out) if out else Path(run_dir) / REPORT_FILE
     atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     path.chmod(0o644)     # a page to share (atomic_write's private temp file is 0600)
     return path

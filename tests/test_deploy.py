@@ -61,3 +61,22 @@ def test_torchscript_export_of_a_named_seed_and_bad_labels(tracked_run):
     assert "its students: cd_gkd, ce, dih, feed, kd, kd_top5, nd, nd.stitched" in bad.stderr
     bad_seed = export(run_dir, "--label", "kd", "--seed", "7")
     assert bad_seed.returncode == 2 and "its seeds: 0, 1" in bad_seed.stderr
+
+
+def test_out_paths_that_cannot_be_written_are_one_line_before_any_work(tracked_run, tmp_path,
+                                                                        capsys):
+    from raykd.cli import main
+
+    run_dir = str(tracked_run.run_dir)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for args, message in (
+            (["export", run_dir, "--label", "kd", "--out", str(a_file)], "is a file; give a folder"),
+            (["export", run_dir, "--label", "kd", "--out", str(a_file / "sub")],
+             "cannot create it"),
+            (["report", run_dir, "--out", str(tmp_path)], "is a folder; give the file's path"),
+            (["report", run_dir, "--out", str(a_file / "page.html")], "is a file; give a folder")):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
