@@ -1,14 +1,36 @@
 """Pure loss functions (the public API). Tensors in, scalar tensor out.
 
 Formulas follow the papers cited in each method's module (raykd.methods); each function returns
-only its own term, unweighted unless a weight is one of its arguments.
+only its own term, unweighted unless a weight is one of its arguments. Every one computes in
+float32 whatever precision its inputs come in (`in_fp32`): softmax at a temperature, a KL
+divergence or a normalised feature difference loses most of its value in bfloat16.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 
+def _fp32(value):
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.float()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fp32(v) for v in value)
+    return value
+
+
+def in_fp32(loss):
+    """Run `loss` on float32 copies of its tensor arguments, outside any autocast region."""
+    @functools.wraps(loss)
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return loss(*[_fp32(a) for a in args], **{k: _fp32(v) for k, v in kwargs.items()})
+    return run
+
+
+@in_fp32
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             temperature: float) -> torch.Tensor:
     """Hinton et al.: T^2 * KL(p^T(z_t) || p^T(z_s)), summed over classes, mean over the batch.
@@ -24,6 +46,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return t * t * kl.mean()
 
 
+@in_fp32
 def soft_target_kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                         temperature: float) -> torch.Tensor:
     """KD against a given teacher distribution (e.g. a transformed one):
@@ -35,6 +58,7 @@ def soft_target_kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tenso
     return t * t * kl.mean()
 
 
+@in_fp32
 def guided_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                    targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """Zhou et al.'s GKD: KD restricted to M = {n : argmax z_t,n = y_n},
@@ -45,6 +69,7 @@ def guided_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return kd_loss(student_logits[right], teacher_logits[right], temperature)
 
 
+@in_fp32
 def channel_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]
                  ) -> torch.Tensor:
     """Zhou et al.'s CD: per stage, global-average-pool both maps to channel vectors w (N x C) and
@@ -113,6 +138,7 @@ def reweighting_factor(student_logits: torch.Tensor, target_probs: torch.Tensor,
     return (1 - alpha) + alpha * temperature * (p_t_y - q_y) / (p_y - 1).clamp_max(-1e-6)
 
 
+@in_fp32
 def dih_loss(student_logits: torch.Tensor, cohort_logits: list[torch.Tensor],
              targets: torch.Tensor, alpha, temperature: float, ce_once: bool = False
              ) -> torch.Tensor:
@@ -148,6 +174,7 @@ def _unit_norm(x: torch.Tensor) -> torch.Tensor:
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+@in_fp32
 def feed_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]
               ) -> torch.Tensor:
     """Park & Kwak's FEED term: sum_k mean | N(T_k(F_s)) - N(F_t^k) |, with the student's map
@@ -164,6 +191,7 @@ def feed_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tenso
     return total
 
 
+@in_fp32
 def neighbourhood_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
     """Shao et al.: mean squared error between a candidate's and the neighbourhood's outputs."""
     return F.mse_loss(student_out, teacher_out.detach())

@@ -16,6 +16,7 @@ Placement = Literal["auto", "local", "actors"]
 HeadLayout = Literal["together", "separate"]
 Pack = Literal["auto", "off"]
 Augment = Literal["auto", "standard", "cifar", "none"]
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -63,6 +64,10 @@ class OptimSpec:
     weight_decay: float = 5e-4
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of the run
     lr_decay: float = 0.2
+    # mixed precision, memory layout, torch.compile (raykd.train.precision)
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass

@@ -44,8 +44,10 @@ def save_in_folder(folder: str, key: str, metrics: dict, state: dict) -> None:
 
 
 class Progress:
-    def __init__(self, unit, module: torch.nn.Module, optimizer, scheduler, device, rank: int):
+    def __init__(self, unit, module: torch.nn.Module, optimizer, scheduler, device, rank: int,
+                 precision=None):
         self.unit, self.module, self.optimizer, self.scheduler = unit, module, optimizer, scheduler
+        self.precision = precision      # its loss scaler's state rides in the checkpoint
         self.device, self.rank = device, rank
         self.last: dict = {}
 
@@ -78,6 +80,8 @@ class Progress:
         self.module.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.precision is not None:
+            self.precision.load_state_dict(state.get("scaler", {}))
         self.last = state["metrics"]
         start = state["epoch"] + 1
         if self.rank == 0 and start > 0:
@@ -98,7 +102,8 @@ class Progress:
     def state(self, epoch: int, metrics: dict) -> dict:
         return {"trainable": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "metrics": metrics,
-                "settings": self.unit.settings}
+                "settings": self.unit.settings,
+                "scaler": self.precision.state_dict() if self.precision is not None else {}}
 
     def end_epoch(self, epoch: int, metrics: dict) -> None:
         """epoch is 0-based; metrics are this epoch's."""

@@ -19,6 +19,7 @@ from torch import nn
 from raykd.log import duration, log, quiet_ray_logs, setup_logging
 from raykd.teacher.access import store_outputs
 from raykd.train.optim import make_optimizer, make_scheduler
+from raykd.train.precision import StepPrecision
 from raykd.train.progress import Progress
 from raykd.units import Unit
 
@@ -94,18 +95,20 @@ def register_kind(cls: type[UnitTrainer]) -> type[UnitTrainer]:
     return cls
 
 
-def train_epoch(trainer: UnitTrainer, optimizer, epoch: int) -> tuple[dict[str, float], int]:
+def train_epoch(trainer: UnitTrainer, optimizer, epoch: int,
+                precision: StepPrecision) -> tuple[dict[str, float], int]:
     """One pass over the epoch's batches: the summed loss and named terms (weighted by batch
     size), and the samples seen."""
     trainer.train_mode()
     sums: dict[str, float] = defaultdict(float)
     seen = 0
     for batch in trainer.batches(epoch):
-        terms = trainer.losses(batch, epoch)
+        batch = precision.batch(batch)
+        with precision.autocast():
+            terms = trainer.losses(batch, epoch)
+        terms = {name: value.float() for name, value in terms.items()}
         loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.step(loss, optimizer)
         n = len(batch[0])
         seen += n
         sums["loss"] += loss.item() * n
@@ -138,9 +141,11 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False,
     torch.set_num_threads(own)
     trainer = kind(unit, rank, world, ray.train.torch.get_device())
     module = trainer.build()
+    precision = StepPrecision(unit.optim, trainer.device)
+    precision.prepare(module, unit.optim.compile)
     optimizer = make_optimizer(module.parameters(), unit.optim)
     scheduler = make_scheduler(optimizer, unit.optim)
-    progress = Progress(unit, module, optimizer, scheduler, trainer.device, rank)
+    progress = Progress(unit, module, optimizer, scheduler, trainer.device, rank, precision)
     start_epoch = progress.restore()
     trainer.start(start_epoch)
     epochs = unit.optim.epochs
@@ -149,7 +154,7 @@ def run_epochs(kind: type[UnitTrainer], unit: Unit, alone: bool = False,
         if threads is not None and (n := threads(own)) != torch.get_num_threads():
             torch.set_num_threads(n)
         started, started_at = time.perf_counter(), time.time()
-        sums, seen = train_epoch(trainer, optimizer, epoch)
+        sums, seen = train_epoch(trainer, optimizer, epoch, precision)
         scheduler.step()
         train_s = time.perf_counter() - started
         metrics = {k: v / max(seen, 1) for k, v in sums.items()}
