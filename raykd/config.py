@@ -93,6 +93,11 @@ def validate(spec: JobSpec) -> None:
             read_export(part.checkpoint, "model")
         except RaykdError as e:
             raise RaykdError(f"{where}.checkpoint: {e}") from None
+    if spec.ray.workers > 1 and 0 < spec.ray.gpus < 1:
+        raise RaykdError(f"ray.gpus_per_worker={spec.ray.gpus_per_worker} with ray.workers="
+                         f"{spec.ray.workers}: data-parallel workers need a whole GPU each (NCCL "
+                         "refuses two ranks on one device); give 1, or workers: 1 so that units "
+                         "are packed onto shared GPUs")
     if spec.student.reinit and not spec.student.checkpoint:
         raise RaykdError("student.reinit needs student.checkpoint (the architecture to re-train)")
     if spec.data.root is not None and Path(spec.data.root).exists() \

@@ -37,8 +37,8 @@ def default_parallelism(spec: JobSpec) -> int:
     """Runs (or a pack's lanes) the cluster can hold at once: by CPUs (GPUs with use_gpu) and
     by every custom resource each worker asks for, so no run waits for slots that never come."""
     resources = ray.cluster_resources()
-    if spec.ray.use_gpu:
-        per_run, have = spec.ray.workers, resources.get("GPU", 0)
+    if spec.ray.gpus:
+        per_run, have = spec.ray.workers * spec.ray.gpus, resources.get("GPU", 0)
     else:
         per_run, have = spec.ray.workers * spec.ray.cpus_per_worker, resources.get("CPU", 1)
     slots = math.floor(have / per_run)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from raykd.typed import AtLeast, Positive
+from raykd.typed import AtLeast, NonNegative, Positive
 
 Optimizer = Literal["sgd", "adam"]
 Placement = Literal["auto", "local", "actors"]
@@ -125,6 +125,16 @@ class RaySpec:
     workers: Annotated[int, AtLeast(1)] = 1   # Ray Train workers per run (DDP when > 1)
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    # a GPU or a fraction of one per worker (0.25: four packed lanes share a GPU); None: 1 with
+    # use_gpu, else 0. Data-parallel workers (workers > 1) need whole GPUs
+    gpus_per_worker: Annotated[float | None, NonNegative] = None
+
+    @property
+    def gpus(self) -> float:
+        """GPUs per worker, as the job asks for them."""
+        if self.gpus_per_worker is not None:
+            return self.gpus_per_worker
+        return 1.0 if self.use_gpu else 0.0
     max_parallel: int | None = None   # runs in flight at once (None: as resources allow)
     max_failures: int = 1             # retries of a run, each resuming from its last checkpoint
     pack: Pack = "auto"               # auto: ready units share one Ray Train run, spread over

@@ -6,7 +6,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raykd.config import load_job
+from raykd.config import job_from_dict, load_job
 from raykd.errors import RaykdError, one_line
 from raykd.specs import JobSpec
 
@@ -223,3 +223,21 @@ def test_hostile_job_files_are_one_line_in_seconds_and_bounded_memory(tmp_path, 
     assert out[0].startswith("RaykdError: ") and message in out[0], done.stdout[-500:]
     assert len(out[0]) < 400, "a one-line error quotes a short prefix, never the value"
     assert int(out[-1].split()[1]) < 300_000, out[-1]
+
+
+def test_gpu_fractions_reach_the_runs_scaling_config_and_ddp_needs_whole_gpus(tmp_path):
+    """`ray.gpus_per_worker: 0.25` puts four packed lanes on one GPU: the job's runs ask Ray Train
+    for a quarter GPU per worker (checked without a GPU); data-parallel workers with fractions are
+    refused in one line (NCCL refuses two ranks on one device)."""
+    from raykd.train.runner import RunSettings, trainer_for
+
+    from conftest import small_job
+
+    spec = job_from_dict(small_job(tmp_path, ray={"workers": 1, "gpus_per_worker": 0.25}))
+    settings = RunSettings.for_job(spec, 10, (1, 8, 8))
+    scaling = trainer_for({"units": []}, settings, 1, 1.0, "x").scaling_config
+    assert scaling.use_gpu and scaling.resources_per_worker["GPU"] == 0.25
+    assert RunSettings.for_job(job_from_dict(small_job(tmp_path)), 10, (1, 8, 8)) \
+        .gpus_per_worker == 0.0, "CPU unless asked"
+    with pytest.raises(RaykdError, match="data-parallel workers need a whole GPU each"):
+        job_from_dict(small_job(tmp_path, ray={"workers": 2, "gpus_per_worker": 0.5}))

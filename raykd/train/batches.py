@@ -51,6 +51,13 @@ def training_samples(splits, seed: int):
     return splits.train if splits.deterministic else SeededSamples(splits.train, seed)
 
 
+def loader_options(data, device) -> dict:
+    """What every training loader shares: `data.loader_workers` worker processes (each image's
+    random view is seeded per image, SeededSamples, so workers change nothing), pinned memory
+    for non-blocking copies to a GPU."""
+    return {"num_workers": data.loader_workers, "pin_memory": device.type == "cuda"}
+
+
 def at_epoch(samples, epoch: int):
     if isinstance(samples, SeededSamples):
         samples.set_epoch(epoch)

@@ -17,7 +17,14 @@ from raykd.models.export import load_heads, save_heads
 from raykd.models.heads import build_heads
 from raykd.teacher.access import open_teacher, open_teachers
 from raykd.teacher.cache import cached_teacher
-from raykd.train.batches import WithIndex, at_epoch, epoch_order, training_samples, with_teacher
+from raykd.train.batches import (
+    WithIndex,
+    at_epoch,
+    epoch_order,
+    loader_options,
+    training_samples,
+    with_teacher,
+)
 from raykd.train.skeleton import UnitTrainer, register_kind
 
 
@@ -67,7 +74,8 @@ class HeadsTrainer(UnitTrainer):
     def batches(self, epoch):
         loader = DataLoader(WithIndex(at_epoch(self.train_samples, epoch)),
                             batch_size=self.unit.data.batch_size,
-                            shuffle=True, generator=epoch_order(self.unit.random_seed, epoch))
+                            shuffle=True, generator=epoch_order(self.unit.random_seed, epoch),
+                            **loader_options(self.unit.data, self.device))
         return with_teacher(loader, [self.source], self.stages, self.device)
 
     def losses(self, batch, epoch):

@@ -21,7 +21,15 @@ from raykd.models.export import load_export, model_name, save_export
 from raykd.models.staged import latency_ms
 from raykd.models.weights import load_weights
 from raykd.teacher.access import open_teachers
-from raykd.train.batches import WithIndex, at_epoch, epoch_order, evaluate, training_samples, with_teacher
+from raykd.train.batches import (
+    WithIndex,
+    at_epoch,
+    epoch_order,
+    evaluate,
+    loader_options,
+    training_samples,
+    with_teacher,
+)
 from raykd.train.skeleton import UnitTrainer, register_kind
 
 
@@ -98,8 +106,8 @@ class ModelTrainer(UnitTrainer):
         loader = DataLoader(
             WithIndex(at_epoch(self.train_samples, epoch)), batch_size=self.unit.data.batch_size,
             sampler=self.sampler, shuffle=self.sampler is None, drop_last=False,
-            num_workers=self.unit.data.loader_workers,
-            generator=epoch_order(self.unit.random_seed, epoch))
+            generator=epoch_order(self.unit.random_seed, epoch),
+            **loader_options(self.unit.data, self.device))
         return with_teacher(loader, self.teachers, self.teacher_taps, self.device)
 
     def losses(self, batch, epoch):

@@ -30,7 +30,14 @@ from raykd.models.stitch import block_shapes, boundary_taps, make_candidate, par
 from raykd.teacher import LocalTeacher
 from raykd.teacher.access import open_teachers
 from raykd.teacher.cache import cached_teacher
-from raykd.train.batches import WithIndex, at_epoch, epoch_order, training_samples, with_teacher
+from raykd.train.batches import (
+    WithIndex,
+    at_epoch,
+    epoch_order,
+    loader_options,
+    training_samples,
+    with_teacher,
+)
 from raykd.train.skeleton import UnitTrainer, register_kind
 
 
@@ -129,7 +136,7 @@ class NeighbourhoodTrainer(UnitTrainer):
             return
         loader = DataLoader(WithIndex(at_epoch(self.train_samples, epoch)),
                             batch_size=unit.data.batch_size,
-                            shuffle=True, generator=gen)
+                            shuffle=True, generator=gen, **loader_options(unit.data, device))
         for _x, _y, pending in with_teacher(loader, [self.source], [self.in_tap, self.out_tap],
                                             device):
             f = pending[0].result()

@@ -96,7 +96,7 @@ class RunSettings:
     def for_job(cls, spec, num_classes: int, input_shape) -> "RunSettings":
         return cls(storage=str(spec.run_dir / "ray"), num_classes=num_classes,
                    input_shape=tuple(input_shape), workers=spec.ray.workers,
-                   gpus_per_worker=1.0 if spec.ray.use_gpu else 0.0,
+                   gpus_per_worker=spec.ray.gpus,
                    max_failures=spec.ray.max_failures,
                    resources=dict(spec.ray.resources_per_worker),
                    placement_timeout_s=spec.ray.placement_timeout_s,
