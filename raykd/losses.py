@@ -195,3 +195,66 @@ def feed_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tenso
 def neighbourhood_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
     """Shao et al.: mean squared error between a candidate's and the neighbourhood's outputs."""
     return F.mse_loss(student_out, teacher_out.detach())
+
+
+@in_fp32
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+             alpha: float, beta: float, temperature: float) -> torch.Tensor:
+    """Zhao et al.'s decoupled KD: alpha TCKD + beta NCKD, each T^2 KL summed over classes and
+    averaged over the batch. TCKD: the binary (target, rest) distributions; NCKD: the
+    distributions over the non-target classes alone (the target's logit masked out)."""
+    t = float(temperature)
+    z_s, z_t = student_logits / t, teacher_logits.detach() / t
+    target = F.one_hot(targets, z_s.shape[1]).bool()
+    p_s, p_t = F.softmax(z_s, dim=1), F.softmax(z_t, dim=1)
+
+    def binary(p):
+        on = (p * target).sum(1, keepdim=True)
+        return torch.cat([on, (p * ~target).sum(1, keepdim=True)], dim=1)
+
+    b_s, b_t = binary(p_s), binary(p_t)
+    tckd = (b_t * (b_t.clamp_min(1e-12).log() - b_s.clamp_min(1e-12).log())).sum(1).mean()
+    masked_s = z_s.masked_fill(target, float("-inf"))
+    masked_t = z_t.masked_fill(target, float("-inf"))
+    log_q_s, q_t = F.log_softmax(masked_s, dim=1), F.softmax(masked_t, dim=1)
+    nckd = (q_t * (q_t.clamp_min(1e-12).log() - log_q_s)).masked_fill(target, 0).sum(1).mean()
+    return t * t * (alpha * tckd + beta * nckd)
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+@in_fp32
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+              gamma: float, tau: float) -> torch.Tensor:
+    """Huang et al.'s DIST: beta tau^2 (1 - mean Pearson correlation of each example's class
+    probabilities) + gamma tau^2 (1 - mean Pearson correlation of each class's probabilities
+    across the batch)."""
+    y_s = F.softmax(student_logits / tau, dim=1)
+    y_t = F.softmax(teacher_logits.detach() / tau, dim=1)
+    inter = 1 - _pearson_rows(y_s, y_t).mean()
+    intra = 1 - _pearson_rows(y_s.t(), y_t.t()).mean()
+    return tau * tau * (beta * inter + gamma * intra)
+
+
+def _attention(feature: torch.Tensor, p: float) -> torch.Tensor:
+    return F.normalize(feature.abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+@in_fp32
+def attention_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor],
+                   p: float = 2.0) -> torch.Tensor:
+    """Zagoruyko & Komodakis's attention transfer, summed over stage pairs: the mean squared
+    difference of the L2-normalised attention maps (the channel mean of |F|^p, flattened); the
+    larger map of a pair is average-pooled to the smaller's size first."""
+    total = student_feats[0].new_zeros(())
+    for s, t in zip(student_feats, teacher_feats):
+        t = t.detach()
+        if s.shape[-1] > t.shape[-1]:
+            s = F.adaptive_avg_pool2d(s, t.shape[-2:])
+        elif s.shape[-1] < t.shape[-1]:
+            t = F.adaptive_avg_pool2d(t, s.shape[-2:])
+        total = total + (_attention(s, p) - _attention(t, p)).pow(2).mean()
+    return total

@@ -1,0 +1,112 @@
+"""Golden tests of the baseline methods' losses against independent implementations of their
+official code's formulas (mdistiller's DKD and AT, the DIST authors' code, the original attention
+transfer code), written here without raykd's helpers, with their edge cases."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raykd.losses import attention_loss, dist_loss, dkd_loss
+from raykd.methods import MethodContext, Step, build_method
+from raykd.models import build_model
+
+
+def official_dkd(logits_student, logits_teacher, target, alpha, beta, temperature):
+    """mdistiller/distillers/DKD.py's dkd_loss, restated."""
+    gt = torch.zeros_like(logits_student).scatter_(1, target.unsqueeze(1), 1).bool()
+    other = ~gt
+    p_s = F.softmax(logits_student / temperature, dim=1)
+    p_t = F.softmax(logits_teacher / temperature, dim=1)
+    cat = lambda p: torch.cat([(p * gt).sum(1, keepdims=True),        # noqa: E731
+                               (p * other).sum(1, keepdims=True)], dim=1)
+    p_s, p_t = cat(p_s), cat(p_t)
+    tckd = F.kl_div(torch.log(p_s), p_t, reduction="sum") * temperature ** 2 / target.shape[0]
+    p_t2 = F.softmax(logits_teacher / temperature - 1000.0 * gt, dim=1)
+    log_p_s2 = F.log_softmax(logits_student / temperature - 1000.0 * gt, dim=1)
+    nckd = F.kl_div(log_p_s2, p_t2, reduction="sum") * temperature ** 2 / target.shape[0]
+    return alpha * tckd + beta * nckd
+
+
+def official_dist(z_s, z_t, beta, gamma, tau):
+    """hunto/DIST_KD's DIST loss, restated."""
+    def pearson(a, b, eps=1e-8):
+        a, b = a - a.mean(1).unsqueeze(1), b - b.mean(1).unsqueeze(1)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    y_s, y_t = (z_s / tau).softmax(dim=1), (z_t / tau).softmax(dim=1)
+    inter = 1 - pearson(y_s, y_t).mean()
+    intra = 1 - pearson(y_s.transpose(0, 1), y_t.transpose(0, 1)).mean()
+    return beta * tau ** 2 * inter + gamma * tau ** 2 * intra
+
+
+def official_at(g_s, g_t, beta=1000.0):
+    """szagoruyko/attention-transfer's at_loss, beta / 2 * sum (after mdistiller's pooling of the
+    larger map, which the original never needs on its equal-size pairs)."""
+    def at(x):
+        return F.normalize(x.pow(2).mean(1).view(x.size(0), -1))
+    total = 0.0
+    for s, t in zip(g_s, g_t):
+        if s.shape[2] > t.shape[2]:
+            s = F.adaptive_avg_pool2d(s, (t.shape[2], t.shape[2]))
+        elif s.shape[2] < t.shape[2]:
+            t = F.adaptive_avg_pool2d(t, (s.shape[2], s.shape[2]))
+        total = total + (at(s) - at(t)).pow(2).mean()
+    return beta / 2 * total
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_dkd_equals_mdistillers_formula(batch):
+    torch.manual_seed(batch)
+    z_s, z_t = torch.randn(batch, 10) * 3, torch.randn(batch, 10) * 3
+    y = torch.randint(0, 10, (batch,))
+    want = official_dkd(z_s, z_t, y, 1.0, 8.0, 4.0)
+    assert dkd_loss(z_s, z_t, y, 1.0, 8.0, 4.0).item() == pytest.approx(want.item(), rel=1e-5)
+    # identical logits: both terms vanish
+    assert dkd_loss(z_t, z_t, y, 1.0, 8.0, 4.0).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_dkd_warms_up_linearly_from_its_first_epoch():
+    """mdistiller: min(epoch / warmup, 1) with 1-based epochs; here a fraction of the run:
+    20 of 240 epochs, so the first epoch (0-based 0) weighs 1/20 and epoch 20 onwards 1."""
+    student, teacher = build_model("cnn_small", 10, 1, 8), build_model("cnn", 10, 1, 8)
+    method = build_method("dkd", {}, MethodContext(student=student, num_classes=10,
+                                                   input_shape=(1, 8, 8), teacher=teacher))
+    assert method.loss_weights(0, 240)["dkd"] == pytest.approx(1 / 20)
+    assert method.loss_weights(9, 240)["dkd"] == pytest.approx(10 / 20)
+    assert method.loss_weights(19, 240)["dkd"] == 1.0 and method.loss_weights(100, 240)["dkd"] == 1.0
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    with torch.no_grad():
+        z_t = teacher(x)
+    z_s = student.features(x, ["logits"])
+    terms = method.losses(Step(x=x, y=y, student=z_s, teacher={"logits": z_t}, epoch=0,
+                               epochs=240))
+    want = official_dkd(z_s["logits"], z_t, y, 1.0, 8.0, 4.0) / 20
+    assert terms["dkd"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("batch", [2, 16])
+def test_dist_equals_its_authors_formula(batch):
+    torch.manual_seed(batch)
+    z_s, z_t = torch.randn(batch, 100), torch.randn(batch, 100) * 2
+    for beta, gamma, tau in ((1.0, 1.0, 1.0), (2.0, 0.5, 4.0)):
+        want = official_dist(z_s, z_t, beta, gamma, tau)
+        assert dist_loss(z_s, z_t, beta, gamma, tau).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_attention_transfer_equals_the_original_code():
+    torch.manual_seed(0)
+    g_s = [torch.randn(3, 8, 16, 16), torch.randn(3, 16, 8, 8), torch.randn(3, 32, 2, 2)]
+    g_t = [torch.randn(3, 32, 16, 16), torch.randn(3, 64, 4, 4), torch.randn(3, 64, 4, 4)]
+    want = official_at(g_s, g_t)
+    got = 1000.0 / 2 * attention_loss(g_s, g_t, 2.0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    # the method weighs it so, next to CE
+    student, teacher = build_model("cnn_small", 10, 1, 28), build_model("cnn_wide", 10, 1, 28)
+    method = build_method("at", {}, MethodContext(student=student, num_classes=10,
+                                                  input_shape=(1, 28, 28), teacher=teacher))
+    x, y = torch.randn(2, 1, 28, 28), torch.randint(0, 10, (2,))
+    s = student.features(x, method.student_taps())
+    with torch.no_grad():
+        t = teacher.features(x, method.teacher_taps())
+    terms = method.losses(Step(x=x, y=y, student=s, teacher=t, epoch=0, epochs=1))
+    pairs = method.pairs
+    want = official_at([s[a] for a, _ in pairs], [t[b] for _, b in pairs])
+    assert terms["at"].item() == pytest.approx(want.item(), rel=1e-5)
