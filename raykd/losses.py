@@ -258,3 +258,39 @@ def attention_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.
             t = F.adaptive_avg_pool2d(t, s.shape[-2:])
         total = total + (_attention(s, p) - _attention(t, p)).pow(2).mean()
     return total
+
+
+def _pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    square = e.pow(2).sum(1)
+    d = (square[:, None] + square[None, :] - 2 * e @ e.t()).clamp_min(eps).sqrt()
+    return d * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))
+
+
+def _angles(e: torch.Tensor) -> torch.Tensor:
+    diff = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)
+    return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+
+
+@in_fp32
+def rkd_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor,
+             distance_weight: float = 25.0, angle_weight: float = 50.0) -> torch.Tensor:
+    """Park et al.'s relational KD on embeddings (flattened per example): smooth-L1 between the
+    pairwise distances, each normalised by its mean over distinct pairs, weighted
+    `distance_weight`, plus smooth-L1 between the angles of every triplet, `angle_weight`. A batch
+    of one has no pairs: zero (with the graph kept)."""
+    s, t = student_embed.flatten(1), teacher_embed.detach().flatten(1)
+    if len(s) < 2:
+        return s.sum() * 0
+    d_t = _pairwise_distances(t)
+    d_t = d_t / d_t[d_t > 0].mean()
+    d_s = _pairwise_distances(s)
+    d_s = d_s / d_s[d_s > 0].mean()
+    return distance_weight * F.smooth_l1_loss(d_s, d_t) + \
+        angle_weight * F.smooth_l1_loss(_angles(s), _angles(t))
+
+
+@in_fp32
+def hint_loss(regressed: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+    """FitNets' hint: mean squared error between the regressor's output on the student's guided
+    layer and the teacher's hint layer."""
+    return F.mse_loss(regressed, hint.detach())

@@ -110,3 +110,66 @@ def test_attention_transfer_equals_the_original_code():
     pairs = method.pairs
     want = official_at([s[a] for a, _ in pairs], [t[b] for _, b in pairs])
     assert terms["at"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def official_rkd(f_s, f_t, squared=False, eps=1e-12, distance_weight=25, angle_weight=50):
+    """mdistiller/distillers/RKD.py's rkd_loss, restated."""
+    def pdist(e):
+        e_square = e.pow(2).sum(dim=1)
+        res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * e @ e.t()).clamp(min=eps)
+        res = res.sqrt() if not squared else res
+        res = res.clone()
+        res[range(len(e)), range(len(e))] = 0
+        return res
+    stu, tea = f_s.view(f_s.shape[0], -1), f_t.view(f_t.shape[0], -1)
+    t_d = pdist(tea)
+    t_d = t_d / t_d[t_d > 0].mean()
+    d = pdist(stu)
+    d = d / d[d > 0].mean()
+    loss_d = F.smooth_l1_loss(d, t_d)
+    td = F.normalize(tea.unsqueeze(0) - tea.unsqueeze(1), p=2, dim=2)
+    t_angle = torch.bmm(td, td.transpose(1, 2)).view(-1)
+    sd = F.normalize(stu.unsqueeze(0) - stu.unsqueeze(1), p=2, dim=2)
+    s_angle = torch.bmm(sd, sd.transpose(1, 2)).view(-1)
+    return distance_weight * loss_d + angle_weight * F.smooth_l1_loss(s_angle, t_angle)
+
+
+def test_rkd_equals_mdistillers_formula_and_a_batch_of_one_is_zero():
+    from raykd.losses import rkd_loss
+
+    torch.manual_seed(0)
+    e_s, e_t = torch.randn(6, 16, requires_grad=True), torch.randn(6, 32)
+    want = official_rkd(e_s, e_t)
+    got = rkd_loss(e_s, e_t, 25.0, 50.0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.backward()
+    assert e_s.grad.abs().sum() > 0
+    one = torch.randn(1, 16, requires_grad=True)
+    zero = rkd_loss(one, torch.randn(1, 32))
+    assert zero.item() == 0.0 and torch.isfinite(zero)
+    zero.backward()               # the graph is kept: a step on a last batch of one is fine
+    assert official_rkd(one.detach(), torch.randn(1, 32)).isnan(), "mdistiller gives NaN there"
+
+
+def test_fitnets_hints_first_then_distils_and_its_regressor_maps_the_shapes():
+    from raykd.methods.fitnets import regressor
+
+    for s_shape, t_shape in (((8, 16, 16), (32, 8, 8)), ((8, 4, 4), (32, 8, 8)),
+                             ((8, 8, 8), (32, 6, 6)), ((8, 8, 8), (32, 8, 8))):
+        out = regressor(s_shape, t_shape)(torch.randn(2, *s_shape))
+        assert out.shape == (2, *t_shape)
+    student, teacher = build_model("cnn_small", 10, 1, 28), build_model("cnn_wide", 10, 1, 28)
+    method = build_method("fitnets", {}, MethodContext(student=student, num_classes=10,
+                                                       input_shape=(1, 28, 28), teacher=teacher))
+    assert method.s_tap == "stage2" and method.t_tap == "stage2", "the middle stages"
+    # stage 1 (the first quarter of 8 epochs): the hint alone; then KD, hint off
+    assert method.loss_weights(1, 8) == {"hint": 1.0, "ce": 0.0, "kd": 0.0}
+    assert method.loss_weights(2, 8) == {"hint": 0.0, "ce": pytest.approx(0.1), "kd": 0.9}
+    x, y = torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,))
+    s = student.features(x, method.student_taps())
+    with torch.no_grad():
+        t = teacher.features(x, method.teacher_taps())
+    terms = method.losses(Step(x=x, y=y, student=s, teacher=t, epoch=0, epochs=8))
+    want = F.mse_loss(method.regressor(s["stage2"]), t["stage2"])
+    assert terms["hint"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert terms["ce"].item() == 0.0 and terms["kd"].item() == 0.0

@@ -105,12 +105,12 @@ def test_cd_and_topk_train_in_a_real_run(ray_session, tmp_path, capsys):
     job = small_job(tmp_path, name="cd_tang", methods={
         "cd_gkd_edt": {"method": "cd", "edt": True},
         "kd_top3": {"method": "kd", "transform": "topk", "k": 3},
-        "at": {}, "dkd": {}, "dist": {}})
+        "at": {}, "dkd": {}, "dist": {}, "fitnets": {}, "rkd": {}})
     job["teacher"] = {"model": "cnn", "checkpoint": str(teacher_path)}
     job["student"]["train"]["epochs"] = 4
     spec = job_from_dict(job)
     df = run_job(spec)
-    assert sorted(df.method) == ["at", "cd_gkd_edt", "dist", "dkd", "kd_top3"]
+    assert sorted(df.method) == ["at", "cd_gkd_edt", "dist", "dkd", "fitnets", "kd_top3", "rkd"]
     assert df.val_top1.between(0, 1).all()
     # the exported CD student has exactly the plain student's parameters (no connectors)
     plain = count_params(build_model("cnn_small", 10, 1, 8))
