@@ -294,3 +294,17 @@ def hint_loss(regressed: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
     """FitNets' hint: mean squared error between the regressor's output on the student's guided
     layer and the teacher's hint layer."""
     return F.mse_loss(regressed, hint.detach())
+
+
+@in_fp32
+def contrast_nce_loss(scores: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """CRD's NCE loss (its `ContrastLoss`) on the normalised similarity scores of each anchor to
+    its positive (column 0) and its K negatives: -(log D(pos) + sum log(1 - D(neg))) / batch,
+    with D(s) = s / (s + K / n_data)."""
+    batch, m = scores.shape[0], scores.shape[1] - 1
+    noise = m / float(n_data)
+    positive = scores[:, 0]
+    log_d1 = (positive / (positive + noise + eps)).log()
+    negative = scores[:, 1:]
+    log_d0 = (noise / (negative + noise + eps)).log()
+    return -(log_d1.sum() + log_d0.sum()) / batch

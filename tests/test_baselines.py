@@ -173,3 +173,47 @@ def test_fitnets_hints_first_then_distils_and_its_regressor_maps_the_shapes():
     want = F.mse_loss(method.regressor(s["stage2"]), t["stage2"])
     assert terms["hint"].item() == pytest.approx(want.item(), rel=1e-6)
     assert terms["ce"].item() == 0.0 and terms["kd"].item() == 0.0
+
+
+def official_contrast_loss(x, n_data, eps=1e-7):
+    """RepDistiller/crd/criterion.py's ContrastLoss, restated (x: batch x (K+1) x 1)."""
+    bsz, m = x.shape[0], x.size(1) - 1
+    pn = 1 / float(n_data)
+    p_pos = x.select(1, 0)
+    log_d1 = torch.div(p_pos, p_pos.add(m * pn + eps)).log_()
+    p_neg = x.narrow(1, 1, m)
+    log_d0 = torch.div(p_neg.clone().fill_(m * pn), p_neg.add(m * pn + eps)).log_()
+    return -(log_d1.sum(0) + log_d0.view(-1, 1).sum(0)) / bsz
+
+
+def test_crd_loss_memory_and_negatives_follow_the_reference_code():
+    from raykd.losses import contrast_nce_loss
+    from raykd.methods.crd import ContrastMemory
+
+    torch.manual_seed(0)
+    scores = torch.rand(5, 17) * 2
+    want = official_contrast_loss(scores[:, :, None], 1000)
+    assert contrast_nce_loss(scores, 1000).item() == pytest.approx(want.item(), rel=1e-5)
+    # fewer images than 16,384 + 1: as many negatives as other images; the positive first
+    memory = ContrastMemory(8, 30, 16384, 0.07, 0.5)
+    assert memory.negatives == 29
+    index = torch.tensor([3, 7, 29])
+    rows = memory.draw(index, epoch=2)
+    assert rows.shape == (3, 30) and torch.equal(rows[:, 0], index)
+    assert torch.equal(rows, memory.draw(index, epoch=2)), "a resumed epoch draws the same"
+    assert int(rows.max()) <= 29, "drawn within the memory (the last row included)"
+    # scores: exp(<memory, e> / T) / Z with Z set from the first batch (mean * n_data); memory
+    # rows move by momentum, then are renormalised
+    e_s, e_t = F.normalize(torch.randn(3, 8), dim=1), F.normalize(torch.randn(3, 8), dim=1)
+    before_t, before_s = memory.memory_t.clone(), memory.memory_s.clone()
+    out_s, out_t = memory(e_s, e_t, index, epoch=2)
+    raw_s = torch.exp(torch.bmm(before_t[rows.flatten()].view(3, 30, 8), e_s[:, :, None])
+                      .squeeze(2) / 0.07)
+    z_s = raw_s.mean() * 30
+    assert torch.allclose(out_s, raw_s / z_s, rtol=1e-5) and memory.z[0] == pytest.approx(z_s)
+    moved = F.normalize(before_s[index] * 0.5 + e_s * 0.5, dim=1)
+    assert torch.allclose(memory.memory_s[index], moved, atol=1e-6)
+    untouched = [i for i in range(30) if i not in (3, 7, 29)]
+    assert torch.equal(memory.memory_s[untouched], before_s[untouched])
+    second, _ = memory(e_s, e_t, index, epoch=3)
+    assert memory.z[0] == pytest.approx(z_s), "Z is set once, from the first batch"

@@ -105,12 +105,13 @@ def test_cd_and_topk_train_in_a_real_run(ray_session, tmp_path, capsys):
     job = small_job(tmp_path, name="cd_tang", methods={
         "cd_gkd_edt": {"method": "cd", "edt": True},
         "kd_top3": {"method": "kd", "transform": "topk", "k": 3},
-        "at": {}, "dkd": {}, "dist": {}, "fitnets": {}, "rkd": {}})
+        "at": {}, "dkd": {}, "dist": {}, "fitnets": {}, "rkd": {}, "crd": {}})
     job["teacher"] = {"model": "cnn", "checkpoint": str(teacher_path)}
     job["student"]["train"]["epochs"] = 4
     spec = job_from_dict(job)
     df = run_job(spec)
-    assert sorted(df.method) == ["at", "cd_gkd_edt", "dist", "dkd", "fitnets", "kd_top3", "rkd"]
+    assert sorted(df.method) == ["at", "cd_gkd_edt", "crd", "dist", "dkd", "fitnets", "kd_top3",
+                                 "rkd"]
     assert df.val_top1.between(0, 1).all()
     # the exported CD student has exactly the plain student's parameters (no connectors)
     plain = count_params(build_model("cnn_small", 10, 1, 8))
@@ -146,7 +147,8 @@ def test_every_registered_method_keeps_the_contract(name, tmp_path):
     save_heads(build_heads(teacher, teacher.stage_names, (1, 28, 28), 10, False, 0),
                tmp_path / "heads.pt", 10)
     ctx = MethodContext(student=student, num_classes=10, input_shape=(1, 28, 28), teacher=teacher,
-                        teachers=[teacher], inputs={"heads": [str(tmp_path / "heads.pt")]})
+                        teachers=[teacher], inputs={"heads": [str(tmp_path / "heads.pt")]},
+                        train_size=100)
     method = build_method(name, {}, ctx)
     for tap in method.student_taps():
         student.resolve_tap(tap)
@@ -157,7 +159,7 @@ def test_every_registered_method_keeps_the_contract(name, tmp_path):
         t_out = teacher.features(x, method.teacher_taps()) if method.teacher_taps() else {}
     step = Step(x=x, y=y, student=student.features(x, sorted(set(method.student_taps()) |
                                                                {"logits"})),
-                teacher=t_out, epoch=5, epochs=10, teachers=[t_out])
+                teacher=t_out, epoch=5, epochs=10, teachers=[t_out], index=torch.arange(6))
     terms = method.losses(step)
     assert terms and all(v.dim() == 0 and torch.isfinite(v) for v in terms.values())
     sum(terms.values()).backward()

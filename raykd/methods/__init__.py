@@ -1,6 +1,7 @@
 """Distillation methods, one module each, registered by name with @register_method."""
 from raykd.methods import attention as _attention  # noqa: F401  (registers at)
 from raykd.methods import channel as _channel  # noqa: F401  (registers cd)
+from raykd.methods import crd as _crd  # noqa: F401  (registers crd)
 from raykd.methods import dih as _dih  # noqa: F401  (registers dih)
 from raykd.methods import dist as _dist  # noqa: F401  (registers dist)
 from raykd.methods import dkd as _dkd  # noqa: F401  (registers dkd)

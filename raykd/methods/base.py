@@ -28,6 +28,7 @@ class MethodContext:
     teachers: list | None = None         # every teacher's architecture, when the method uses all
     inputs: dict = field(default_factory=dict)   # the unit's `method_inputs` (its plan's)
     shapes_only: bool = False            # built by the start-up check, never trained
+    train_size: int = 0                  # training images (index range of Step.index)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Step:
     epoch: int                            # 0-based
     epochs: int
     teachers: list = None                 # every teacher's taps (teacher_mode "all"); [0] is teacher
+    index: torch.Tensor | None = None     # the images' indices in the training split
 
     @property
     def progress(self) -> float:

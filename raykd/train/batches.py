@@ -65,15 +65,16 @@ def at_epoch(samples, epoch: int):
 
 
 def with_teacher(loader, teachers, taps, device):
-    """Yield (x, y, pending outputs of each teacher), asking for batch i+1 before batch i is
-    trained on, so teachers served by actors work while the student steps."""
+    """Yield (x, y, pending outputs of each teacher, the images' dataset indices), asking for
+    batch i+1 before batch i is trained on, so teachers served by actors work while the student
+    steps."""
     previous = None
     for x, y, index in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         pending = [t.submit(x, taps, index) for t in teachers] if taps else []
         if previous is not None:
             yield previous
-        previous = (x, y, pending)
+        previous = (x, y, pending, index)
     if previous is not None:
         yield previous
 

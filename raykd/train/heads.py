@@ -79,7 +79,7 @@ class HeadsTrainer(UnitTrainer):
         return with_teacher(loader, [self.source], self.stages, self.device)
 
     def losses(self, batch, epoch):
-        _x, y, pending = batch
+        _x, y, pending, _index = batch
         feats = pending[0].result()
         # heads share nothing: the summed loss gives each head exactly its own gradient
         return {s: F.cross_entropy(self.heads[s](feats[s]), y) for s in self.stages}

@@ -77,6 +77,7 @@ class ModelTrainer(UnitTrainer):
         architectures = [load_export(h.export_path) for h in unit.teachers]
         self.method = build_method(unit.method_name, unit.method, MethodContext(
             student=model, num_classes=splits.num_classes, input_shape=splits.input_shape,
+            train_size=len(splits.train),
             teacher=architectures[0] if architectures else None, teachers=architectures,
             inputs=unit.method_inputs))
         self.trainable = TrainableParts(model, self.method.modules()).to(device)
@@ -111,11 +112,12 @@ class ModelTrainer(UnitTrainer):
         return with_teacher(loader, self.teachers, self.teacher_taps, self.device)
 
     def losses(self, batch, epoch):
-        x, y, pending = batch
+        x, y, pending, index = batch
         teacher_outs = [p.result() for p in pending]
         step = Step(x=x, y=y, student=self.wrapped(x, self.student_taps),
                     teacher=teacher_outs[0] if teacher_outs else {}, epoch=epoch,
-                    epochs=self.unit.optim.epochs, teachers=teacher_outs)
+                    epochs=self.unit.optim.epochs, teachers=teacher_outs,
+                    index=index.to(self.device))
         if self.unit.diagnostics_dir:
             for name, values in (self.method.diagnostics(step) or {}).items():
                 self.diagnostics[name].append(values.detach().float().cpu())

@@ -137,7 +137,7 @@ class NeighbourhoodTrainer(UnitTrainer):
         loader = DataLoader(WithIndex(at_epoch(self.train_samples, epoch)),
                             batch_size=unit.data.batch_size,
                             shuffle=True, generator=gen, **loader_options(unit.data, device))
-        for _x, _y, pending in with_teacher(loader, [self.source], [self.in_tap, self.out_tap],
+        for _x, _y, pending, _index in with_teacher(loader, [self.source], [self.in_tap, self.out_tap],
                                             device):
             f = pending[0].result()
             yield f[self.in_tap].to(device), f[self.out_tap].to(device)
