@@ -261,3 +261,19 @@ def test_a_sweep_resumed_with_a_changed_job_is_refused_naming_the_key(tmp_path):
         with pytest.raises(RaykdError, match=message) as err:
             Sweep(changed).check_folder()
         assert "give the job a new name" in str(err.value)
+
+
+@pytest.mark.parametrize("method,key", [("fitnets", "hint_fraction"), ("at", "beta"),
+                                        ("rkd", "angle"), ("crd", "temperature"),
+                                        ("dkd", "beta"), ("dist", "tau")])
+def test_every_baseline_is_sweepable_by_its_own_parameters(tmp_path, method, key):
+    """The sweep knows no method: a baseline's Params are its searchable keys, and a value its
+    bounds refuse is the method's own one-line error."""
+    job = small_job(tmp_path, name="s", methods={method: {}})
+    job["sweep"] = {"method": method, "num_samples": 2, "space": {
+        f"methods.{method}.{key}": {"type": "uniform", "low": 0.1, "high": 0.5}}}
+    check_sweep(job, job_from_dict(copy.deepcopy(job)))
+    job["sweep"]["space"] = {f"methods.{method}.{key}": {"type": "uniform", "low": -2,
+                                                         "high": -1}}
+    with pytest.raises(RaykdError, match=f"methods.{method}.{key}"):
+        check_sweep(job, job_from_dict(copy.deepcopy(job)))
