@@ -402,7 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("RAYKD_DEBUG"):
             raise
-        from raykd.errors import one_line
+        from raykd.errors import one_line, out_of_space
+
+        if out_of_space(e):
+            where = getattr(e, "filename", None) or "the output folder"
+            print(f"raykd: error: no space left on the device holding {where}; free space and "
+                  "re-run the same command (finished work is kept)", file=sys.stderr)
+            return 2
 
         print(f"raykd: error: {one_line(e, typed=True)} (set RAYKD_DEBUG=1 for the traceback)",
               file=sys.stderr)

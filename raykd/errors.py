@@ -29,3 +29,16 @@ def one_line(exc: BaseException, *, first: bool = False, typed: bool = False,
     if len(line) > limit:
         line = line[:limit] + "…"
     return f"{type(exc).__name__}: {line}" if typed else line
+
+
+# what a full disk looks like from Python (errno 28) and from torch.save's zip writer
+_NO_SPACE = ("No space left on device", "[Errno 28]", "unexpected pos")
+
+
+def out_of_space(error: BaseException | str) -> bool:
+    """Whether an error (or a failed run's one-line reason) is a full disk."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return any(mark in str(error) for mark in _NO_SPACE)

@@ -128,5 +128,7 @@ def output_file(path: str | Path, flag: str = "--out") -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise RaykdError(f"{flag} {path} is a folder; give the file's path inside it")
+    if path.exists() and not path.is_file():   # a device or a pipe: never replaced by a file
+        raise RaykdError(f"{flag} {path} is not a regular file; give a file's path")
     output_folder(path.parent, f"{flag} {path}: its folder")
     return path

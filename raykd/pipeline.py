@@ -18,7 +18,7 @@ import yaml
 from raykd import factories
 from raykd.config import job_factories
 from raykd.data import load_dataset
-from raykd.errors import RaykdError
+from raykd.errors import RaykdError, out_of_space
 from raykd.log import duration, log
 from raykd.methods import method_class
 from raykd.ownership import own
@@ -355,6 +355,11 @@ class JobRun:
     # ---- finish ----
 
     def finish(self, failures: dict[str, str]):
+        full = [k for k, v in failures.items() if out_of_space(v)]
+        if full:
+            raise RaykdError(f"no space left on the device holding {self.run_dir}; "
+                             f"{len(failures)} of {len(self.units)} runs failed ({full[0]} first); "
+                             "free space and re-run the job (finished runs are kept)")
         if failures:
             names = ", ".join(f"{k} ({v})" for k, v in failures.items())
             raise RaykdError(f"{len(failures)} of {len(self.units)} runs failed: {names}; "

@@ -347,3 +347,41 @@ def test_damaged_state_is_set_aside_and_the_rerun_repairs_it(ray_session, tmp_pa
     assert again.loc["seed0-kd", "resumed_from"] == 0 and again.loc["seed0-kd", "epochs"] == 3
     history = (spec.run_dir / "metrics" / "seed0-kd.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in history] == [1, 2, 3]
+
+
+def test_a_full_disk_is_one_line_naming_where_and_what_to_do(tmp_path, capsys, monkeypatch):
+    """A real ENOSPC from the OS (writing to /dev/full) and torch.save's zip-writer message
+    from a worker: the job's end and the command's are one line saying the device is full."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from raykd import cli
+    from raykd.errors import RaykdError, out_of_space
+    from raykd.pipeline import JobRun
+
+    with pytest.raises(OSError) as full:
+        with open("/dev/full", "w") as f:
+            f.write("x")
+            f.flush()
+    assert out_of_space(full.value)
+    worker = ("RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 512 vs "
+              "448")
+    run = SimpleNamespace(units={"a": 1, "b": 2, "c": 3}, run_dir=tmp_path / "job")
+    with pytest.raises(RaykdError) as err:
+        JobRun.finish(run, {"b": worker, "c": "not run: b failed"})
+    assert str(err.value).startswith(f"no space left on the device holding {tmp_path / 'job'}; "
+                                     "2 of 3 runs failed (b first); free space and re-run")
+
+    def writes_to_a_full_disk(args):
+        with open("/dev/full", "w") as f:
+            f.write("x")
+            f.flush()
+    monkeypatch.setattr(cli, "_cmd_results", writes_to_a_full_disk)
+    capsys.readouterr()
+    assert cli.main(["results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raykd: error: no space left on the device holding") and \
+        "free space and re-run" in err and len(err.splitlines()) == 1, err
+    assert cli.main(["report", str(tmp_path), "--out", "/dev/full"]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
