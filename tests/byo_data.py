@@ -61,3 +61,25 @@ def augmented_digits(test: int = 300, val: int = 200):
     return {"train": Augmented(x[train], y[train]),
             "val": TensorDataset(x[test:test + val], y[test:test + val]),
             "test": TensorDataset(x[:test], y[:test]), "num_classes": 10, "deterministic": False}
+
+
+TEST_READS = []    # indices of the test split read in this process (counted_digits)
+
+
+class Counted(torch.utils.data.Dataset):
+    def __init__(self, inner, reads: list):
+        self.inner, self.reads = inner, reads
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads.append(i)
+        return self.inner[i]
+
+
+def counted_digits(test: int = 300):
+    """digit_splits whose test split records every read in TEST_READS."""
+    splits = digit_splits(test=test)
+    splits["test"] = Counted(splits["test"], TEST_READS)
+    return splits

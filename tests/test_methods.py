@@ -178,14 +178,26 @@ def test_a_student_started_from_trained_weights_is_scored_on_test_only_outside_s
     from raykd.train.model import ModelTrainer
     from raykd.units import Unit
 
-    def initial(evaluate_test: bool) -> dict:
+    import byo_data
+    from raykd import factories
+
+    factories.allow(["byo_data:counted_digits"])
+
+    def initial(evaluate_test: bool) -> tuple[dict, int]:
+        """The initial scores, and how many test images were read building and evaluating
+        the trainer's final epoch (counted by the dataset itself)."""
         unit = Unit(key="s", role="student", label="ce", method_name="ce", model="cnn",
-                    optim=OptimSpec(epochs=1), data=DataSpec(dataset="digits"), seed=0,
-                    export_path=str(tmp_path / "s.pt"), init_from=str(digits_teacher),
+                    optim=OptimSpec(epochs=1), data=DataSpec(dataset="byo_data:counted_digits"),
+                    seed=0, export_path=str(tmp_path / "s.pt"), init_from=str(digits_teacher),
                     evaluate_test=evaluate_test)
+        byo_data.TEST_READS.clear()
         trainer = ModelTrainer(unit, 0, 1, torch.device("cpu"))
         trainer.build()
-        return trainer.initial
+        trainer.evaluate(0, final=True, seen=0)
+        return trainer.initial, len(byo_data.TEST_READS)
 
-    assert set(initial(True)) == {"initial_val_top1", "initial_test_top1", "started_from"}
-    assert set(initial(False)) == {"initial_val_top1", "started_from"}
+    scores, reads = initial(True)
+    assert set(scores) == {"initial_val_top1", "initial_test_top1", "started_from"}
+    assert reads == 2 * 300, "read twice: the initial score and the final one"
+    scores, reads = initial(False)       # a sweep trial
+    assert set(scores) == {"initial_val_top1", "started_from"} and reads == 0
