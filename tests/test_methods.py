@@ -174,12 +174,12 @@ def test_a_student_started_from_trained_weights_is_scored_on_test_only_outside_s
         tmp_path, digits_teacher):
     """A stitched or `student.checkpoint` student is scored before training; a sweep trial
     (evaluate_test False) must not read the test split for it."""
+    import byo_data
+
+    from raykd import factories
     from raykd.specs import DataSpec, OptimSpec
     from raykd.train.model import ModelTrainer
     from raykd.units import Unit
-
-    import byo_data
-    from raykd import factories
 
     factories.allow(["byo_data:counted_digits"])
 
