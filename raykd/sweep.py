@@ -98,7 +98,30 @@ def check_sweep(raw: dict, spec: JobSpec) -> SweepSpec:
         raise RaykdError(f"sweep.reduction_factor must be at least 2, got {sweep.reduction_factor}")
     if sweep.seed is not None and sweep.seed not in spec.seeds:
         raise RaykdError(f"sweep.seed {sweep.seed} is not one of the job's seeds {spec.seeds}")
+    warn_early_stops_in_warmup(raw, spec)
     return sweep
+
+
+def warn_early_stops_in_warmup(raw: dict, spec: JobSpec) -> None:
+    """One line when ASHA may stop trials before the tuned method's warm-up (CE off) is over,
+    for any value in the searched space: trials would be compared on the warm-up's loss."""
+    import math
+
+    from raykd.methods import method_params
+
+    sweep = spec.sweep
+    if sweep.scheduler != "asha":
+        return
+    jobs = [spec] + [job_from_dict(with_values(raw, {key: value}))
+                     for key, dim in sweep.space.items() for value in check_dim(key, dim)]
+    longest = 0.0
+    for job in jobs:
+        cls, params = method_params(sweep.method, job.methods[sweep.method])
+        longest = max(longest, cls.warmup_fraction(params) * job.student.train.epochs)
+    if sweep.grace_period < longest:
+        log.warning("sweep: ASHA may stop trials after %d epoch(s), inside a warm-up of up to "
+                    "%.1f epochs in the searched space; raise sweep.grace_period to %d to "
+                    "compare trials after it", sweep.grace_period, longest, math.ceil(longest))
 
 
 def check_prerequisites(raw: dict, spec: JobSpec, shapes) -> None:

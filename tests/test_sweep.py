@@ -277,3 +277,23 @@ def test_every_baseline_is_sweepable_by_its_own_parameters(tmp_path, method, key
                                                          "high": -1}}
     with pytest.raises(RaykdError, match=f"methods.{method}.{key}"):
         check_sweep(job, job_from_dict(copy.deepcopy(job)))
+
+
+def test_asha_stopping_inside_an_edt_warmup_is_warned_in_one_line(tmp_path, caplog):
+    """An Early Decay Teacher trains CD alone for its warm-up (30% of the run): ASHA comparing
+    trials after one epoch of ten compares warm-ups; the sweep says so, naming the epochs."""
+    import logging
+
+    job = small_job(tmp_path, name="edt", methods={"cd": {"edt": True}})
+    job["student"]["train"]["epochs"] = 10
+    job["sweep"] = {"method": "cd", "grace_period": 1, "num_samples": 2, "space": {
+        "methods.cd.warmup": {"type": "uniform", "low": 0.2, "high": 0.5}}}
+    with caplog.at_level(logging.WARNING, logger="raykd"):
+        check_sweep(job, job_from_dict(copy.deepcopy(job)))
+    [line] = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert "up to 5.0 epochs" in line and "raise sweep.grace_period to 5" in line
+    caplog.clear()
+    job["sweep"]["grace_period"] = 5
+    with caplog.at_level(logging.WARNING, logger="raykd"):
+        check_sweep(job, job_from_dict(copy.deepcopy(job)))
+    assert not [r for r in caplog.records if "warm-up" in r.getMessage()]

@@ -83,6 +83,13 @@ class DistillMethod:
         rows (e.g. which distilled parts to stitch). Nothing by default."""
 
     # the label suffix of a results row for the model a student starts from (see `start_model`)
+    @staticmethod
+    def warmup_fraction(params) -> float:
+        """The share of a run at whose start this method's student is not yet trained on its
+        own loss (an Early Decay Teacher's CD-only warm-up): a sweep scheduler must not compare
+        trials inside it."""
+        return 0.0
+
     start_label: ClassVar[str] = "start"
 
     @classmethod

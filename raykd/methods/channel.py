@@ -76,6 +76,10 @@ class ChannelDistillation(DistillMethod):
         self.schedule = channel_distillation_schedule(p.ce, p.gkd, p.cd, p.edt, p.warmup,
                                                       p.cd_decay, p.decay_points)
 
+    @staticmethod
+    def warmup_fraction(params) -> float:
+        return params.warmup if params.edt else 0.0
+
     def student_taps(self):
         return self.stages + ["logits"]
 
