@@ -13,9 +13,8 @@ from typing import Annotated
 
 import torch.nn.functional as F
 
-from raykd.errors import RaykdError
 from raykd.losses import attention_loss
-from raykd.methods.base import DistillMethod, Step, register_method
+from raykd.methods.base import DistillMethod, Step, paired_stages, register_method
 from raykd.typed import NonNegative, Positive
 
 
@@ -32,13 +31,7 @@ class AttentionTransfer(DistillMethod):
 
     def __init__(self, params: ATParams, ctx):
         super().__init__(params, ctx)
-        if ctx.teacher is None:
-            raise RaykdError("at needs a teacher")
-        s_stages, t_stages = ctx.student.stage_names, ctx.teacher.stage_names
-        if len(s_stages) != len(t_stages):
-            raise RaykdError(f"at: the student has {len(s_stages)} stages and the teacher "
-                             f"{len(t_stages)}; attention transfer pairs them one to one")
-        self.pairs = list(zip(s_stages, t_stages))
+        self.pairs = paired_stages(ctx, "at", "attention transfer")
 
     def student_taps(self):
         return [s for s, _ in self.pairs] + ["logits"]

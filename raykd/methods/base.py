@@ -128,6 +128,22 @@ class DistillMethod:
 _METHODS: dict[str, type[DistillMethod]] = {}
 
 
+def needs_teacher(ctx: MethodContext, name: str) -> StagedModel:
+    if ctx.teacher is None:
+        raise RaykdError(f"{name} needs a teacher")
+    return ctx.teacher
+
+
+def paired_stages(ctx: MethodContext, name: str, what: str) -> list[tuple[str, str]]:
+    """The student's and the teacher's stages, paired one to one (one line when the counts
+    differ: `what` the method does with a pair)."""
+    s_stages, t_stages = ctx.student.stage_names, needs_teacher(ctx, name).stage_names
+    if len(s_stages) != len(t_stages):
+        raise RaykdError(f"{name}: the student has {len(s_stages)} stages and the teacher "
+                         f"{len(t_stages)}; {what} pairs them one to one")
+    return list(zip(s_stages, t_stages))
+
+
 def register_method(name: str):
     def deco(cls):
         cls.name = name

@@ -15,9 +15,8 @@ from typing import Annotated
 import torch.nn.functional as F
 from torch import nn
 
-from raykd.errors import RaykdError
 from raykd.losses import channel_loss, guided_kd_loss
-from raykd.methods.base import DistillMethod, Step, register_method
+from raykd.methods.base import DistillMethod, Step, paired_stages, register_method
 from raykd.models.staged import nonnegative_taps, tap_shapes
 from raykd.schedules import channel_distillation_schedule
 from raykd.typed import Between, NonNegative, Positive
@@ -60,12 +59,8 @@ class ChannelDistillation(DistillMethod):
 
     def __init__(self, params: ChannelParams, ctx):
         super().__init__(params, ctx)
-        if ctx.teacher is None:
-            raise RaykdError("cd needs a teacher")
-        s_stages, t_stages = ctx.student.stage_names, ctx.teacher.stage_names
-        if len(s_stages) != len(t_stages):
-            raise RaykdError(f"cd: the student has {len(s_stages)} stages and the teacher "
-                             f"{len(t_stages)}; channel distillation pairs them one to one")
+        pairs = paired_stages(ctx, "cd", "channel distillation")
+        s_stages, t_stages = [s for s, _ in pairs], [t for _, t in pairs]
         self.stages = s_stages
         s_maps = tap_shapes(ctx.student, s_stages, ctx.input_shape)
         t_maps = tap_shapes(ctx.teacher, t_stages, ctx.input_shape)

@@ -23,7 +23,7 @@ from torch import nn
 
 from raykd.errors import RaykdError
 from raykd.losses import contrast_nce_loss
-from raykd.methods.base import DistillMethod, Step, register_method
+from raykd.methods.base import DistillMethod, Step, needs_teacher, register_method
 from raykd.methods.rkd import embedding
 from raykd.models.staged import tap_shapes
 from raykd.typed import AtLeast, Between, NonNegative, Positive
@@ -93,8 +93,7 @@ class CRD(DistillMethod):
 
     def __init__(self, params: CRDParams, ctx):
         super().__init__(params, ctx)
-        if ctx.teacher is None:
-            raise RaykdError("crd needs a teacher")
+        needs_teacher(ctx, "crd")
         self.s_tap, self.t_tap = ctx.student.stage_names[-1], ctx.teacher.stage_names[-1]
         s_c = tap_shapes(ctx.student, [self.s_tap], ctx.input_shape)[self.s_tap][0]
         t_c = tap_shapes(ctx.teacher, [self.t_tap], ctx.input_shape)[self.t_tap][0]

@@ -15,7 +15,7 @@ from typing import Annotated
 
 from raykd.errors import RaykdError
 from raykd.losses import dih_loss
-from raykd.methods.base import DistillMethod, Step, register_method
+from raykd.methods.base import DistillMethod, Step, needs_teacher, register_method
 from raykd.models.export import load_heads
 from raykd.models.heads import build_heads, check_stages
 from raykd.teacher.local import freeze
@@ -77,8 +77,7 @@ class DIH(DistillMethod):
 
     def __init__(self, params: DIHParams, ctx):
         super().__init__(params, ctx)
-        if ctx.teacher is None:
-            raise RaykdError("dih needs a teacher")
+        needs_teacher(ctx, "dih")
         self.stages = check_stages(ctx.teacher, params.heads, "dih.heads")
         if params.alphas and len(params.alphas) != len(self.stages) + 1:
             raise RaykdError(f"dih: alphas needs {len(self.stages) + 1} weights (one per head, "

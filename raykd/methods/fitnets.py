@@ -18,7 +18,7 @@ from torch import nn
 
 from raykd.errors import RaykdError
 from raykd.losses import hint_loss, kd_loss
-from raykd.methods.base import DistillMethod, Step, register_method
+from raykd.methods.base import DistillMethod, Step, needs_teacher, register_method
 from raykd.models.staged import tap_shapes
 from raykd.typed import Between, NonNegative, Positive
 
@@ -57,8 +57,7 @@ class FitNets(DistillMethod):
 
     def __init__(self, params: FitNetsParams, ctx):
         super().__init__(params, ctx)
-        if ctx.teacher is None:
-            raise RaykdError("fitnets needs a teacher")
+        needs_teacher(ctx, "fitnets")
         self.s_tap = params.student_tap or middle(ctx.student.stage_names)
         self.t_tap = params.teacher_tap or middle(ctx.teacher.stage_names)
         s_shape = tap_shapes(ctx.student, [self.s_tap], ctx.input_shape)[self.s_tap]

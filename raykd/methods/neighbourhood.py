@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from raykd.errors import RaykdError
 from raykd.losses import kd_loss
-from raykd.methods.base import DistillMethod, Step, parse_params, register_method
+from raykd.methods.base import DistillMethod, Step, needs_teacher, parse_params, register_method
 from raykd.models import count_params
 from raykd.models.batchnorm import recalibrate_batchnorm
 from raykd.models.export import build_stitched, load_export
@@ -155,8 +155,7 @@ class NeighbourhoodDistillation(DistillMethod):
 
     def __init__(self, params: NeighbourhoodParams, ctx):
         super().__init__(params, ctx)
-        if ctx.teacher is None:
-            raise RaykdError("neighbourhood needs a teacher")
+        needs_teacher(ctx, "neighbourhood")
         self.plan = neighbourhoods(ctx.teacher, params.groups)
 
     def losses(self, step: Step):

@@ -12,9 +12,8 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
-from raykd.errors import RaykdError
 from raykd.losses import rkd_loss
-from raykd.methods.base import DistillMethod, Step, register_method
+from raykd.methods.base import DistillMethod, Step, needs_teacher, register_method
 from raykd.typed import NonNegative
 
 
@@ -35,8 +34,7 @@ class RelationalKD(DistillMethod):
 
     def __init__(self, params: RKDParams, ctx):
         super().__init__(params, ctx)
-        if ctx.teacher is None:
-            raise RaykdError("rkd needs a teacher")
+        needs_teacher(ctx, "rkd")
         self.s_tap, self.t_tap = ctx.student.stage_names[-1], ctx.teacher.stage_names[-1]
 
     def student_taps(self):
