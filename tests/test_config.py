@@ -51,7 +51,7 @@ def test_defaults_and_dotted_overrides(tmp_path):
     ("data.dataset=torchvision:MNST", "unknown torchvision dataset class 'MNST'; close: MNIST"),
     ("data.dataset=cifar7", "unknown dataset 'cifar7'; allowed: cifar10, cifar100, digits"),
     ("student.model=resnet9", "unknown model 'resnet9'; allowed:"),
-    ("methods.x.method=nope", "methods.x: unknown method 'nope'; allowed: cd, ce, dih, feed, kd"),
+    ("methods.x.method=nope", "methods.x: unknown method 'nope'; allowed: at, cd, ce, crd, dih, dist"),
     ("methods.kd.alpha=1.5", "methods.kd.alpha must be in [0, 1]"),
     ("methods.kd.temp=4",
      "unknown key methods.kd.temp; allowed under methods.kd: temperature, alpha, transform"),
