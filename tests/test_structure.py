@@ -92,3 +92,17 @@ def test_every_module_imports_in_a_fresh_interpreter():
     res = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_no_source_file_is_ignored_by_git():
+    """A module the working tree has but git ignores passes every local test and is missing
+    from every clone (a `data/` pattern once hid `raykd/data/*.py`)."""
+    repo = ROOT.parent
+    if not (repo / ".git").exists():
+        return                      # an installed copy, not a checkout: nothing to compare
+    sources = [str(p.relative_to(repo)) for folder in ("raykd", "tests", "bench", "jobs")
+               for p in (repo / folder).rglob("*") if p.suffix in (".py", ".yaml")
+               and "__pycache__" not in p.parts and "runs" not in p.parts]
+    ignored = subprocess.run(["git", "-C", str(repo), "check-ignore", *sources],
+                             capture_output=True, text=True).stdout.split()
+    assert not ignored, f"git ignores these source files: {ignored}"
