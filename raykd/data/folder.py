@@ -6,9 +6,10 @@
 
 Every image is resized to `data.image_size` (square) and normalised with `data.mean` and
 `data.std` (default: ImageNet's); grey or colour as the first training image is (the rest are
-converted to its mode). The training split is augmented as `data.augment` says (raykd.data.augment;
-`standard` by default), so the teacher-output cache is not used for it unless that is `none`. Every file is checked to be
-a readable image before any Ray work: a bad one is named in one line.
+converted to its mode). The training split is augmented as `data.augment` says
+(raykd.data.augment; `standard` by default), so the teacher-output cache is not used for it unless
+that is `none`. Every file is checked to be a readable image before any Ray work: a bad one is
+named in one line.
 """
 from __future__ import annotations
 
