@@ -7,8 +7,9 @@
            do not underflow; the scaler's state is checkpointed with the unit, so a resumed run
            goes on with the scale it had
 
-Under autocast PyTorch runs the numerically sensitive operations (log-softmax, cross-entropy, KL
-divergence, MSE, normalisation) in float32 itself; evaluation and the exported model stay
+The model's forward runs under autocast; raykd's loss functions compute in float32 whatever
+their inputs' precision (raykd.losses.in_fp32: on CPU autocast leaves a temperature softmax in
+bfloat16, which put KD off by a fifth on a test batch); evaluation and the exported model stay
 float32. `channels_last` puts the trainable module and its image batches in NHWC layout, which
 tensor cores prefer; `compile` compiles the trainable module's forward with torch.compile (where
 a unit kind calls it: students and their methods' modules).
