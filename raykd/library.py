@@ -5,7 +5,8 @@ and `parts/` (the candidates' checkpoints). Neighbourhood Distillation runs appe
 part finishes (`methods.LABEL.library`, default OUTPUT_DIR/neighbourhoods); a part already in
 the library is taken from it instead of being trained again. Several jobs and teachers may share
 one library: rows are keyed by the teacher's weights hash, and appends are serialised by a lock
-file, so two jobs finishing parts at once both land.
+file, so two jobs finishing parts at once both land. The catalog is replaced atomically and a
+checkpoint's file never changes once written, so a reader (`raykd search`) needs no lock.
 """
 from __future__ import annotations
 
@@ -76,11 +77,14 @@ class NeighbourhoodLibrary:
 
     def add(self, row: dict, export_path: str) -> dict:
         """Copy a finished part's checkpoint in and append its row (replacing an entry with the
-        same key)."""
-        name = f"{row['neighbourhood']}-{row['candidate']}-{row['recipe']}.pt"
+        same key). A checkpoint's file is named by its content's hash and never rewritten, so a
+        search reading the library while a job adds to it verifies and loads the same bytes."""
+        digest = file_hash(export_path)
+        name = f"{row['neighbourhood']}-{row['candidate']}-{row['recipe']}-{digest[:12]}.pt"
         target = self.root / "parts" / row["teacher_hash"] / name
-        atomic_copy(export_path, target)
-        entry = {**row, "checkpoint": str(target), "checkpoint_hash": file_hash(target),
+        if not (target.is_file() and file_hash(target) == digest):
+            atomic_copy(export_path, target)
+        entry = {**row, "checkpoint": str(target), "checkpoint_hash": digest,
                  "added": time.strftime("%Y-%m-%d %H:%M:%S")}
         with file_lock(self.root / ".lock"):
             df = self.read()

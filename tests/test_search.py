@@ -2,6 +2,7 @@
 shared by two jobs, the search itself (no neighbourhood retrained), and every bad library."""
 import itertools
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -221,3 +222,46 @@ def test_two_jobs_share_a_library_and_search_retrains_nothing(ray_session, tmp_p
     spec = load_job(out / "student.yaml", ["student.reinit=true", "name=scratch"])
     assert spec.student.checkpoint == str(out / "student.pt")
     assert json.loads(catalog.data[0])["dataset"] == "digits"
+
+
+def _append_parts(library: str, export_dir: str, teacher: str, rounds: int) -> None:
+    """A job's side: the same library entry added again and again, each time with another
+    checkpoint (as a part retrained after its entry went stale would be)."""
+    from raykd.library import NeighbourhoodLibrary
+
+    lib, folder = NeighbourhoodLibrary(library), Path(export_dir)
+    for i in range(rounds):
+        export = folder / f"part{i}.pt"
+        export.write_bytes(f"weights {i} ".encode() * 50_000)
+        lib.add({"teacher_hash": file_hash(teacher), "teacher_export": teacher,
+                 "neighbourhood": "stage2", "nb_start": 1, "nb_stop": 2, "candidate": "w0.5d1",
+                 "recipe": "r", "recon_val": 0.1, "val_top1": 0.5, "inputs": "data",
+                 "params": 10, "replaced_params": 20, "teacher_params": 1000}, str(export))
+
+
+def test_a_library_searched_while_a_job_adds_to_it_reads_consistent_entries(tmp_path):
+    """A search's reader needs no lock: the catalog is replaced atomically and a checkpoint's
+    file never changes once written, so every entry it reads has the bytes its hash says while
+    another process keeps replacing that entry."""
+    import multiprocessing
+
+    from raykd.library import NeighbourhoodLibrary
+
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"teacher")
+    library = tmp_path / "lib"
+    _append_parts(str(library), str(tmp_path), str(teacher), 1)
+    writer = multiprocessing.get_context("spawn").Process(
+        target=_append_parts, args=(str(library), str(tmp_path), str(teacher), 60))
+    writer.start()
+    reads = 0
+    try:
+        while writer.is_alive() or reads == 0:
+            entries, _ = library_entries(SearchRequest(str(library), str(teacher)))
+            assert len(entries) == 1
+            reads += 1
+    finally:
+        writer.join(60)
+    assert writer.exitcode == 0 and reads > 5
+    assert NeighbourhoodLibrary(library).read().checkpoint_hash.iloc[0] == file_hash(
+        tmp_path / "part59.pt")
