@@ -83,3 +83,25 @@ def counted_digits(test: int = 300):
     splits = digit_splits(test=test)
     splits["test"] = Counted(splits["test"], TEST_READS)
     return splits
+
+
+class Unreadable(torch.utils.data.Dataset):
+    """A split of the right length whose every read fails: proves a run never reads it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        raise RuntimeError(f"training image {i} was read")
+
+
+def digits_without_training_reads(test: int = 300, val: int = 200):
+    """scikit-learn's digits with a training split that fails on any read (data-free runs)."""
+    x, y = _digits(8)
+    train = slice(test + val, None)
+    return {"train": Unreadable(TensorDataset(x[train], y[train])),
+            "val": TensorDataset(x[test:test + val], y[test:test + val]),
+            "test": TensorDataset(x[:test], y[:test]), "num_classes": 10, "deterministic": True}

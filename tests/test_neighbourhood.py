@@ -3,7 +3,6 @@ import json
 
 import pandas as pd
 import pytest
-import ray
 import torch
 from torch import nn
 
@@ -114,6 +113,27 @@ def teacher_path(digits_teacher):
     return digits_teacher
 
 
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory):
+    """A `cnn` teacher trained for 3 epochs on digits (a second), and its export."""
+    from torch.utils.data import DataLoader
+
+    from raykd.models.export import save_export
+
+    splits = load_dataset(DataSpec(dataset="digits", batch_size=64))
+    torch.manual_seed(0)
+    trained = build_model("cnn", 10, 1, 8)
+    sgd = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        for x, y in DataLoader(splits.train, batch_size=64, shuffle=True):
+            sgd.zero_grad()
+            nn.functional.cross_entropy(trained(x), y).backward()
+            sgd.step()
+    path = tmp_path_factory.mktemp("trained") / "teacher.pt"
+    save_export(trained.eval(), path, 10, 1, 8)
+    return trained, path
+
+
 def test_units_run_in_parallel_fail_once_resume_and_stitch(ray_session, tmp_path, teacher_path):
     job = small_job(tmp_path, name="nd", methods={"nd": {
         "method": "neighbourhood", "groups": ["stage2", "stage3"], "candidates": ["w0.5d1"],
@@ -157,54 +177,66 @@ def test_units_run_in_parallel_fail_once_resume_and_stitch(ray_session, tmp_path
         torch.set_num_threads(threads)
 
 
-def test_gaussian_inputs_train_without_touching_the_dataset(ray_session, tmp_path, teacher_path):
-    from raykd.train.runner import RunSettings, fit_units
+def test_synthetic_inputs_match_the_real_activations(trained_teacher):
+    """`inputs: gaussian` draws each boundary's per-channel Gaussians from images matched to the
+    teacher's BatchNorm statistics: closer to what real images produce there than Gaussian
+    noise images through the teacher (raykd's former route), and never negative after a ReLU."""
+    from raykd.train.synthetic import SyntheticBoundary, rectified_gaussian
 
-    unit = Unit(
-        key="gauss", role="neighbourhood", kind="neighbourhood", label="nd:stage2:w0.5d1",
-        model="w0.5d1",
-        optim=OptimSpec(epochs=3, optimizer="adam", lr=0.01, weight_decay=0.0),
-        # a dataset that is not there: reading it would fail
-        data=DataSpec(dataset="cifar10", root=str(tmp_path / "absent"), batch_size=64), seed=0,
-        export_path=str(tmp_path / "gauss.pt"), history_path=str(tmp_path / "gauss.jsonl"),
-        teacher_candidates=[str(teacher_path)],
-        teachers=[TeacherHandle(str(teacher_path), "local", cache_dir=None)],
-        payload=NeighbourhoodPart("stage2", 2, 3, "w0.5d1", inputs="gaussian",
-                                        gaussian_samples=512, input_shape=(1, 8, 8)))
-    [row] = ray.get(fit_units.remote([unit], RunSettings(str(tmp_path / "ray"), 10, (1, 8, 8),
-                                                              max_failures=0)))["gauss"]
-    assert row["epochs"] == 3
-    hist = pd.read_parquet(tmp_path / "gauss.parquet")
-    assert hist.loss_mse.iloc[-1] < hist.loss_mse.iloc[0]
-    assert hist.recon_val.iloc[-1] < hist.recon_val.iloc[0]
-    assert pd.isna(row["val_top1"])           # no images, so no swapped-teacher accuracy
+    model, _ = trained_teacher
+    splits = load_dataset(DataSpec(dataset="digits"))
+    images = torch.stack([x for x, _ in splits.train])
+    for start in range(1, len(model.block_names) - 1):
+        with torch.no_grad():
+            real = model.run_blocks(images, 0, start).mean(dim=(0, 2, 3))
+            noise = model.run_blocks(torch.randn(2048, 1, 8, 8), 0, start).mean(dim=(0, 2, 3))
+        boundary = SyntheticBoundary(model, start, (1, 8, 8), seed=0)
+        samples = boundary.sample(2048, torch.Generator().manual_seed(1))
+        assert boundary.rectified and (samples >= 0).all()
+        drawn = samples.mean(dim=(0, 2, 3))
+        assert (drawn - real).abs().mean() < 0.6 * (noise - real).abs().mean(), start
+    # the rectified normal's moments, checked by sampling
+    mu, sigma = rectified_gaussian(torch.tensor([0.5, 0.2]), torch.tensor([0.8, 0.5]))
+    z = (mu + sigma * torch.randn(400_000, 2, generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(z.clamp_min(0).mean(0), torch.tensor([0.5, 0.2]), atol=0.01)
+    assert torch.allclose(z.clamp_min(0).std(0), torch.tensor([0.8, 0.5]), atol=0.01)
+
+
+def test_gaussian_inputs_are_data_free_end_to_end(ray_session, tmp_path, trained_teacher):
+    """A job with `inputs: gaussian` reads no training image at all (its training split fails
+    on any read): the parts train on synthetic inputs and the stitched student keeps its parts'
+    BatchNorm statistics (bn_recalibration is 0 unless asked) and is only evaluated."""
+    _, teacher = trained_teacher
+    job = small_job(tmp_path, name="free", data={
+        "dataset": "byo_data:digits_without_training_reads", "batch_size": 64},
+        teacher={"model": "cnn", "checkpoint": str(teacher)},
+        methods={"nd": {"method": "neighbourhood", "inputs": "gaussian",
+                        "candidates": ["w0.5d1"],
+                        "train": {"epochs": 6, "optimizer": "adam", "lr": 0.01}}})
+    df = run_job(job_from_dict(job)).set_index("method")
+    parts = df[df.role == "neighbourhood"]
+    assert len(parts) == 3 and (parts.epochs == 6).all() and parts.val_top1.isna().all()
+    for key in parts.unit:
+        hist = pd.read_parquet(tmp_path / "free" / "metrics" / f"{key}.parquet")
+        assert hist.recon_val.iloc[-1] < hist.recon_val.iloc[0]
+    stitched = df.loc["nd.stitched"]
+    assert stitched.val_top1 > 0.5 and stitched.test_top1 > 0.5, "far better than chance (0.1)"
 
 
 @pytest.mark.parametrize("cached", [True, False], ids=["teacher-cache", "no-cache"])
 def test_a_parts_accuracies_from_its_boundary_activations_equal_the_stitched_model(
-        tmp_path, cached):
+        tmp_path, cached, trained_teacher):
     """A part scores the teacher with just its neighbourhood swapped from the activations stored
     at the neighbourhood's input (only the candidate and the blocks after it run), and reads the
     teacher's own accuracy from its stored logits: the same numbers as the stitched model and the
     teacher evaluated on the validation and test images, with or without the teacher cache (which
     then holds one entry per split for every boundary of the partition)."""
-    from torch.utils.data import DataLoader
 
-    from raykd.models.export import save_export
     from raykd.train.neighbourhood import NeighbourhoodTrainer
 
     data = DataSpec(dataset="digits", batch_size=64, eval_batch_size=100)
     splits = load_dataset(data)
-    torch.manual_seed(0)
-    trained = build_model("cnn", 10, 1, 8)    # a teacher worth swapping a block of
-    sgd = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(3):
-        for x, y in DataLoader(splits.train, batch_size=64, shuffle=True):
-            sgd.zero_grad()
-            nn.functional.cross_entropy(trained(x), y).backward()
-            sgd.step()
-    teacher_path = tmp_path / "teacher.pt"
-    save_export(trained.eval(), teacher_path, 10, 1, 8)
+    _, teacher_path = trained_teacher    # a teacher worth swapping a block of
     unit = Unit(
         key="part", role="neighbourhood", kind="neighbourhood", label="nd:stage2:w0.5d1",
         model="w0.5d1", optim=OptimSpec(epochs=1, optimizer="adam", lr=0.01, weight_decay=0.0),

@@ -214,9 +214,11 @@ def _from_factory(spec) -> DatasetSplits:
                          "it is True")
     deterministic = _part(made, "deterministic")
     train, val, test = _part(made, "train"), _part(made, "val"), _part(made, "test")
-    first = train[0][0] if len(train) else None
+    # the item format from an evaluation split: a data-free job never reads a training image
+    probe = next((d for d in (val, test, train) if d is not None and len(d)), None)
+    first = probe[0][0] if probe is not None else None
     if getattr(first, "dim", lambda: 0)() != 3 or first.shape[1] != first.shape[2]:
-        raise RaykdError(f"data.dataset {name}: training items must be (C x H x W tensor with "
+        raise RaykdError(f"data.dataset {name}: items must be (C x H x W tensor with "
                          f"H == W, class index), got {getattr(first, 'shape', type(first))}")
     val_size = 0 if val is not None else (spec.val_size or max(1, len(train) // 10))
     if val is None and not deterministic:

@@ -38,6 +38,7 @@ from raykd.specs import OptimSpec
 from raykd.typed import AtLeast, Between, NonNegative, Positive
 from raykd.units import Inputs, NeighbourhoodPart
 
+DATA_RECALIBRATION = 2048   # training images for a stitched student's BatchNorm, on data inputs
 LIBRARY_DIR = "neighbourhoods"   # the default library, inside the job's output folder
 # a stitched student's method inputs: its parts' unit keys (planned), then the stitch (chosen)
 PARTS, STITCH = "parts", "stitch"
@@ -62,8 +63,8 @@ class NeighbourhoodParams:
         epochs=10, optimizer="adam", lr=0.005, weight_decay=0.0))
     max_params: int | None = None       # budget for the stitched student
     # training images to recompute the stitched student's BatchNorm statistics on (0: keep
-    # each part's own)
-    bn_recalibration: Annotated[int, NonNegative.noting("0 turns it off")] = 2048
+    # each part's own); None: 2048 on data inputs, 0 on gaussian ones (data-free end to end)
+    bn_recalibration: Annotated[int | None, NonNegative.noting("0 turns it off")] = None
     finetune_epochs: Annotated[int, NonNegative] = 0   # end-to-end KD after stitching
     # also train the stitched architecture from scratch with end-to-end KD for this many epochs
     # (the baseline)
@@ -71,6 +72,12 @@ class NeighbourhoodParams:
     temperature: Annotated[float, Positive] = 4.0
     alpha: Annotated[float, Between(0, 1)] = 0.9
     library: str | None = None          # neighbourhood library (default OUTPUT_DIR/neighbourhoods)
+
+    @property
+    def recalibration_images(self) -> int:
+        if self.bn_recalibration is not None:
+            return self.bn_recalibration
+        return DATA_RECALIBRATION if self.inputs == "data" else 0
 
     def check(self, where: str) -> None:
         if not self.candidates:
@@ -133,7 +140,7 @@ class NeighbourhoodDistillation(DistillMethod):
         chosen, _ = choose_candidates(mine, count_params(load_export(teacher)), params.max_params)
         plan = StitchPlan(teacher, sorted(
             (int(r["nb_start"]), int(r["nb_stop"]), r["export"]) for r in chosen.values()),
-            params.bn_recalibration)
+            params.recalibration_images)
         # a new dict: a student and its from-scratch twin were planned sharing one
         unit.method_inputs = {**unit.method_inputs, STITCH: dataclasses.asdict(plan)}
 

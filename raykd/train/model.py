@@ -94,8 +94,11 @@ class ModelTrainer(UnitTrainer):
             seed=unit.random_seed) if self.world > 1 else None
         self.student_taps = sorted(set(self.method.student_taps()) | {"logits"})
         self.teacher_taps = self.method.teacher_taps() if unit.teachers else []
+        # a unit with no epoch left to train (only evaluated) opens no teacher: opening may
+        # fill the teacher's cache over the training split, which a data-free job never reads
         self.teachers = open_teachers(unit.teachers, self.teacher_taps, unit.data, self.splits,
-                                      self.device, unit.key)
+                                      self.device, unit.key) \
+            if start_epoch < unit.optim.epochs else []
 
     def train_mode(self):
         self.trainable.train()

@@ -3,7 +3,7 @@ frozen teacher, L = mean (S_i(a_{i-1}) - T_i(a_{i-1}))^2.
 
 Inputs a_{i-1} are the teacher's activations entering the neighbourhood, either on training
 images (`inputs: data`, through the teacher service or its cache) or synthetic (`inputs:
-gaussian`: per-channel Gaussians matched to the statistics of a_{i-1} for Gaussian-noise images,
+gaussian`: per-channel Gaussians from the teacher's BatchNorm statistics, raykd.train.synthetic,
 so no dataset is read at all). Reported per epoch: the reconstruction error on held-out inputs,
 relative to the target's variance; at the end, in data mode, the teacher's accuracy with just
 this neighbourhood swapped for the candidate, on val and test. The teacher's activations at every
@@ -39,22 +39,7 @@ from raykd.train.batches import (
     with_teacher,
 )
 from raykd.train.skeleton import UnitTrainer, register_kind
-
-
-class GaussianBoundary:
-    """Synthetic activations for the boundary entering block `start`."""
-
-    def __init__(self, teacher, start: int, input_shape, seed: int, probe: int = 256):
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            a = teacher.model.run_blocks(torch.randn(probe, *input_shape, generator=gen), 0, start)
-        self.mean = a.mean(dim=(0, 2, 3), keepdim=True)[0]
-        self.std = a.std(dim=(0, 2, 3), keepdim=True)[0].clamp_min(1e-3)
-        self.shape = tuple(a.shape[1:])
-
-    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        return self.mean + self.std * torch.randn(n, *self.shape, generator=gen)
-
+from raykd.train.synthetic import SyntheticBoundary
 
 LIBRARY_COSTS = ["macs", "latency_ms", "replaced_macs", "replaced_latency_ms", "teacher_params",
                  "teacher_macs", "teacher_latency_ms", "teacher_hash"]
@@ -83,7 +68,9 @@ class NeighbourhoodTrainer(UnitTrainer):
         unit, nb, teacher = self.unit, self.unit.payload, self.teacher
         self.synthetic = nb.inputs == "gaussian"
         if self.synthetic:
-            self.boundary = GaussianBoundary(teacher, nb.start, nb.input_shape, unit.random_seed)
+            self.boundary = SyntheticBoundary(teacher.model, nb.start, nb.input_shape,
+                                              unit.random_seed)
+            log.info("[%s] synthetic inputs: %s", unit.key, self.boundary.describe())
             held_out = self.boundary.sample(512, torch.Generator().manual_seed(unit.random_seed + 99))
             with torch.no_grad():
                 self.val_pairs = [(held_out, teacher.model.run_blocks(held_out, nb.start, nb.stop))]
