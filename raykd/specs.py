@@ -174,6 +174,8 @@ class SweepSpec:
     search: Literal["random", "optuna"] = "random"
     max_concurrent: int = 2           # trials at once (each is a Ray Train run)
     seed: int | None = None           # the job seed trials train with (default: the first)
+    # or several: each trial trains one run per seed (packed) and scores their mean val_top1
+    seeds: list[int] = field(default_factory=list)
     workers: int = 1                  # Ray Train workers per trial (DDP when > 1)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0      # a GPU or a fraction of one per worker

@@ -96,10 +96,28 @@ def check_sweep(raw: dict, spec: JobSpec) -> SweepSpec:
             raise RaykdError(f"sweep.{name} must be at least 1, got {getattr(sweep, name)}")
     if sweep.reduction_factor < 2:
         raise RaykdError(f"sweep.reduction_factor must be at least 2, got {sweep.reduction_factor}")
-    if sweep.seed is not None and sweep.seed not in spec.seeds:
-        raise RaykdError(f"sweep.seed {sweep.seed} is not one of the job's seeds {spec.seeds}")
+    if sweep.seed is not None and sweep.seeds:
+        raise RaykdError("give sweep.seed (one) or sweep.seeds (several), not both")
+    for seed in [sweep.seed] if sweep.seed is not None else sweep.seeds:
+        if seed not in spec.seeds:
+            key = "sweep.seed" if sweep.seed is not None else "sweep.seeds"
+            raise RaykdError(f"{key}: {seed} is not one of the job's seeds {spec.seeds}")
+    if len(set(sweep.seeds)) != len(sweep.seeds):
+        raise RaykdError(f"sweep.seeds {sweep.seeds} repeats a seed")
+    if len(sweep.seeds) > 1 and sweep.scheduler == "asha":
+        raise RaykdError(f"sweep.seeds: a trial of {len(sweep.seeds)} seeds reports its mean "
+                         "after all its runs, so ASHA could not stop it early; set "
+                         "sweep.scheduler: fifo")
     warn_early_stops_in_warmup(raw, spec)
     return sweep
+
+
+def trial_seeds(spec: JobSpec) -> list[int]:
+    """The job seeds every trial trains: `sweep.seeds`, else `sweep.seed`, else the first."""
+    sweep = spec.sweep
+    if sweep.seeds:
+        return list(sweep.seeds)
+    return [spec.seeds[0] if sweep.seed is None else sweep.seed]
 
 
 def warn_early_stops_in_warmup(raw: dict, spec: JobSpec) -> None:
@@ -134,14 +152,14 @@ def check_prerequisites(raw: dict, spec: JobSpec, shapes) -> None:
     from raykd.plan import needed_by, plan_units
 
     sweep = spec.sweep
-    seed = spec.seeds[0] if sweep.seed is None else sweep.seed
-    target = f"seed{seed}-{sweep.method}"
+    seeds = trial_seeds(spec)
+    targets = {f"seed{seed}-{sweep.method}" for seed in seeds}
 
     def prerequisites(job: JobSpec) -> dict:
-        one = copy.deepcopy(job)
-        one.seeds = [seed]
-        units = {u.key: u for u in plan_units(one, shapes)}
-        keys = needed_by(units, [target]) - {target}
+        tuned = copy.deepcopy(job)
+        tuned.seeds = seeds
+        units = {u.key: u for u in plan_units(tuned, shapes)}
+        keys = needed_by(units, sorted(targets)) - targets
         return {k: dataclasses.asdict(units[k]) for k in sorted(keys)}
 
     base = prerequisites(spec)
@@ -180,16 +198,16 @@ class Shapes:
 
 
 def trial_unit(raw: dict, values: dict, sweep: SweepSpec, run_dir: Path, trial_id: str,
-               rows: list[dict], teacher_cache: str | None, shapes: Shapes, fail: bool = False):
-    """The tuned student of one trial, as a unit with its teachers attached (in-process, from
-    the cache): what `raykd run` would train, without the test split. Only the tuned method is
-    planned, for the tuned seed."""
+               rows: list[dict], teacher_cache: str | None, shapes: Shapes, seed: int,
+               fail: bool = False):
+    """The tuned student of one trial for one of its seeds, as a unit with its teachers
+    attached (in-process, from the cache): what `raykd run` would train, without the test
+    split. Only the tuned method is planned, for that seed."""
     from raykd.methods import method_class
     from raykd.plan import plan_units, resolve_teachers
     from raykd.teacher import TeacherHandle
 
     spec = job_from_dict(with_values(raw, values))
-    seed = spec.seeds[0] if sweep.seed is None else sweep.seed
     spec.seeds, spec.methods = [seed], {sweep.method: spec.methods[sweep.method]}
     units = {u.key: u for u in plan_units(spec, shapes)}
     unit = units[f"seed{seed}-{sweep.method}"]
@@ -197,14 +215,16 @@ def trial_unit(raw: dict, values: dict, sweep: SweepSpec, run_dir: Path, trial_i
     unit.teacher_exports = resolve_teachers(unit, rows)
     unit.teachers = [TeacherHandle(e, "local", cache_dir=teacher_cache)
                      for e in unit.teacher_exports]
-    folder = run_dir / SWEEP_DIR / "trials" / trial_id
+    # one seed keeps a trial's files in its own folder; several, one folder per seed in it
+    several = len(sweep.seeds) > 1
+    folder = run_dir / SWEEP_DIR / "trials" / trial_id / (f"seed{seed}" if several else "")
     unit.export_path, unit.history_path = str(folder / "model.pt"), str(folder / "metrics.jsonl")
     unit.diagnostics_dir = ""
     # every trial starts from the tuned student's own initialisation and batch order, so trials
     # differ by their configuration only
     unit.seed_stream = unit.key
-    unit.key, unit.evaluate_test, unit.cpus_per_worker = f"trial-{trial_id}", False, \
-        sweep.cpus_per_worker
+    unit.key = f"trial-{trial_id}" + (f"-seed{seed}" if several else "")
+    unit.evaluate_test, unit.cpus_per_worker = False, sweep.cpus_per_worker
     unit.fail_at_epoch = 1 if fail else None
     return unit
 
@@ -247,36 +267,79 @@ def finished_trial(unit) -> dict | None:
 
 
 def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
-               teacher_cache: str | None, fail_when: dict | None, settings, shapes: Shapes):
+               teacher_cache: str | None, fail_when: dict | None, settings, shapes: Shapes,
+               seeds: list[int]):
     """The Tune function trial (closed over plain, picklable values); `settings`: how its Train
-    run is made (raykd.train.runner.RunSettings)."""
+    run is made (raykd.train.runner.RunSettings); `seeds`: the job seeds it trains."""
 
     def trial(config: dict) -> None:
         from ray import tune
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        from raykd.train.runner import fit, trainer_for
 
         trial_id = tune.get_context().get_trial_id()
         fail = bool(fail_when) and all(config.get(k) == v for k, v in fail_when.items())
-        unit = trial_unit(raw, config, sweep, run_dir, trial_id, rows, teacher_cache, shapes,
-                          fail)
-        done = finished_trial(unit)
-        if done is not None:   # trained and exported before its driver was killed
-            tune.report(done)
-            return
+        units = [trial_unit(raw, config, sweep, run_dir, trial_id, rows, teacher_cache, shapes,
+                            seed, fail and i == 0) for i, seed in enumerate(seeds)]
         # the sampled values, for trackers (raykd.tracking follows this trial's history)
-        folder = Path(unit.history_path).parent
+        folder = run_dir / SWEEP_DIR / "trials" / trial_id
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps({k: _plain(v) for k, v in config.items()}))
-        # named by the trial: a restored trial continues its Train run
-        _, error = fit(trainer_for({"units": [unit]}, settings, sweep.workers,
-                                   sweep.cpus_per_worker, unit.key,
-                                   callbacks=(TuneReportCallback(),)))
-        if error is not None:
-            raise error
+        if len(units) == 1:
+            train_one_seed(units[0], settings, sweep)
+        else:
+            train_seeds(units, settings, sweep)
 
     return trial
+
+
+def train_one_seed(unit, settings, sweep: SweepSpec) -> None:
+    """A trial of one seed: its Train run reports every epoch to Tune as it ends (so ASHA can
+    stop it early)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raykd.train.runner import fit, trainer_for
+
+    done = finished_trial(unit)
+    if done is not None:   # trained and exported before its driver was killed
+        tune.report(done)
+        return
+    # named by the trial: a restored trial continues its Train run
+    _, error = fit(trainer_for({"units": [unit]}, settings, sweep.workers, sweep.cpus_per_worker,
+                               unit.key, callbacks=(TuneReportCallback(),)))
+    if error is not None:
+        raise error
+
+
+def train_seeds(units: list, settings, sweep: SweepSpec) -> None:
+    """A trial of several seeds: their runs as one pack over `sweep.workers` lanes (a restored
+    trial trains only what is unfinished), then each epoch's mean val_top1 over the seeds
+    reported to Tune, with its standard deviation."""
+    import statistics
+
+    import ray
+    from ray import tune
+
+    from raykd.train.runner import fit_units
+
+    pending = [u for u in units if finished_trial(u) is None]
+    if pending:
+        outcomes = ray.get(fit_units.remote(pending, settings, lanes=sweep.workers))
+        failed = [o for o in outcomes.values() if isinstance(o, Exception)]
+        if failed:
+            raise failed[0]
+    curves = [epoch_curve(u) for u in units]
+    for epoch in range(1, units[0].optim.epochs + 1):
+        values = [curve[epoch] for curve in curves]
+        tune.report({"epoch": epoch, "val_top1": statistics.fmean(values),
+                     "val_top1_std": statistics.stdev(values), "seeds": len(values)})
+
+
+def epoch_curve(unit) -> dict[int, float]:
+    """A finished trial run's val_top1 by epoch (an epoch trained again after a resume: its
+    last record)."""
+    lines = Path(unit.history_path).read_text().splitlines()
+    return {int(r["epoch"]): float(r["val_top1"]) for r in map(json.loads, filter(None, lines))
+            if "val_top1" in r}
 
 
 # ---- the sweep ---------------------------------------------------------------------------
@@ -325,8 +388,8 @@ class Sweep:
         self.fail_when = fail_when
         self.run_dir = self.spec.run_dir
         self.folder = self.run_dir / SWEEP_DIR
-        self.seed = self.spec.seeds[0] if self.sweep.seed is None else self.sweep.seed
-        self.target = f"seed{self.seed}-{self.sweep.method}"
+        self.seeds = trial_seeds(self.spec)
+        self.targets = [f"seed{seed}-{self.sweep.method}" for seed in self.seeds]
         self.splits = load_dataset(self.spec.data)
         self.shapes = Shapes(self.splits.num_classes, tuple(self.splits.input_shape))
         check_prerequisites(raw, self.spec, self.shapes)
@@ -384,7 +447,7 @@ class Sweep:
         from raykd.results import ResultsTable
 
         units = {u.key: u for u in plan_units(self.spec, self.shapes)}
-        before = list(units[self.target].depends_on)
+        before = sorted({key for target in self.targets for key in units[target].depends_on})
         if before:
             log.info("sweep: training what every trial needs first: %s", ", ".join(sorted(before)))
             run_job(self.spec, splits=self.splits, only=before, checked=True)
@@ -395,12 +458,13 @@ class Sweep:
             need["GPU"] = self.sweep.workers * self.sweep.gpus_per_worker
         wait_for_room(need, "the sweep's first trial")
         self.rows = ResultsTable(self.run_dir).rows
-        fill_teacher_cache(self.trial_unit("probe", {}), self.splits)
-        return units[self.target].optim.epochs
+        for seed in self.seeds:
+            fill_teacher_cache(self.trial_unit("probe", {}, seed), self.splits)
+        return units[self.targets[0]].optim.epochs
 
-    def trial_unit(self, trial_id: str, values: dict):
+    def trial_unit(self, trial_id: str, values: dict, seed: int):
         return trial_unit(self.raw, values, self.sweep, self.run_dir, trial_id, self.rows,
-                          self.spec.teacher_cache_dir, self.shapes)
+                          self.spec.teacher_cache_dir, self.shapes, seed)
 
     def search(self, slots: int, epochs: int):
         """Run (or resume) the Tune experiment; write sweep.parquet and sweep.png."""
@@ -415,7 +479,7 @@ class Sweep:
                                placement_timeout_s=self.spec.ray.placement_timeout_s)
         trainable = tune.with_resources(
             make_trial(self.raw, sweep, self.run_dir, self.rows, self.spec.teacher_cache_dir,
-                       self.fail_when, settings, self.shapes), {TRIAL_RESOURCE: 1})
+                       self.fail_when, settings, self.shapes, self.seeds), {TRIAL_RESOURCE: 1})
         experiment = self.folder / "tune"
         if tune.Tuner.can_restore(str(experiment)):
             log.info("sweep: resuming %s (finished trials are kept)", experiment)
@@ -433,8 +497,11 @@ class Sweep:
         started = time.perf_counter()
         try:
             table = sweep_table(tuner.fit(), list(sweep.space), epochs)
+            several = len(self.seeds) > 1
             for row in table.to_dict("records") if tracker else []:
-                tracker.finish(f"trial-{row['trial']}", row)
+                for seed in self.seeds:
+                    tracker.finish(f"trial-{row['trial']}" + (f"-seed{seed}" if several else ""),
+                                   row)
         finally:
             if tracker:
                 tracker.close()
@@ -472,20 +539,25 @@ class Sweep:
 
 
 def track_trials(spec: JobSpec, trials: Path, method: str):
-    """A tracker following every trial's history as trials appear (None without tracking)."""
+    """A tracker following every trial's history as trials appear, one tracked run per trial
+    and seed (None without tracking)."""
     from raykd.tracking import Tracker, sinks_for
 
     sinks = sinks_for(spec)
     if not sinks:
         return None
+    several = len(trial_seeds(spec)) > 1
 
     def describe(path: Path):
-        config = path.parent / "config.json"
+        trial = path.parent.parent if several else path.parent
+        config = trial / "config.json"
         params = json.loads(config.read_text()) if config.is_file() else {}
-        return f"trial-{path.parent.name}", params, {"role": "trial", "label": method}
+        name = f"trial-{trial.name}" + (f"-{path.parent.name}" if several else "")
+        return name, params, {"role": "trial", "label": method}
 
     tracker = Tracker(sinks)
-    tracker.watch_folders(trials, "*/metrics.jsonl", describe)
+    tracker.watch_folders(trials, "*/seed*/metrics.jsonl" if several else "*/metrics.jsonl",
+                          describe)
     return tracker
 
 
@@ -515,7 +587,8 @@ def _plain(value):
 
 
 def sweep_table(grid, keys: list[str], epochs: int):
-    """One row per trial: sampled values, best and last val_top1, epochs run, status, wall time."""
+    """One row per trial: sampled values, best and last val_top1 (a trial of several seeds:
+    their mean), epochs run, status, wall time."""
     import pandas as pd
 
     rows = []
@@ -530,6 +603,9 @@ def sweep_table(grid, keys: list[str], epochs: int):
             **{k: _plain(result.config.get(k)) for k in keys},
             "best_val_top1": float(max(vals)) if len(vals) else float("nan"),
             "last_val_top1": float(list(vals)[-1]) if len(vals) else float("nan"),
+            # a trial of several seeds: the spread of its last epoch's val_top1 over them
+            "last_val_top1_std": float(history["val_top1_std"].iloc[-1])
+            if len(vals) and "val_top1_std" in history else float("nan"),
             "epochs": ran, "status": status,
             "wall_s": float((result.metrics or {}).get("time_total_s", float("nan"))),
             "error": "" if result.error is None else one_line(result.error)})

@@ -51,6 +51,10 @@ def _sweep_job(tmp_path, name, space, **sweep):
      "sweep.space.methods.kd.alpha.type: unknown 'normal'"),
     ({"sweep.space": {"methods.kd.alpha": {"low": 0.1}}},
      "sweep.space.methods.kd.alpha: missing type"),
+    ({"sweep.seeds": [0, 1], "sweep.scheduler": "fifo"},
+     "sweep.seeds: 1 is not one of the job's seeds [0]"),
+    ({"sweep.seeds": [0], "sweep.seed": 0}, "give sweep.seed (one) or sweep.seeds (several)"),
+    ({"sweep.seeds": [0, 0], "sweep.scheduler": "fifo"}, "sweep.seeds [0, 0] repeats a seed"),
 ])
 def test_bad_sweeps_fail_before_any_trial(tmp_path, change, message):
     job = _sweep_job(tmp_path, "bad", {"methods.kd.temperature": {"type": "uniform", "low": 1,
@@ -63,6 +67,37 @@ def test_bad_sweeps_fail_before_any_trial(tmp_path, change, message):
     with pytest.raises(RaykdError) as err:
         check_sweep(job, job_from_dict(job))
     assert message in str(err.value)
+
+
+def test_several_seeds_need_a_scheduler_that_waits_for_them(tmp_path):
+    job = _sweep_job(tmp_path, "seeds", {"methods.kd.alpha": {"type": "grid", "values": [0.5]}},
+                     seeds=[0, 1])
+    job["seeds"] = [0, 1]
+    with pytest.raises(RaykdError, match="ASHA could not stop it early; set sweep.scheduler: "
+                                         "fifo"):
+        check_sweep(job, job_from_dict(job))
+
+
+def test_a_sweep_over_several_seeds_scores_each_trial_by_their_mean(ray_session, tmp_path,
+                                                                    digits_teacher):
+    """`sweep.seeds`: each trial trains one run per seed as one pack, and Tune ranks it by
+    the mean of their val_top1 (epoch by epoch), not by one seed's."""
+    job = _sweep_job(tmp_path, "seeds", {"methods.kd.alpha": {"type": "grid", "values": [0.2,
+                                                                                       0.9]}},
+                     seeds=[0, 1], scheduler="fifo")
+    job["seeds"] = [0, 1]
+    job["teacher"] = {"model": "cnn", "checkpoint": str(digits_teacher)}
+    job["student"]["train"]["epochs"] = 2
+    table, results = run_sweep(job)
+    assert len(table) == 2 and (table.status == "finished").all()
+    trials = Path(job["output_dir"]) / "seeds" / "sweep" / "trials"
+    for row in table.to_dict("records"):
+        finals = [json.loads((trials / row["trial"] / f"seed{seed}" / "metrics.jsonl")
+                             .read_text().splitlines()[-1])["val_top1"] for seed in (0, 1)]
+        assert finals[0] != finals[1], "two seeds, two runs"
+        assert row["last_val_top1"] == pytest.approx(sum(finals) / 2)
+        assert row["last_val_top1_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)
+    assert sorted(results[results.role == "student"].seed) == [0, 1], "the best, over the job"
 
 
 def test_a_bad_sweep_is_one_line_from_the_command(tmp_path):
