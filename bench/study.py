@@ -2,7 +2,8 @@
 seeds 0-4, against CE and KD with default settings; rewrites the study table in docs/sweeps.md.
 
     .venv/bin/python bench/study.py                 # every job (resumes whatever is finished)
-    .venv/bin/python bench/study.py --only kd,dih   # some sweeps; the table is rebuilt from all
+    .venv/bin/python bench/study.py --only KD,DIH   # some sweeps; the table is rebuilt from all
+    .venv/bin/python bench/study.py --only KD,CD+GKD,DIH --seeds 0,1,2   # tuned on 3 seeds
 
 Each step is a plain `raykd` command (printed before it runs) with `output_dir=runs/study`, so
 the teachers (seeds 0-4) are trained once and shared by every job through the teacher store.
@@ -85,6 +86,36 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def seeds_table(chosen: list[str], seeds: list[int]) -> str:
+    """The chosen sweeps tuned on the mean val_top1 of `seeds` (`sweep.seeds`), each best
+    configuration then over seeds 0-4 as in the main table."""
+    base = ROOT / OUT / "study_baseline"
+    ce = student_rows(base, "ce").set_index("seed")
+    lines = [f"| method | tuned on mean val (seeds {','.join(map(str, seeds))}) | trials | "
+             "trial val_top1 (mean ± std over its seeds) | test_top1 | test − CE, paired by seed "
+             "| seeds above CE |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in chosen:
+        raw = yaml.safe_load((ROOT / SWEEPS[name]).read_text())
+        run_dir = ROOT / OUT / seeds_name(raw["name"], seeds)
+        label = raw["sweep"]["method"]
+        best = yaml.safe_load((run_dir / "best.yaml").read_text())["methods"][label]
+        tuned = ", ".join(f"{k.split('.')[-1]}={_short(best.get(k.split('.')[-1]))}"
+                          for k in raw["sweep"]["space"] if k.startswith("methods."))
+        trials = pd.read_parquet(run_dir / "sweep.parquet")
+        top = trials.sort_values("last_val_top1", ascending=False).iloc[0]
+        rows = student_rows(run_dir, label).set_index("seed")
+        gain = rows.test_top1 - ce.test_top1.reindex(rows.index)
+        lines.append(f"| {name} | {tuned} | {len(trials)} | {top.last_val_top1:.4f} ± "
+                     f"{top.last_val_top1_std:.4f} | {pm(rows.test_top1)} | "
+                     f"{gain.mean():+.4f} ± {gain.std(ddof=1):.4f} | "
+                     f"{int((gain > 0).sum())} of {len(gain)} |")
+    return "\n".join(lines)
+
+
+def seeds_name(name: str, seeds: list[int]) -> str:
+    return f"{name}_seeds{''.join(map(str, seeds))}"
+
+
 def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
@@ -95,11 +126,26 @@ def main() -> int:
                         f"({', '.join(SWEEPS)}); default all")
     parser.add_argument("--table-only", action="store_true",
                         help="rebuild the docs/sweeps.md table from what has run, run nothing")
+    parser.add_argument("--seeds", metavar="S,S,...",
+                        help="tune each chosen sweep on the mean over these seeds instead "
+                             "(sweep.seeds, FIFO) and write the study_seeds table")
     args = parser.parse_args()
     chosen = list(SWEEPS) if not args.only else [s.strip() for s in args.only.split(",")]
     unknown = [c for c in chosen if c not in SWEEPS]
     if unknown:
         sys.exit(f"study.py: unknown sweep {unknown}; choose from {', '.join(SWEEPS)}")
+    if args.seeds:
+        seeds = [int(x) for x in args.seeds.split(",")]
+        if not args.table_only:
+            raykd("run", BASELINE)
+            for name in chosen:
+                job = yaml.safe_load((ROOT / SWEEPS[name]).read_text())
+                raykd("sweep", SWEEPS[name], f"name={seeds_name(job['name'], seeds)}",
+                      f"sweep.seeds={seeds}", "sweep.scheduler=fifo")
+        body = seeds_table(chosen, seeds)
+        print(body)
+        write_block("study_seeds", body, "docs/sweeps.md")
+        return 0
     if not args.table_only:
         walls = {"baseline": raykd("run", BASELINE)}
         for name in chosen:
