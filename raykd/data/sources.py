@@ -214,8 +214,9 @@ def _from_factory(spec) -> DatasetSplits:
                          "it is True")
     deterministic = _part(made, "deterministic")
     train, val, test = _part(made, "train"), _part(made, "val"), _part(made, "test")
-    # the item format from an evaluation split: a data-free job never reads a training image
-    probe = next((d for d in (val, test, train) if d is not None and len(d)), None)
+    # the item format from the val split where there is one (a data-free job never reads a
+    # training image), else from train; never from test, which is read for reporting only
+    probe = next((d for d in (val, train) if d is not None and len(d)), None)
     first = probe[0][0] if probe is not None else None
     if getattr(first, "dim", lambda: 0)() != 3 or first.shape[1] != first.shape[2]:
         raise RaykdError(f"data.dataset {name}: items must be (C x H x W tensor with "
