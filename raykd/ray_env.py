@@ -86,11 +86,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, **quiet)
     else:
-        # The dashboard serves the state API that Train's placement-group cleaner polls; without
-        # it that cleaner logs a warning every second.
-        # `raykd_trial`: the slots sweep trial drivers take instead of a CPU (raykd.sweep)
-        context = ray.init(num_cpus=num_cpus, include_dashboard=True,
-                           log_to_driver=log_to_driver, resources={"raykd_trial": 16}, **quiet)
+        # A head of its own on free loopback ports (raykd.local_head), with the dashboard,
+        # which serves the state API that Train's placement-group cleaner polls (without it
+        # that cleaner logs a warning every second), and the `raykd_trial` slots that sweep
+        # trial drivers take instead of a CPU (raykd.sweep). The head stops at exit.
+        from raykd.local_head import LocalHead
+
+        head = LocalHead(num_cpus)
+        ray.init(address=head.address, log_to_driver=log_to_driver, **quiet)
         node_ip = ray.util.get_node_ip_address()
         if not ipaddress.ip_address(node_ip).is_loopback:
             ray.shutdown()
@@ -98,6 +101,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
                 f"the local Ray instance would listen on {node_ip}, not on loopback only: ray was "
                 f"imported before raykd set {LOOPBACK_ONLY}=0; import raykd first, or set it "
                 "in the environment")
-        if context.dashboard_url:
-            log.info("started a local Ray instance (%d CPUs); dashboard: http://%s",
-                     int(ray.cluster_resources().get("CPU", 0)), context.dashboard_url)
+        log.info("started a local Ray instance (%d CPUs); dashboard: http://%s",
+                 int(ray.cluster_resources().get("CPU", 0)), head.dashboard)

@@ -209,6 +209,40 @@ def test_a_killed_driver_leaves_nothing_running_and_the_rerun_finishes(ray_sessi
     assert sorted(set(epochs)) == list(range(1, 7)) and len(epochs) <= 7, epochs
 
 
+def test_a_local_instance_listens_on_free_loopback_ports_and_ends_with_its_driver():
+    """The local instance a driver starts (raykd.local_head) takes none of Ray's fixed default
+    ports, so a head started beside it (`ray start --head`) gets its own; every service of it
+    listens on loopback; the ports are the ones it chose; a driver killed outright takes it
+    down (the parent-death signal), leaving no process behind."""
+    script = ("import time\nfrom raykd.local_head import LocalHead\nhead = LocalHead(1)\n"
+              "print(head.address, head.dashboard, head.process.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        gcs, dashboard, head = driver.stdout.readline().split()
+        deadline = time.monotonic() + 60   # the raylet and the agents come up after the GCS
+        listening: dict = {}
+        while time.monotonic() < deadline and not any(
+                "DashboardA" in name for name in listening.values()):
+            time.sleep(0.5)
+            listening = listening_addresses(descendants(int(head)) | {int(head)})
+        family = descendants(driver.pid)
+        ports = {port for _, port in listening}
+        assert {int(gcs.rsplit(":", 1)[1]), int(dashboard.rsplit(":", 1)[1])} <= ports
+        # Ray's fixed defaults: GCS, dashboard agent (HTTP), client server
+        assert not ports & {6379, 52365, 10001}, sorted(ports)
+        assert all(is_loopback(ip) for ip, _ in listening), listening
+    finally:
+        driver.kill()
+        driver.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in family if alive(p)], "the head outlived its killed driver"
+
+
 def test_the_command_reports_a_failed_run_and_its_dependants_then_resumes(
         ray_session, tmp_path, digits_teacher, capsys, monkeypatch):
     job = small_job(tmp_path, name="cli", methods={"ce": {}, "born": {"method": "kd", "chain": 2}},
