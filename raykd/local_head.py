@@ -123,24 +123,42 @@ class LocalHead:
     def stop(self) -> None:
         """Stop the head and every process under it at once: the driver has disconnected and
         written everything, and Ray's own graceful stop (SIGTERM) waited on the instance's
-        workers for 30 s and more."""
-        import psutil
-
+        workers for 30 s and more. Without /proc (not Linux), the graceful stop."""
         if self.process.poll() is None:
-            try:
-                family = psutil.Process(self.process.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                family = []
-            self.process.kill()
-            for child in family:
+            if not os.path.isdir("/proc/self"):
+                self.process.terminate()
                 try:
-                    child.kill()
-                except psutil.NoSuchProcess:
-                    pass
+                    self.process.wait(60)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+            else:
+                family = descendants(self.process.pid)
+                for pid in [self.process.pid, *family]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:      # gone already
+                        pass
             self.process.wait()
-            psutil.wait_procs(family, timeout=10)
         self.log.close()
         try:
             os.unlink(self.log.name)
         except OSError:
             pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid` (children, theirs, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found

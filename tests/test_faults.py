@@ -213,7 +213,8 @@ def test_a_local_instance_listens_on_free_loopback_ports_and_ends_with_its_drive
     """The local instance a driver starts (raykd.local_head) takes none of Ray's fixed default
     ports, so a head started beside it (`ray start --head`) gets its own; every service of it
     listens on loopback; the ports are the ones it chose; a driver killed outright takes it
-    down (the parent-death signal), leaving no process behind."""
+    down (the parent-death signal), and one that ends normally stops it at exit, leaving no
+    process behind either way."""
     script = ("import time\nfrom raykd.local_head import LocalHead\nhead = LocalHead(1)\n"
               "print(head.address, head.dashboard, head.process.pid, flush=True)\n"
               "time.sleep(600)\n")
@@ -241,6 +242,20 @@ def test_a_local_instance_listens_on_free_loopback_ports_and_ends_with_its_drive
     while any(alive(p) for p in family) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not [p for p in family if alive(p)], "the head outlived its killed driver"
+    # a driver that ends normally, after a task ran on workers: nothing of its instance stays
+    script = ("import time\nfrom raykd.ray_env import init_ray\nimport ray\n"
+              "init_ray(num_cpus=1)\nray.get(ray.remote(lambda: 1).remote())\n"
+              "print(flush=True)\ntime.sleep(5)\n")
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    driver.stdout.readline()
+    family = descendants(driver.pid)
+    assert len(family) >= 5, "the head, its GCS, raylet, dashboard, a worker"
+    assert driver.wait(60) == 0
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in family if alive(p)], "the instance outlived its driver's exit"
 
 
 def test_the_command_reports_a_failed_run_and_its_dependants_then_resumes(
