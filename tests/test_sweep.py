@@ -189,7 +189,9 @@ def test_the_readme_sweep_on_a_fresh_folder_stops_on_ctrl_c_and_resumes_to_the_e
         _, err = driver.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(driver.pid, signal.SIGKILL)
-        raise AssertionError("Ctrl-C did not stop the sweep within 30 s") from None
+        _, err = driver.communicate()   # what the driver was doing, for whoever reads this
+        raise AssertionError("Ctrl-C did not stop the sweep within 30 s; its last lines: "
+                             + " | ".join(err.strip().splitlines()[-8:])) from None
     assert driver.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == \
         "raykd: interrupted; re-run the same command to resume", err[-2000:]
