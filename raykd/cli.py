@@ -379,6 +379,26 @@ def add_run_dir_commands(sub) -> None:
     report.set_defaults(fn=_cmd_report)
 
 
+EXIT_GRACE_S = 15.0   # after Ctrl-C or SIGTERM, the longest a clean exit may take
+
+
+def exit_within(seconds: float, code: int) -> None:
+    """End the process with `code` after `seconds` if the clean exit that follows (Ray's
+    disconnect, the local instance's stop, threads a library left running) has not ended it:
+    everything finished is on disk already, and Ctrl-C must stop raykd. A sweep's clean exit
+    once took over 30 s (tests/test_sweep.py)."""
+    import threading
+
+    def force() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
+
+
 def main(argv: list[str] | None = None) -> int:
     from raykd.log import setup_logging
     from raykd.ray_env import set_ray_env
@@ -398,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
         terminated = isinstance(e, Terminated) or bool(TERMINATED)
         print(f"raykd: {'terminated' if terminated else 'interrupted'}; re-run the same command "
               "to resume", file=sys.stderr)
-        return 143 if terminated else 130
+        code = 143 if terminated else 130
+        if argv is None:   # the `raykd` command, not a caller of main() in its own process
+            exit_within(EXIT_GRACE_S, code)
+        return code
     except Exception as e:
         if os.environ.get("RAYKD_DEBUG"):
             raise
