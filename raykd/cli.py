@@ -26,7 +26,7 @@ def _cmd_run(args) -> int:
     from raykd.ownership import own
     from raykd.pipeline import run_job
     from raykd.plan import preflight
-    from raykd.ray_env import init_ray, terminate_as_interrupt
+    from raykd.ray_env import init_ray, stop_on_signals
     from raykd.results import ResultsTable
 
     spec = load_job(args.job, args.overrides)
@@ -36,7 +36,7 @@ def _cmd_run(args) -> int:
     splits = load_dataset(spec.data)  # absent data fails here, before Ray starts
     preflight(spec, splits)
     init_ray(spec.ray.address, spec.ray.num_cpus, runtime_env=job_runtime_env(spec))
-    terminate_as_interrupt()   # after ray.init, which installs Ray's own handler
+    stop_on_signals()   # after ray.init, which installs Ray's own handler
     df = run_job(spec, splits=splits, fail_at=injected_failures(), checked=True)
     print(f"\nresults: {spec.run_dir / 'results.parquet'}")
     print_report(spec.run_dir, df)
@@ -104,7 +104,7 @@ def _cmd_sweep(args) -> int:
     from raykd.data import load_dataset
     from raykd.ownership import own
     from raykd.plan import preflight
-    from raykd.ray_env import init_ray, terminate_as_interrupt
+    from raykd.ray_env import init_ray, stop_on_signals
     from raykd.sweep import check_prerequisites, check_sweep, run_sweep
 
     raw = load_raw(args.job, args.overrides)
@@ -116,7 +116,7 @@ def _cmd_sweep(args) -> int:
     preflight(spec, splits)
     check_prerequisites(raw, spec, splits)
     init_ray(spec.ray.address, spec.ray.num_cpus, runtime_env=job_runtime_env(spec))
-    terminate_as_interrupt()   # after ray.init, which installs Ray's own handler
+    stop_on_signals()   # after ray.init, which installs Ray's own handler
     table, df = run_sweep(raw)
     print(f"\nsweep: {spec.run_dir / 'sweep.parquet'} (best configuration: "
           f"{spec.run_dir / 'best.yaml'})")
@@ -127,7 +127,7 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_search(args) -> int:
-    from raykd.ray_env import init_ray, terminate_as_interrupt
+    from raykd.ray_env import init_ray, stop_on_signals
     from raykd.search import SearchRequest, library_entries, positions, run_search, solve
 
     try:
@@ -142,7 +142,7 @@ def _cmd_search(args) -> int:
     # a bad library or an impossible budget fails here, before Ray starts
     solve(positions(library_entries(request)[0]), request)
     init_ray(None, None)
-    terminate_as_interrupt()   # after ray.init, which installs Ray's own handler
+    stop_on_signals()   # after ray.init, which installs Ray's own handler
     table, results = run_search(request)
     shown = table.drop(columns=["positions"])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -379,49 +379,24 @@ def add_run_dir_commands(sub) -> None:
     report.set_defaults(fn=_cmd_report)
 
 
-EXIT_GRACE_S = 15.0   # after Ctrl-C or SIGTERM, the longest a clean exit may take
-
-
-def exit_within(seconds: float, code: int) -> None:
-    """End the process with `code` after `seconds` if the clean exit that follows (Ray's
-    disconnect, the local instance's stop, threads a library left running) has not ended it:
-    everything finished is on disk already, and Ctrl-C must stop raykd. A sweep's clean exit
-    once took over 30 s (tests/test_sweep.py)."""
-    import threading
-
-    def force() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-    timer = threading.Timer(seconds, force)
-    timer.daemon = True
-    timer.start()
-
-
 def main(argv: list[str] | None = None) -> int:
+    from raykd import ray_env
     from raykd.log import setup_logging
     from raykd.ray_env import set_ray_env
 
     set_ray_env()  # before anything imports ray: some settings are read at import
     setup_logging()
     args = build_parser().parse_args(argv)
+    ray_env.new_command(forced_exit=argv is None)   # not for a caller of main() in its own process
     try:
         return args.fn(args)
     except RaykdError as e:
         print(f"raykd: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        from raykd.errors import Terminated
-        from raykd.ray_env import TERMINATED
-
-        terminated = isinstance(e, Terminated) or bool(TERMINATED)
-        print(f"raykd: {'terminated' if terminated else 'interrupted'}; re-run the same command "
-              "to resume", file=sys.stderr)
-        code = 143 if terminated else 130
-        if argv is None:   # the `raykd` command, not a caller of main() in its own process
-            exit_within(EXIT_GRACE_S, code)
-        return code
+    except KeyboardInterrupt:   # before stop_on_signals, or under it
+        if ray_env.FORCED_EXIT:
+            ray_env.exit_within(ray_env.EXIT_GRACE_S)   # a no-op if the signal armed it first
+        return ray_env.announce_stop()
     except Exception as e:
         if os.environ.get("RAYKD_DEBUG"):
             raise

@@ -52,21 +52,82 @@ def set_ray_env() -> None:
 
 
 TERMINATED: list[int] = []   # SIGTERM received (the CLI says "terminated", exits 143)
+FORCED_EXIT: list[bool] = []   # set by the `raykd` command: a stop ends the process in bounded time
+EXIT_GRACE_S = 15.0   # after Ctrl-C or SIGTERM, the longest the unwinding and clean exit may take
+_announced: list[bool] = []
+_armed: list[bool] = []
 
 
-def terminate_as_interrupt() -> None:
-    """SIGTERM ends the driver as Ctrl-C does (one line, exit 143, re-run to resume), not by
-    Ray's own handler (sys.exit from inside whatever Ray was doing, then a crash dump). Set after
+def new_command(forced_exit: bool) -> None:
+    """Start a command's stop state afresh. `forced_exit`: the `raykd` process itself, which may
+    end by os._exit once stopped (never a caller of cli.main in a process of its own, such as a
+    test); it also dumps every thread's stack on SIGUSR1 (`kill -USR1 PID`), for a stop that
+    hangs."""
+    import faulthandler
+    import signal
+
+    TERMINATED.clear()
+    _announced.clear()
+    _armed.clear()
+    FORCED_EXIT.clear()
+    if forced_exit:
+        FORCED_EXIT.append(True)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def announce_stop() -> int:
+    """Say once, on stderr, that the command was stopped and how to go on; its exit code."""
+    import sys
+
+    terminated = bool(TERMINATED)
+    if not _announced:
+        _announced.append(True)
+        print(f"raykd: {'terminated' if terminated else 'interrupted'}; re-run the same command "
+              "to resume", file=sys.stderr, flush=True)
+    return 143 if terminated else 130
+
+
+def exit_within(seconds: float) -> None:
+    """End the process after `seconds` if unwinding and the clean exit (Tune's cleanup of its
+    trials, Ray's disconnect, the local instance's stop, threads a library left running) have not
+    ended it: everything finished is on disk already, and Ctrl-C must stop raykd. Armed at the
+    signal itself, not once the exception reaches the CLI: a sweep's Ctrl-C once spent over 30 s
+    inside Tune's cleanup before its KeyboardInterrupt came out (tests/test_sweep.py)."""
+    import sys
+    import threading
+
+    def force() -> None:
+        code = announce_stop()
+        sys.stdout.flush()
+        os._exit(code)
+
+    if _armed:
+        return
+    _armed.append(True)
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM stop the driver the same way: one line, exit 130 or 143, re-run to
+    resume; not Ray's SIGTERM handler (sys.exit from inside whatever Ray was doing, then a crash
+    dump), nor Tune's SIGINT one (it waits for every trial to save). Under the `raykd` command
+    the process ends within EXIT_GRACE_S of the signal whatever the unwinding waits on. Set after
     ray.init, which installs Ray's; only the main thread can."""
     import signal
     import threading
 
     def stop(signum, frame):
-        TERMINATED.append(signum)   # Ray may turn the exception into a plain KeyboardInterrupt
-        raise Terminated()
+        if signum == signal.SIGTERM:
+            TERMINATED.append(signum)   # Ray may turn the exception into a plain KeyboardInterrupt
+        if FORCED_EXIT:
+            exit_within(EXIT_GRACE_S)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,

@@ -337,6 +337,32 @@ def test_sigterm_stops_the_driver_in_one_line_as_ctrl_c_does(ray_session, tmp_pa
     assert all_cpus_free(ray_session), "something of the job still holds the session's CPUs"
 
 
+STOP_IN_A_HUNG_CLEANUP = """
+import os, signal, sys, time
+from raykd import ray_env
+ray_env.new_command(forced_exit=True)
+ray_env.EXIT_GRACE_S = float(sys.argv[1])
+ray_env.stop_on_signals()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(60)
+finally:
+    time.sleep(60)   # a cleanup that waits on something that never comes (as Tune's once did)
+"""
+
+
+def test_a_stop_ends_the_process_in_bounded_time_whatever_its_cleanup_waits_on():
+    """The command's process ends with its one line and exit 130 within the grace period of
+    Ctrl-C, even when the unwinding hangs before the interrupt reaches the CLI (a sweep's Ctrl-C
+    once spent over 30 s in Tune's trial cleanup)."""
+    start = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", STOP_IN_A_HUNG_CLEANUP, "1.0"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 130, res.stderr[-2000:]
+    assert time.monotonic() - start < 20, "the stop waited for the cleanup"
+    assert res.stderr.splitlines() == ["raykd: interrupted; re-run the same command to resume"]
+
+
 def test_a_second_driver_on_a_running_jobs_folder_stops_in_one_line_or_waits(
         ray_session, tmp_path, digits_teacher):
     """Two `raykd run` of one job on one folder would both train its units: the second exits

@@ -188,10 +188,12 @@ def test_the_readme_sweep_on_a_fresh_folder_stops_on_ctrl_c_and_resumes_to_the_e
     try:
         _, err = driver.communicate(timeout=30)
     except subprocess.TimeoutExpired:
+        os.kill(driver.pid, signal.SIGUSR1)   # raykd dumps every thread's stack: where it hangs
+        time.sleep(2)
         os.killpg(driver.pid, signal.SIGKILL)
-        _, err = driver.communicate()   # what the driver was doing, for whoever reads this
-        raise AssertionError("Ctrl-C did not stop the sweep within 30 s; its last lines: "
-                             + " | ".join(err.strip().splitlines()[-8:])) from None
+        _, err = driver.communicate()
+        raise AssertionError("Ctrl-C did not stop the sweep within 30 s; its stderr ends:\n"
+                             + err[-6000:]) from None
     assert driver.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == \
         "raykd: interrupted; re-run the same command to resume", err[-2000:]
