@@ -4,6 +4,11 @@
     import raykd
     table = raykd.run("jobs/quickstart.yaml", ["seeds=[0]", "student.train.epochs=3"])
     table = raykd.run({"name": "mine", "data": {"dataset": "digits"}, "methods": {"kd": {}}})
+    table = raykd.run({..., "student": {"model": torchvision.models.mobilenet_v3_small}})
+
+A model or data source may be given as a callable: a torchvision builder or timm entry point, or
+a top-level function of a module of yours (Ray's processes import it by name, so not one defined
+in a notebook cell: put it in a module file beside the notebook).
 
 Ray: the instance already started in this process, else the cluster in `ray.address` or
 RAY_ADDRESS, else a local instance on loopback (as the command does). Bad input raises
@@ -21,15 +26,16 @@ def run(job: str | Path | dict | JobSpec, overrides: list[str] | tuple[str, ...]
     """Run (or resume) a job; return its results table (one row per trained model)."""
     from raykd.config import check_writable, job_from_dict, job_runtime_env, load_job
     from raykd.data import load_dataset
+    from raykd.factories import named_sources
     from raykd.pipeline import run_job
     from raykd.plan import preflight
     from raykd.ray_env import init_ray
     from raykd.typed import apply_overrides
 
     if isinstance(job, JobSpec):
-        spec = job_from_dict(apply_overrides(_plain(job), list(overrides)))
+        spec = job_from_dict(apply_overrides(named_sources(_plain(job)), list(overrides)))
     elif isinstance(job, dict):
-        raw = copy.deepcopy(job)
+        raw = named_sources(copy.deepcopy(job))
         raw.setdefault("name", "job")
         spec = job_from_dict(apply_overrides(raw, list(overrides)))
     else:

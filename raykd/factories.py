@@ -119,3 +119,52 @@ def load(name: str, where: str) -> Callable:
     if not callable(found):
         raise RaykdError(f"{where} {name}: {module_name} has no function {function!r}")
     return found
+
+
+# where raykd.run takes a callable instead of a name (raykd.api)
+CALLABLE_FIELDS = (("teacher", "model"), ("teacher", "models"), ("student", "model"),
+                   ("data", "dataset"))
+
+
+def source_name(obj, where: str):
+    """The name a job file would give for `obj`, a callable passed from Python as a model or data
+    source: `torchvision:NAME` for a torchvision builder or dataset class, `timm:NAME` for a timm
+    model's entry point, else `package.module:function`. Ray's processes import a source by name,
+    so it must be a module's top-level function or class (not a lambda, a nested function, or one
+    of `__main__`, such as a notebook cell's). Anything but a callable is returned as it is."""
+    if not callable(obj) or isinstance(obj, str):
+        return obj
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
+    if not module or module == "__main__" or not qualname.isidentifier():
+        place = "" if qualname.isidentifier() else " (not at its top level)"
+        raise RaykdError(f"{where}: {getattr(obj, '__name__', type(obj).__name__)!r} is defined "
+                         f"in {module or 'no module'}{place}; raykd's Ray processes import a "
+                         "source by name: put it at the top of a module file (my_models.py "
+                         "beside your notebook) and pass it from there, or give "
+                         "'my_models:function'")
+    if module.startswith(("torchvision.models", "torchvision.datasets")):
+        return f"torchvision:{qualname}"
+    if module.startswith("timm.models"):
+        return f"timm:{qualname}"
+    try:
+        same = getattr(importlib.import_module(module), qualname, None) is obj
+    except ImportError:
+        same = False
+    if not same:
+        raise RaykdError(f"{where}: {module}.{qualname} cannot be imported by that name, as "
+                         "Ray's processes would; pass a module's top-level function")
+    return f"{module}:{qualname}"
+
+
+def named_sources(raw: dict) -> dict:
+    """`raw` (a job as plain values) with every callable source replaced by its name."""
+    for section, key in CALLABLE_FIELDS:
+        part = raw.get(section)
+        if not isinstance(part, dict) or key not in part:
+            continue
+        value = part[key]
+        if isinstance(value, list):
+            part[key] = [source_name(v, f"{section}.{key}[{i}]") for i, v in enumerate(value)]
+        else:
+            part[key] = source_name(value, f"{section}.{key}")
+    return raw

@@ -242,12 +242,46 @@ def test_a_factory_of_your_own_is_imported_only_because_a_job_names_it(tmp_path)
 
 
 def test_a_factory_student_trains_in_the_jobs_ray_workers(ray_session, tmp_path):
-    """The factory's folder reaches the workers through the run's runtime_env."""
+    """The factory's folder reaches the workers through the run's runtime_env; from Python the
+    factory may be given as the function itself."""
+    import byo_factory
+
     job = small_job(tmp_path, name="own", methods={"kd": {"temperature": 4, "alpha": 0.9}},
-                    student={"model": "byo_factory:tiny_net", "train": {"epochs": 2, "lr": 0.1}})
+                    student={"model": byo_factory.tiny_net, "train": {"epochs": 2, "lr": 0.1}})
     df = raykd.run(job)
     student = df[df.role == "student"].iloc[0]
     assert student.model == "byo_factory:tiny_net" and 0 <= student.test_top1 <= 1
+    recorded = yaml.safe_load((tmp_path / "own" / "job.yaml").read_text())
+    assert recorded["student"]["model"] == "byo_factory:tiny_net"   # a job `raykd run` re-runs
+
+
+def test_callable_sources_are_named_as_a_job_file_would_name_them():
+    """raykd.run takes torchvision builders and dataset classes, timm entry points and a
+    module's functions as sources; one defined where Ray's processes cannot import it by name
+    (a notebook cell, a lambda) is one line before any Ray work."""
+    import timm
+    import torchvision
+
+    import byo_data
+    import byo_factory
+    from raykd.factories import named_sources
+
+    raw = named_sources({"teacher": {"models": [timm.models.resnet18,
+                                                torchvision.models.resnet18]},
+                         "student": {"model": byo_factory.tiny_net},
+                         "data": {"dataset": byo_data.digit_splits}})
+    assert raw == {"teacher": {"models": ["timm:resnet18", "torchvision:resnet18"]},
+                   "student": {"model": "byo_factory:tiny_net"},
+                   "data": {"dataset": "byo_data:digit_splits"}}
+    assert named_sources({"data": {"dataset": torchvision.datasets.FashionMNIST}}) == \
+        {"data": {"dataset": "torchvision:FashionMNIST"}}
+
+    def in_a_cell(num_classes):
+        return byo_factory.tiny_net(num_classes)
+
+    for bad in (in_a_cell, lambda num_classes: None):
+        with pytest.raises(RaykdError, match=r"^student.model: .* put it at the top of a module"):
+            raykd.run({"student": {"model": bad}, "methods": {"kd": {}}})
 
 
 def test_published_weights_by_name_load_from_the_local_caches_only(tmp_path, monkeypatch):
