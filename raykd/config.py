@@ -80,6 +80,7 @@ def validate(spec: JobSpec) -> None:
     spec.output_dir = _resolve(spec.output_dir)
     spec.data.root = _resolve(spec.data.root)
     spec.teacher.cache_dir = _resolve(spec.teacher.cache_dir)
+    teacher_norm(spec)   # before the weights name becomes a file
     spec.teacher.weights = resolve_weights(spec.teacher.model, spec.teacher.weights, "teacher")
     spec.student.weights = resolve_weights(spec.student.model, spec.student.weights, "student")
     for part in (spec.teacher, spec.student):
@@ -128,8 +129,33 @@ def validate(spec: JobSpec) -> None:
 IN_MEMORY = ("digits", "mnist5k", "gaussian")   # normalised tensors: nothing to augment
 
 
+# datasets read from image files, which data.mean and data.std normalise (raykd.data.normalise)
+FILE_DATASETS = ("imagefolder", "torchvision:")
+
+
+def teacher_norm(spec: JobSpec) -> None:
+    """Image files are normalised as the teacher's timm pretrained config says, as timm's own
+    `resolve_data_config` would, when the job gives no `data.mean`/`data.std` (recorded in the
+    run's job.yaml, so a re-run from it normalises the same way)."""
+    data = spec.data
+    if data.mean or data.std or not data.dataset.startswith(FILE_DATASETS) \
+            or spec.teacher.models or spec.teacher.checkpoint:
+        return
+    from raykd.data.normalise import timm_normalisation
+
+    found = timm_normalisation(spec.teacher.model, spec.teacher.weights)
+    if found:
+        data.mean, data.std = found
+
+
 def check_data(data) -> None:
     check_dataset_name(data.dataset)
+    size = data.image_size
+    if size is not None and not (
+            (isinstance(size, int) and size > 0)
+            or (isinstance(size, list) and len(size) == 2 and all(v > 0 for v in size))):
+        raise RaykdError(f"data.image_size: {size!r}; give pixels (224) or [height, width], "
+                         "positive")
     if data.dataset in IN_MEMORY and data.augment not in ("auto", "none"):
         raise RaykdError(f"data.augment={data.augment}: {data.dataset} is held in memory as "
                          "normalised tensors and is never augmented; allowed here: auto, none")

@@ -38,8 +38,9 @@ def teacher_architectures(spec: JobSpec, splits) -> list[StagedModel]:
     """Every teacher's architecture for one seed (weights are not needed for planning)."""
     if spec.teacher.checkpoint:
         return [load_export(spec.teacher.checkpoint)]
-    c, h, _ = splits.input_shape
-    return [with_weights(build_model(m, splits.num_classes, c, h, spec.teacher.model_args,
+    c = splits.in_channels
+    return [with_weights(build_model(m, splits.num_classes, c, splits.image_size,
+                                     spec.teacher.model_args,
                                      spec.teacher.stages), spec.teacher, "teacher")
             for m in teacher_models(spec)]
 
@@ -123,9 +124,9 @@ class SeedPlan:
 def student_architecture(spec: JobSpec, splits) -> StagedModel:
     if spec.student.checkpoint:
         return load_export(spec.student.checkpoint)
-    c, h, _ = splits.input_shape
-    return with_weights(build_model(spec.student.model, splits.num_classes, c, h,
-                                    spec.student.model_args, spec.student.stages),
+    return with_weights(build_model(spec.student.model, splits.num_classes, splits.in_channels,
+                                    splits.image_size, spec.student.model_args,
+                                    spec.student.stages),
                         spec.student, "student")
 
 

@@ -29,6 +29,11 @@ class GaussianSpec:
     noise: float = 1.0
 
 
+def image_hw(size) -> tuple[int, int]:
+    """(height, width) of an image size given as pixels (square) or [height, width]."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 @dataclass
 class DataSpec:
     # a built-in name, imagefolder, torchvision:CLASS or package.module:function (raykd.data)
@@ -45,7 +50,8 @@ class DataSpec:
     eval_batch_size: Annotated[int, AtLeast(1)] = 64
     # the training split's augmentation (raykd.data.augment); auto: the dataset's own recipe
     augment: Augment = "auto"
-    image_size: int | None = None     # imagenet crop, imagefolder/torchvision: resize
+    # imagenet crop, imagefolder/torchvision resize: pixels (square) or [height, width]
+    image_size: int | list[int] | None = None
     # keyword arguments of a torchvision: dataset class or a data factory of your own
     args: dict[str, Any] = field(default_factory=dict)
     mean: list[float] = field(default_factory=list)   # imagefolder normalisation (default:

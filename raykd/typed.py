@@ -91,7 +91,20 @@ def convert(tp, value, path: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return convert(inner[0], value, path)
+        if len(inner) == 1:
+            return convert(inner[0], value, path)
+        # several kinds (`int | list[int]`): the first that takes the value; else the error of
+        # the one the value's own kind (a list, a mapping, a scalar) was meant for
+        errors = []
+        for option in inner:
+            try:
+                return convert(option, value, path)
+            except RaykdError as e:
+                errors.append((option, e))
+        container = {list: (list, tuple), dict: (dict,)}
+        meant = [e for option, e in errors
+                 if isinstance(value, container.get(typing.get_origin(option), ()))]
+        raise (meant or [e for _, e in errors])[0]
     allowed = choices(tp)
     if allowed is not None:
         return check_choice(value, allowed, path)

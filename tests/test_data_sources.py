@@ -65,6 +65,53 @@ def test_a_torchvision_dataset_class_reads_its_files_from_a_local_root(tmp_path)
     assert torch.equal(splits.val[3][0], splits.val[3][0])
 
 
+def test_non_square_images_keep_their_shape_through_data_and_models(tmp_path):
+    """`data.image_size: [height, width]` resizes to that shape, augmentation included, and every
+    kind of model (the zoo, torchvision, a timm ViT whose position embedding is sized by it) is
+    built, cut and run on it."""
+    from raykd.models import build_model
+
+    mnist_files(tmp_path, "FashionMNIST")
+    for augment in ("cifar", "standard", "none"):
+        splits = load_dataset(DataSpec(dataset="torchvision:FashionMNIST", root=str(tmp_path),
+                                       val_size=30, image_size=[20, 12], augment=augment))
+        assert splits.input_shape == (1, 20, 12) and splits.image_size == (20, 12)
+        assert splits.train[0][0].shape == splits.val[0][0].shape == (1, 20, 12)
+    x = torch.randn(2, 1, 20, 12)
+    for name, args in (("cnn_small", None), ("torchvision:resnet18", None),
+                       ("timm:vit_tiny_patch16_224", {"patch_size": 4, "depth": 2})):
+        model = build_model(name, 10, 1, splits.image_size, args).eval()
+        feats = model.features(x, ["stage1", "logits"])
+        assert feats["logits"].shape == (2, 10), name
+    with pytest.raises(RaykdError, match=r"data.image_size: \[20, 12, 3\]; give pixels"):
+        job_from_dict({"name": "j", "data": {"dataset": "digits", "image_size": [20, 12, 3]},
+                       "methods": {"kd": {}}})
+
+
+def test_image_files_are_normalised_as_the_timm_teacher_was_trained(tmp_path):
+    """With no data.mean/std, image files take the timm teacher's pretrained mean and std (a ViT:
+    0.5), recorded in the spec; values given are kept; one value stands for every channel and
+    three on grey images are averaged; another count is one line."""
+    from raykd.data.normalise import normalisation
+
+    job = {"name": "j", "data": {"dataset": "imagefolder", "root": str(tmp_path)},
+           "teacher": {"model": "timm:vit_tiny_patch16_224"}, "methods": {"kd": {}}}
+    spec = job_from_dict(job)
+    assert spec.data.mean == [0.5] * 3 and spec.data.std == [0.5] * 3
+    job["teacher"]["model"] = "timm:resnet10t"
+    assert job_from_dict(job).data.mean == [0.485, 0.456, 0.406]
+    job["data"]["mean"], job["data"]["std"] = [0.1], [0.2]
+    assert job_from_dict(job).data.mean == [0.1]          # given: kept
+    job["teacher"]["model"], job["data"] = "cnn", {"dataset": "imagefolder", "root": "x"}
+    assert job_from_dict(job).data.mean == []             # a zoo teacher: ImageNet's, below
+    assert normalisation(DataSpec(), 3, "d") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert normalisation(DataSpec(mean=[0.1], std=[0.2]), 3, "d") == ((0.1,) * 3, (0.2,) * 3)
+    grey = normalisation(DataSpec(mean=[0.3, 0.6, 0.9], std=[0.5, 0.5, 0.5]), 1, "d")
+    assert grey[0] == pytest.approx((0.6,)) and grey[1] == pytest.approx((0.5,))
+    with pytest.raises(RaykdError, match=r"data.mean has 2 values for d's colour images; give 3"):
+        normalisation(DataSpec(mean=[0.1, 0.2]), 3, "d")
+
+
 def test_data_args_reach_the_torchvision_class(tmp_path):
     """EMNIST's `split` is its subset (here digits), given through data.args; raykd asks for the
     training and test splits through `train`, which EMNIST passes on to MNIST."""

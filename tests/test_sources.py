@@ -130,10 +130,10 @@ def test_a_timm_teacher_distils_into_a_torchvision_student_on_an_image_folder(
     """KD, Channel Distillation between stages given by module path, DIH with heads on the timm
     teacher's stages, and Neighbourhood Distillation of the timm teacher cut at those stages,
     whose library `raykd search` then searches: every unit trains and exports, on real PNG
-    files, through `raykd.run` with a dict."""
+    files resized to a non-square 32x24, through `raykd.run` with a dict."""
     job = small_job(
         tmp_path, name="byo",
-        data={"dataset": "imagefolder", "root": str(png_folder), "image_size": 32,
+        data={"dataset": "imagefolder", "root": str(png_folder), "image_size": [32, 24],
               "batch_size": 50, "val_size": 100, "test_size": 100, "augment": "none"},
         teacher={"model": "timm:resnet10t", "stages": ["layer2", "layer3", "layer4"],
                  "train": {"epochs": 2, "lr": 0.05}},
@@ -259,11 +259,11 @@ def test_callable_sources_are_named_as_a_job_file_would_name_them():
     """raykd.run takes torchvision builders and dataset classes, timm entry points and a
     module's functions as sources; one defined where Ray's processes cannot import it by name
     (a notebook cell, a lambda) is one line before any Ray work."""
+    import byo_data
+    import byo_factory
     import timm
     import torchvision
 
-    import byo_data
-    import byo_factory
     from raykd.factories import named_sources
 
     raw = named_sources({"teacher": {"models": [timm.models.resnet18,

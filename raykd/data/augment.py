@@ -12,6 +12,8 @@ Validation and test splits never augment.
 """
 from __future__ import annotations
 
+from raykd.specs import image_hw
+
 PRESETS = ("standard", "cifar", "none")
 
 
@@ -19,13 +21,14 @@ def preset(augment: str, dataset_default: str) -> str:
     return dataset_default if augment == "auto" else augment
 
 
-def train_transforms(name: str, size: int, resize: list) -> list:
-    """The training split's geometric transforms for preset `name` at `size` pixels, where
-    `resize` is the deterministic resize the evaluation splits get."""
+def train_transforms(name: str, size, resize: list) -> list:
+    """The training split's geometric transforms for preset `name` at `size` (pixels, or
+    (height, width)), where `resize` is the deterministic resize the evaluation splits get."""
     from torchvision import transforms as T
 
     if name == "standard":
         return [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
     if name == "cifar":
-        return [*resize, T.RandomCrop(size, padding=max(1, size // 8)), T.RandomHorizontalFlip()]
+        padding = max(1, min(image_hw(size)) // 8)
+        return [*resize, T.RandomCrop(size, padding=padding), T.RandomHorizontalFlip()]
     return list(resize)

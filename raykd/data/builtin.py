@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 from raykd.data.augment import preset, train_transforms
 from raykd.data.registry import DatasetSplits, _limit, register_dataset, split_indices, subset
 from raykd.errors import RaykdError
+from raykd.specs import image_hw
 
 
 def _tensor_splits(x: np.ndarray, y: np.ndarray, spec, name: str, num_classes: int,
@@ -160,8 +161,11 @@ def imagenet(spec) -> DatasetSplits:
             f"dataset imagenet not found: expected {tr_dir}/<class>/*.JPEG and {te_dir}/<class>/*.JPEG "
             "(the ILSVRC-2012 train and val sets, val sorted into class folders); set data.root")
     norm = [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
-    size = spec.image_size or 224
-    eval_tf = [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
+    h, w = image_hw(spec.image_size or 224)
+    size = h if h == w else (h, w)
+    # the reference's resize to 256/224 of the crop (its short side, for a square crop)
+    scaled = int(h * 256 / 224) if h == w else (int(h * 256 / 224), int(w * 256 / 224))
+    eval_tf = [T.Resize(scaled), T.CenterCrop(size)]
     augment = preset(spec.augment, "standard")
     train_tf = train_transforms(augment, size, eval_tf)
     train_aug = datasets.ImageFolder(tr_dir, transform=T.Compose(train_tf + norm))
@@ -170,4 +174,4 @@ def imagenet(spec) -> DatasetSplits:
     val_size = 10000 if spec.val_size is None else spec.val_size
     return _holdout_splits(train_aug, train_plain, test, len(train_plain), val_size, spec,
                            "imagenet", num_classes=len(train_plain.classes),
-                           shape=(3, size, size), deterministic=augment == "none")
+                           shape=(3, h, w), deterministic=augment == "none")

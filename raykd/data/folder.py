@@ -4,8 +4,8 @@
     ROOT/val/<class>/*                   optional: else carved from train (data.val_size)
     ROOT/test/<class>/*                  optional: else carved from train (data.test_size)
 
-Every image is resized to `data.image_size` (square) and normalised with `data.mean` and
-`data.std` (default: ImageNet's); grey or colour as the first training image is (the rest are
+Every image is resized to `data.image_size` (pixels, square, or [height, width]; 224 by default)
+and normalised as raykd.data.normalise says; grey or colour as the first training image is (the rest are
 converted to its mode). The training split is augmented as `data.augment` says
 (raykd.data.augment; `standard` by default), so the teacher-output cache is not used for it unless
 that is `none`. Every file is checked to be a readable image before any Ray work: a bad one is
@@ -17,10 +17,11 @@ import os
 from pathlib import Path
 
 from raykd.data.augment import preset, train_transforms
+from raykd.data.normalise import normalisation
 from raykd.data.registry import DatasetSplits, register_dataset, split_indices, subset
 from raykd.errors import RaykdError, one_line
+from raykd.specs import image_hw
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -83,15 +84,10 @@ def imagefolder(spec) -> DatasetSplits:
     with Image.open(train[0][0]) as first:
         image_mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"
     channels = 1 if image_mode == "L" else 3
-    size = spec.image_size or 224
-    mean = tuple(spec.mean or (IMAGENET_MEAN if channels == 3 else (0.5,)))
-    std = tuple(spec.std or (IMAGENET_STD if channels == 3 else (0.5,)))
-    if len(mean) != channels or len(std) != channels:
-        raise RaykdError(f"data.mean and data.std need {channels} values for "
-                         f"{'grey' if channels == 1 else 'colour'} images, got {len(mean)} and "
-                         f"{len(std)}")
+    size = image_hw(spec.image_size or 224)
+    mean, std = normalisation(spec, channels, "image folder")
     norm = [T.ToTensor(), T.Normalize(mean, std)]
-    resize = [T.Resize((size, size))]
+    resize = [T.Resize(size)]
     plain = T.Compose(resize + norm)
     augment = preset(spec.augment, "standard")
     augmented = T.Compose(train_transforms(augment, size, resize) + norm)
@@ -114,7 +110,7 @@ def imagefolder(spec) -> DatasetSplits:
         return subset(fixed, indices)
 
     return DatasetSplits(train=subset(every, tr), val=held("val", va), test=held("test", te),
-                         num_classes=len(classes), input_shape=(channels, size, size),
+                         num_classes=len(classes), input_shape=(channels, *size),
                          deterministic=augment == "none")
 
 

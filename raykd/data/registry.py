@@ -25,8 +25,10 @@ class DatasetSplits:
         return self.input_shape[0]
 
     @property
-    def image_size(self) -> int:
-        return self.input_shape[1]
+    def image_size(self) -> int | tuple[int, int]:
+        """What model builders take: pixels for square images, else (height, width)."""
+        _, h, w = self.input_shape
+        return h if h == w else (h, w)
 
 
 def register_dataset(name: str):

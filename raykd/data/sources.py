@@ -27,11 +27,12 @@ from collections.abc import Mapping
 
 from raykd import factories
 from raykd.data.augment import preset, train_transforms
+from raykd.data.normalise import normalisation
 from raykd.data.registry import DatasetSplits, split_indices, subset
 from raykd.errors import RaykdError, one_line
+from raykd.specs import image_hw
 
 TORCHVISION = "torchvision:"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def is_sourced(name: str) -> bool:
@@ -153,16 +154,9 @@ def _from_torchvision(spec) -> DatasetSplits:
     mode = "L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB"
     channels = 1 if mode == "L" else 3
     width, height = image.size
-    size = spec.image_size or width
-    if spec.image_size is None and width != height:
-        raise RaykdError(f"data: {spec.dataset} has {width}x{height} images; give "
-                         "data.image_size (they are resized to a square)")
-    mean = tuple(spec.mean or (IMAGENET_MEAN if channels == 3 else (0.5,)))
-    std = tuple(spec.std or (IMAGENET_STD if channels == 3 else (0.5,)))
-    if len(mean) != channels or len(std) != channels:
-        raise RaykdError(f"data.mean and data.std need {channels} values for {spec.dataset}, got "
-                         f"{len(mean)} and {len(std)}")
-    resize = [T.Resize((size, size))] if (width, height) != (size, size) else []
+    size = image_hw(spec.image_size) if spec.image_size else (height, width)
+    mean, std = normalisation(spec, channels, spec.dataset)
+    resize = [T.Resize(size)] if (height, width) != size else []
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     augment = preset(spec.augment, "none")
     plain = T.Compose([ToMode(mode), *resize, *norm])
@@ -181,7 +175,7 @@ def _from_torchvision(spec) -> DatasetSplits:
         test = subset(test, list(range(min(spec.test_size, len(test)))))
     return DatasetSplits(train=subset(train_aug, tr), val=subset(train_plain, va), test=test,
                          num_classes=_class_count(raw, spec.dataset),
-                         input_shape=(channels, size, size), deterministic=augment == "none")
+                         input_shape=(channels, *size), deterministic=augment == "none")
 
 
 # ---- data factories of your own -------------------------------------------------------------

@@ -61,10 +61,11 @@ def check_model_name(name: str) -> None:
     raise RaykdError(f"unknown model {name!r}; allowed: {', '.join(model_names())}")
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
+def build_model(name: str, num_classes: int, in_channels: int = 3, image_size=32,
                 args: dict | None = None, stages: list[str] | None = None) -> StagedModel:
     """A zoo model by name, or `torchvision:NAME` / `timm:NAME` with keyword arguments `args`
-    and, optionally, its stages by module path (raykd.models.sources)."""
+    and, optionally, its stages by module path (raykd.models.sources). `image_size`: pixels of a
+    square input, or (height, width)."""
     if ":" in name:
         return build_source_model(name, num_classes, in_channels, image_size, args, stages)
     check_model_name(name)

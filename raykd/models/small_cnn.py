@@ -10,6 +10,7 @@ from collections import OrderedDict
 from torch import nn
 
 from raykd.models.cifar_resnet import ClassifierHead
+from raykd.specs import image_hw
 
 
 def _stage(cin: int, cout: int, pool: bool) -> nn.Sequential:
@@ -21,14 +22,14 @@ def _stage(cin: int, cout: int, pool: bool) -> nn.Sequential:
 
 
 def small_cnn_blocks(widths: tuple[int, int, int, int], num_classes: int, in_channels: int,
-                     image_size: int):
+                     image_size):
     blocks: "OrderedDict[str, nn.Module]" = OrderedDict()
     blocks["stem"] = nn.Sequential(
         nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
         nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
     )
     stages = {}
-    size, cin = image_size, widths[0]
+    size, cin = min(image_hw(image_size)), widths[0]
     for s, cout in enumerate(widths[1:], start=1):
         pool = size >= 2
         blocks[f"stage{s}_block"] = _stage(cin, cout, pool)

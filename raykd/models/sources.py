@@ -20,6 +20,7 @@ from torch import nn
 from raykd.errors import RaykdError, one_line
 from raykd.factories import check_allowed, code_fingerprint, is_factory, load
 from raykd.models.staged import StagedModel
+from raykd.specs import image_hw
 
 SOURCES = ("torchvision", "timm")
 
@@ -84,7 +85,7 @@ def _timm(name: str):
     return timm
 
 
-def build_source_model(name: str, num_classes: int, in_channels: int, image_size: int,
+def build_source_model(name: str, num_classes: int, in_channels: int, image_size,
                        args: dict | None = None, stages: list[str] | None = None) -> StagedModel:
     """`stages`: module paths to call stage1..N (default: timm's feature_info, else one per
     feature-map resolution)."""
@@ -108,7 +109,7 @@ def build_source_model(name: str, num_classes: int, in_channels: int, image_size
     if not isinstance(module, nn.Module):
         raise RaykdError(f"model {name}: its builder returned {type(module).__name__}, not a "
                          "torch.nn.Module")
-    staged = cut_module(module, (in_channels, image_size, image_size), name, stages or derived)
+    staged = cut_module(module, (in_channels, *image_hw(image_size)), name, stages or derived)
     staged.arch, staged.model_args, staged.stage_paths = name, args, list(stages or [])
     return staged
 
@@ -136,7 +137,9 @@ def _timm_model(name, arch, num_classes, in_channels, image_size, args):
     timm = _timm(name)
     cfg = timm.get_pretrained_cfg(arch)
     if cfg is not None and getattr(cfg, "fixed_input_size", False):
-        args.setdefault("img_size", image_size)   # a ViT's position embedding is sized by it
+        # a ViT's position embedding is sized by it (timm takes pixels or (height, width))
+        args.setdefault("img_size", image_size if isinstance(image_size, int)
+                        else tuple(image_hw(image_size)))
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes,
                               in_chans=in_channels, **args)
     info = getattr(model, "feature_info", None)
