@@ -127,8 +127,10 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_search(args) -> int:
+    import json
+
     from raykd.ray_env import init_ray, stop_on_signals
-    from raykd.search import SearchRequest, library_entries, positions, run_search, solve
+    from raykd.search import SearchRequest, library_entries, positions, run_search, search_runtime_env, solve
 
     try:
         seeds = tuple(int(s) for s in args.seeds.split(","))
@@ -140,8 +142,10 @@ def _cmd_search(args) -> int:
                             seeds, args.out, args.bn_recalibration, args.inputs)
     request.check()
     # a bad library or an impossible budget fails here, before Ray starts
-    solve(positions(library_entries(request)[0]), request)
-    init_ray(None, None)
+    entries, teacher = library_entries(request)
+    solve(positions(entries), request)
+    data = json.loads(entries.data.iloc[0])
+    init_ray(None, None, runtime_env=search_runtime_env(teacher, data))
     stop_on_signals()   # after ray.init, which installs Ray's own handler
     table, results = run_search(request)
     shown = table.drop(columns=["positions"])
@@ -391,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except RaykdError as e:
-        print(f"raykd: error: {e}", file=sys.stderr)
+        # raised in a Ray task or actor, it comes wrapped with the remote traceback: its own line
+        cause = getattr(e, "cause", None)
+        print(f"raykd: error: {cause if isinstance(cause, RaykdError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # before stop_on_signals, or under it
         if ray_env.FORCED_EXIT:

@@ -184,16 +184,27 @@ def check_tracking(spec: JobSpec) -> None:
                              "pip install 'raykd[track]'") from None
 
 
-def allow_run_factories(run_dir: str | Path) -> None:
+def allow_run_factories(run_dir: str | Path) -> list[str]:
     """A run folder's own job.yaml names the factories its exports were built by: a command
-    that reads the folder (export, report) may import those, and only those."""
+    that reads the folder (export, report, search) may import those, and only those. Returns
+    their names (for the `runtime_env` of the Ray work that imports them)."""
     path = Path(run_dir) / "job.yaml"
     if not path.is_file():
-        return
+        return []
     raw = parse(path.read_text(), str(path)) or {}
     teacher, student = raw.get("teacher") or {}, raw.get("student") or {}
-    factories.allow([teacher.get("model"), *(teacher.get("models") or []), student.get("model"),
-                     (raw.get("data") or {}).get("dataset")])
+    names = factories.factories([teacher.get("model"), *(teacher.get("models") or []),
+                                 student.get("model"), (raw.get("data") or {}).get("dataset")])
+    factories.allow(names)
+    return names
+
+
+def export_run_factories(export: str | Path) -> list[str]:
+    """The factories the run folder holding `export` names (the nearest job.yaml above it)."""
+    for folder in Path(export).resolve().parents:
+        if (folder / "job.yaml").is_file():
+            return allow_run_factories(folder)
+    return []
 
 
 def job_runtime_env(spec: JobSpec) -> dict | None:

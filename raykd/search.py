@@ -26,6 +26,7 @@ import pandas as pd
 import yaml
 
 from raykd.errors import RaykdError
+from raykd.factories import is_factory, runtime_env
 from raykd.files import atomic_copy, file_hash, torch_save
 from raykd.library import NeighbourhoodLibrary
 from raykd.log import log
@@ -180,7 +181,8 @@ def stitch_info(teacher: str, solution: list[dict]) -> dict:
             "parts": [[int(r["nb_start"]), int(r["nb_stop"]), r["checkpoint"]] for r in solution]}
 
 
-def score_students(infos: list[dict], data: dict, bn_recalibration: int) -> list[dict]:
+def score_students(infos: list[dict], data: dict, bn_recalibration: int,
+                   runtime_env: dict | None = None) -> list[dict]:
     """Val accuracy, parameters, MACs and measured latency of each stitched student, its
     BatchNorm statistics first recomputed on `bn_recalibration` training images
     (raykd.models.batchnorm), one Ray task each (no training). Each score's "export" holds the
@@ -207,6 +209,8 @@ def score_students(infos: list[dict], data: dict, bn_recalibration: int) -> list
                 "export": model_payload(model, splits.num_classes, splits.in_channels,
                                         splits.image_size)}
 
+    if runtime_env:   # the teacher's or the data's factories, for the processes that build them
+        score = score.options(runtime_env=runtime_env)
     return ray.get([score.remote(info) for info in infos])
 
 
@@ -270,7 +274,8 @@ def run_search(request: SearchRequest):
              len(solutions), request.budgets or "no budget")
     infos = [stitch_info(teacher, s) for s in solutions]
     data = json.loads(solutions[0][0]["data"])
-    scores = score_students(infos, data, request.bn_recalibration)
+    scores = score_students(infos, data, request.bn_recalibration,
+                            search_runtime_env(teacher, data))
     payloads = [score.pop("export") for score in scores]
     table = pd.DataFrame([{
         "rank": i + 1, "candidates": "+".join(r["candidate"] for r in s),
@@ -305,14 +310,39 @@ def run_search(request: SearchRequest):
     return table, results
 
 
+def search_factories(teacher: str, data: dict) -> list[str]:
+    """The functions of the user's own the search builds with: those the job that trained the
+    teacher names (its run folder's job.yaml above the export), allowed here. A teacher export
+    outside its run folder that names one is refused where it is loaded, in one line."""
+    from raykd.config import export_run_factories
+
+    names = export_run_factories(teacher)
+    if is_factory(data.get("dataset")) and data["dataset"] not in names:
+        raise RaykdError(f"the library's parts were distilled on data {data['dataset']}, which "
+                         f"the job above the teacher export {teacher} does not name; search "
+                         "from the library of that job's run")
+    return names
+
+
+def search_runtime_env(teacher: str, data: dict) -> dict | None:
+    return runtime_env(search_factories(teacher, data))
+
+
 def finetune_job(request: SearchRequest, out: Path, teacher: str, data: dict) -> dict:
-    """A ready-to-run job: the chosen stitched student fine-tuned with KD from its teacher."""
+    """A ready-to-run job: the chosen stitched student fine-tuned with KD from its teacher
+    (named by its source when that is a factory, so `raykd run` may import it)."""
     defaults = dataclasses.asdict(data_spec({"dataset": data["dataset"]}))
     keep = {k: v for k, v in data.items() if v is not None and
             (k == "dataset" or v != defaults.get(k))}
     return {"name": "finetune", "output_dir": str(out), "seeds": list(request.seeds),
-            "data": keep, "teacher": {"checkpoint": teacher},
+            "data": keep, "teacher": {**teacher_source(teacher), "checkpoint": teacher},
             "student": {"checkpoint": str(out / "student.pt"),
                         "train": {"epochs": max(1, request.finetune_epochs), "lr": 0.05}},
             "methods": {"kd": {"temperature": 4.0, "alpha": 0.9}}}
 
+
+def teacher_source(teacher: str) -> dict:
+    from raykd.models.export import read_export
+
+    arch = read_export(teacher, "model").get("arch")
+    return {"model": arch} if is_factory(arch) else {}

@@ -197,6 +197,47 @@ def test_a_sweep_of_your_own_model_on_your_own_data_from_the_command_line(ray_se
     assert set(results.method) == {"ce", "kd"} and results.val_top1.between(0, 1).all()
 
 
+def test_a_library_of_your_own_teacher_on_your_own_data_is_searched_from_the_command_line(
+        ray_session, tmp_path):
+    """`raykd run` distils a factory teacher's neighbourhoods on factory data; `raykd search`, run
+    from the modules' folder (not on PYTHONPATH), scores stitched students in Ray tasks that import
+    both factories (the job above the teacher's export names them), and the job it writes names
+    the teacher's factory, so `raykd run` may import it."""
+    import os
+    import subprocess
+
+    import pandas as pd
+    import yaml
+
+    from conftest import RAYKD
+
+    job = small_job(tmp_path, name="own_nd", data={
+        "dataset": "byo_data:digit_splits", "batch_size": 64, "val_size": 200},
+        teacher={"model": "byo_factory:tiny_net", "train": {"epochs": 1, "lr": 0.1}},
+        methods={"nd": {"method": "neighbourhood", "candidates": ["w0.5d1", "w0.25d1"],
+                        "train": {"epochs": 1, "optimizer": "adam", "lr": 0.01}}})
+    path = tmp_path / "own_nd.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    env.pop("PYTHONPATH", None)
+    here = Path(__file__).parent
+    done = subprocess.run([RAYKD, "run", str(path)], cwd=here, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = pd.read_parquet(tmp_path / "own_nd" / "results.parquet")
+    teacher = results[results.role == "teacher"].export.iloc[0]
+    out = tmp_path / "search"
+    done = subprocess.run([RAYKD, "search", str(tmp_path / "neighbourhoods"), "--teacher", teacher,
+                           "--top", "2", "--finetune-epochs", "0", "--out", str(out)],
+                          cwd=here, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pd.read_parquet(out / "pareto.parquet")
+    assert len(table) == 2 and table.val_top1.between(0, 1).all()
+    written = load_job(out / "student.yaml")
+    assert written.teacher.model == "byo_factory:tiny_net"
+    assert written.data.dataset == "byo_data:digit_splits"
+
+
 def test_augmented_views_depend_on_seed_epoch_and_image_alone(tmp_path):
     """An augmented training split as units iterate it: each image's random view is drawn from
     (seed, epoch, index), so a resumed process, another order, another rank or loader worker
