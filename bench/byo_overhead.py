@@ -90,7 +90,7 @@ def main() -> None:
     work = fresh_workdir("byo_overhead")
     export_folder("mnist5k", work / "png", limit=2600)
     data = DataSpec(dataset="imagefolder", root=str(work / "png"), image_size=32, batch_size=64,
-                    train_size=2000, val_size=300, test_size=300, augment=False)
+                    train_size=2000, val_size=300, test_size=300, augment="none")
     optim = OptimSpec(epochs=args.epochs, lr=0.05)
     splits = load_dataset(data)
     teacher_path = work / "teacher.pt"

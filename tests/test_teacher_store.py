@@ -47,3 +47,34 @@ def test_an_altered_store_entry_is_not_served(tmp_path):
     stored = next((tmp_path / "teachers").glob("*.pt"))
     stored.write_bytes(b"truncat")
     assert store.fetch(teacher_unit(tmp_path, "b")) is None
+
+
+def test_editing_your_own_model_or_data_file_misses_the_store_and_the_cache(tmp_path,
+                                                                           monkeypatch):
+    """A teacher of a factory model, on data of a factory, is keyed by the factories' files: an
+    edited file misses the teacher store and the teacher-output cache, an unchanged one hits."""
+    import sys
+
+    from raykd import factories
+    from raykd.teacher.cache import cache_key
+
+    module = tmp_path / "mine_store.py"
+    module.write_text("def build(num_classes):\n    return None\n"
+                      "def splits():\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    factories.allow(["mine_store:build", "mine_store:splits"])
+    unit = dataclasses.replace(teacher_unit(tmp_path), model="mine_store:build",
+                               data=DataSpec(dataset="mine_store:splits"))
+    export = tmp_path / "teacher.pt"
+    export.write_bytes(b"weights")
+
+    def keys():
+        return teacher_digest(unit, 1), cache_key(str(export), unit.data, "train", ["logits"])
+
+    before = keys()
+    assert keys() == before, "unchanged: the same entries"
+    module.write_text(module.read_text() + "# edited\n")
+    sys.modules.pop("mine_store", None)
+    after = keys()
+    assert after[0] != before[0], "the edited model file trains a new teacher"
+    assert after[1] != before[1], "the edited data file fills a new cache entry"
