@@ -176,6 +176,37 @@ def test_a_timm_teacher_distils_into_a_torchvision_student_on_an_image_folder(
     assert record["top1_agreement"] == 1.0 and record["max_abs_diff"] < 1e-3
 
 
+def test_feed_from_two_teachers_of_different_sources_kd_top_k_and_nd_on_a_torchvision_resnet(
+        ray_session, png_folder, tmp_path):
+    """FEED from a torchvision and a timm teacher at once, KD with Tang's top-k transform into a
+    torchvision student, and Neighbourhood Distillation of the torchvision ResNet-18 teacher cut
+    at its stages, on real PNG files: every unit trains, with the sources in its rows."""
+    job = small_job(
+        tmp_path, name="two_sources",
+        data={"dataset": "imagefolder", "root": str(png_folder), "image_size": 16,
+              "batch_size": 50, "val_size": 100, "test_size": 100, "augment": "none"},
+        teacher={"models": ["torchvision:resnet18", "timm:resnet10t"],
+                 "train": {"epochs": 1, "lr": 0.05}},
+        student={"model": "torchvision:shufflenet_v2_x0_5", "train": {"epochs": 1, "lr": 0.05}},
+        methods={"feed": {"teacher_tap": "layer4", "student_tap": "conv5"},
+                 "kd_top3": {"method": "kd", "transform": "topk", "k": 3},
+                 "nd": {"method": "neighbourhood", "groups": ["stage3"],
+                        "candidates": ["w0.25d1"], "train": {"epochs": 1},
+                        "bn_recalibration": 50}})
+    df = raykd.run(job)
+    teachers = df[df.role == "teacher"]
+    assert set(teachers.model) == {"torchvision:resnet18", "timm:resnet10t"}
+    students = df[df.role == "student"].set_index("method")
+    assert {"feed", "kd_top3", "nd.stitched"} <= set(students.index)
+    assert students.loc[["feed", "kd_top3"], "model"].eq("torchvision:shufflenet_v2_x0_5").all()
+    assert len(str(students.loc["feed", "teachers"]).split(",")) == 2, "FEED read both teachers"
+    part = df[df.role == "neighbourhood"]
+    assert len(part) == 1 and part.params.iloc[0] > 0
+    assert students.loc["nd.stitched", "params"] < teachers[
+        teachers.model == "torchvision:resnet18"].params.iloc[0]
+    assert df.val_top1.between(0, 1).all()
+
+
 def test_starting_weights_load_exactly_and_bad_files_are_one_line(tmp_path):
     import pickle
 
