@@ -34,6 +34,22 @@ def image_hw(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+class InputShape:
+    """What model builders take of a dataset's `input_shape` (C, H, W): the channel count, and
+    the image size as pixels for square images, else (height, width). Shared by the loaded splits
+    and by what a sweep trial plans with (raykd.sweep.Shapes)."""
+    input_shape: tuple[int, int, int]
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[0]
+
+    @property
+    def image_size(self) -> int | tuple[int, int]:
+        _, h, w = self.input_shape
+        return h if h == w else (h, w)
+
+
 @dataclass
 class DataSpec:
     # a built-in name, imagefolder, torchvision:CLASS or package.module:function (raykd.data)

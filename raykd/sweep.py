@@ -25,7 +25,7 @@ import yaml
 from raykd.config import job_from_dict
 from raykd.errors import RaykdError, one_line
 from raykd.log import log
-from raykd.specs import JobSpec, SearchDim, SweepSpec
+from raykd.specs import InputShape, JobSpec, SearchDim, SweepSpec
 from raykd.typed import set_key
 
 TRIAL_RESOURCE = "raykd_trial"
@@ -191,7 +191,7 @@ def absolute_paths(raw: dict, spec: JobSpec) -> dict:
 # ---- one trial --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Shapes:
+class Shapes(InputShape):
     """What planning needs of a dataset (a trial plans its unit without loading the data)."""
     num_classes: int
     input_shape: tuple[int, int, int]

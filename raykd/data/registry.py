@@ -7,28 +7,19 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from raykd.errors import RaykdError
+from raykd.specs import InputShape
 
 _DATASETS: dict[str, Callable] = {}
 
 
 @dataclass
-class DatasetSplits:
+class DatasetSplits(InputShape):
     train: Dataset
     val: Dataset
     test: Dataset
     num_classes: int
     input_shape: tuple[int, int, int]  # C, H, W
     deterministic: bool = True         # the same index always gives the same input (no augmentation)
-
-    @property
-    def in_channels(self) -> int:
-        return self.input_shape[0]
-
-    @property
-    def image_size(self) -> int | tuple[int, int]:
-        """What model builders take: pixels for square images, else (height, width)."""
-        _, h, w = self.input_shape
-        return h if h == w else (h, w)
 
 
 def register_dataset(name: str):
