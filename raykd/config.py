@@ -80,8 +80,9 @@ def validate(spec: JobSpec) -> None:
     spec.output_dir = _resolve(spec.output_dir)
     spec.data.root = _resolve(spec.data.root)
     spec.teacher.cache_dir = _resolve(spec.teacher.cache_dir)
-    teacher_norm(spec)   # before the weights name becomes a file
+    named_weights = spec.teacher.weights     # a timm tag, before it resolves to its file
     spec.teacher.weights = resolve_weights(spec.teacher.model, spec.teacher.weights, "teacher")
+    teacher_norm(spec, named_weights)        # after: a bad tag is resolve_weights' one line
     spec.student.weights = resolve_weights(spec.student.model, spec.student.weights, "student")
     for part in (spec.teacher, spec.student):
         where = "teacher" if part is spec.teacher else "student"
@@ -133,17 +134,18 @@ IN_MEMORY = ("digits", "mnist5k", "gaussian")   # normalised tensors: nothing to
 FILE_DATASETS = ("imagefolder", "torchvision:")
 
 
-def teacher_norm(spec: JobSpec) -> None:
+def teacher_norm(spec: JobSpec, weights: str | None) -> None:
     """Image files are normalised as the teacher's timm pretrained config says, as timm's own
     `resolve_data_config` would, when the job gives no `data.mean`/`data.std` (recorded in the
-    run's job.yaml, so a re-run from it normalises the same way)."""
+    run's job.yaml, so a re-run from it normalises the same way). `weights`: the job's
+    `teacher.weights` as written (a timm tag picks that tag's config)."""
     data = spec.data
     if data.mean or data.std or not data.dataset.startswith(FILE_DATASETS) \
             or spec.teacher.models or spec.teacher.checkpoint:
         return
     from raykd.data.normalise import timm_normalisation
 
-    found = timm_normalisation(spec.teacher.model, spec.teacher.weights)
+    found = timm_normalisation(spec.teacher.model, weights)
     if found:
         data.mean, data.std = found
 

@@ -100,6 +100,11 @@ def test_image_files_are_normalised_as_the_timm_teacher_was_trained(tmp_path):
     assert spec.data.mean == [0.5] * 3 and spec.data.std == [0.5] * 3
     job["teacher"]["model"] = "timm:resnet10t"
     assert job_from_dict(job).data.mean == [0.485, 0.456, 0.406]
+    job["teacher"]["weights"] = "no_such_tag"   # the weights' own one line, not timm's
+    with pytest.raises(RaykdError, match="teacher.weights: timm's resnet10t has no pretrained "
+                                         "tag 'no_such_tag'; allowed: pretrained"):
+        job_from_dict(job)
+    del job["teacher"]["weights"]
     job["data"]["mean"], job["data"]["std"] = [0.1], [0.2]
     assert job_from_dict(job).data.mean == [0.1]          # given: kept
     job["teacher"]["model"], job["data"] = "cnn", {"dataset": "imagefolder", "root": "x"}

@@ -43,9 +43,10 @@ def timm_normalisation(model: str, weights: str | None) -> tuple[list[float], li
         return None
     import timm
 
+    from raykd.models.pretrained import is_path
+
     arch = model.split(":", 1)[1]
-    tag = weights if weights and weights != "pretrained" and "/" not in weights \
-        and "." not in weights else None
+    tag = weights if weights and weights != "pretrained" and not is_path(weights) else None
     cfg = timm.get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
     if cfg is None or not getattr(cfg, "mean", None) or not getattr(cfg, "std", None):
         return None
