@@ -12,12 +12,14 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from raykd.errors import RaykdError
 from raykd.files import file_hash
 from raykd.methods import MethodContext, method_params
 from raykd.models import StagedModel, build_model
 from raykd.models.export import load_export
 from raykd.models.weights import load_weights
 from raykd.specs import JobSpec
+from raykd.teacher.replay import replay_refusal
 from raykd.units import OutputsToStore, Unit
 
 
@@ -115,6 +117,7 @@ class SeedPlan:
                 init_from=self.spec.student.checkpoint, reinit=self.spec.student.reinit,
                 diagnostics_dir=str(self.spec.run_dir / "diagnostics" / f"seed{self.seed}-{name}"),
                 teacher_candidates=teachers, teacher_mode=mode,
+                replay=self.spec.teacher.replay if cls.uses_teacher else None,
                 depends_on=deps + list(depends_on) + extra.pop("depends_on", []))
             student = self.unit(f"seed{self.seed}-{name}", **{**fields, **kw, **extra})
             out.append(self.add(student))
@@ -194,9 +197,27 @@ def preflight(spec: JobSpec, splits) -> None:
         if chain > 1:
             contexts.append([student])     # later links distil from the previous student
         for group in contexts:
-            cls(params, MethodContext(student=student, num_classes=splits.num_classes,
-                                      input_shape=splits.input_shape, teacher=group[0],
-                                      teachers=group, shapes_only=True))
+            method = cls(params, MethodContext(student=student, num_classes=splits.num_classes,
+                                               input_shape=splits.input_shape, teacher=group[0],
+                                               teachers=group, shapes_only=True))
+            if spec.teacher.replay is not None and cls.uses_teacher and not method.score_names():
+                raise RaykdError(replay_refusal(
+                    label if label == cls.name else f"{label} ({cls.name})"))
+    check_replay(spec, splits)
+
+
+def check_replay(spec: JobSpec, splits) -> None:
+    """`teacher.replay` needs augmented training data and the teacher cache to store views in."""
+    if spec.teacher.replay is None:
+        return
+    if splits.deterministic:
+        raise RaykdError("teacher.replay: the training data is not augmented (data.augment is "
+                         f"{spec.data.augment!r}, which is 'none' for {spec.data.dataset}), so "
+                         "the teacher's outputs are cached once without replay; drop "
+                         "teacher.replay or set data.augment to standard or cifar")
+    if spec.teacher_cache_dir is None:
+        raise RaykdError("teacher.replay stores the teacher's views in the teacher cache, and "
+                         "teacher.cache is false; set teacher.cache: true or drop teacher.replay")
 
 
 def resolve_teachers(unit: Unit, rows: list[dict]) -> list[str]:

@@ -93,6 +93,16 @@ class OptimSpec:
 
 
 @dataclass
+class ReplaySpec:
+    """Replayed teacher views (raykd.teacher.replay): `views` augmented views per training image,
+    drawn once per teacher, whose `topk` largest class log-probabilities (and the label's) are
+    stored; students then train on those views with no teacher forward."""
+    views: Annotated[int, AtLeast(1)] = 8
+    topk: Annotated[int, AtLeast(1)] = 10
+    seed: int = 0                     # the stream the stored views are drawn from
+
+
+@dataclass
 class TeacherSpec:
     # a zoo name, torchvision:NAME or timm:NAME (raykd.models.sources)
     model: str = "cnn_wide"
@@ -115,6 +125,8 @@ class TeacherSpec:
     timeout_s: Annotated[float, Positive] = 120.0
     cache: bool = True                # store teacher outputs for deterministic inputs
     cache_dir: str | None = None      # default: OUTPUT_DIR/feature_cache (shared across jobs)
+    # augmented training data: students train on stored teacher views (raykd.teacher.replay)
+    replay: ReplaySpec | None = None
     reuse: bool = True                # take an identical teacher from OUTPUT_DIR/teachers
 
 

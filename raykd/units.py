@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from raykd.specs import DataSpec, OptimSpec
+from raykd.specs import DataSpec, OptimSpec, ReplaySpec
 from raykd.teacher.handle import TeacherHandle
 
 # a results row's role: "teacher", "student", or what a unit kind names its own ("head", ...)
@@ -86,6 +86,8 @@ class Unit:
     teacher_mode: TeacherMode = "first"
     teacher_exports: list[str] = field(default_factory=list)      # resolved at launch
     teachers: list[TeacherHandle] = field(default_factory=list)   # how to reach them
+    # augmented data: train on the teachers' stored views (raykd.teacher.replay), no forward
+    replay: ReplaySpec | None = None
     cpus_per_worker: float = 1.0
     depends_on: list[str] = field(default_factory=list)
     # the kind's own record of what to train (HeadsPart, NeighbourhoodPart; None for "model")

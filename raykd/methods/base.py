@@ -109,6 +109,17 @@ class DistillMethod:
     def teacher_taps(self) -> list[str]:
         return [LOGITS] if self.uses_teacher else []
 
+    def score_names(self) -> list[str]:
+        """The class scores this method distils from, by name: what a replayed teacher stores
+        per view (raykd.teacher.replay). The teacher's logits for a method that reads nothing
+        else of the teacher; [] for one that reads its features (it needs the teacher online)."""
+        return [LOGITS] if self.teacher_taps() == [LOGITS] else []
+
+    def teacher_scores(self, teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The scores of `score_names`, computed from the teacher's taps (batch x classes). A
+        replaying student's `Step.teacher` holds these (as log-probabilities) instead of taps."""
+        return {name: teacher[name] for name in self.score_names()}
+
     def modules(self) -> nn.Module | None:
         """Extra trainable modules (trained with the student, not exported)."""
         return None

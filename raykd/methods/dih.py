@@ -96,13 +96,24 @@ class DIH(DistillMethod):
     def teacher_taps(self):
         return self.stages + ["logits"]
 
+    def score_names(self):
+        return [f"head:{s}" for s in self.stages] + ["logits"]
+
+    def teacher_scores(self, teacher):
+        """The cohort's logits: each frozen head on its stage's map, then the teacher's."""
+        scores = {}
+        for s in self.stages:
+            head = self.heads[s].to(teacher[s].device)
+            scores[f"head:{s}"] = head(teacher[s]).detach()
+        return {**scores, "logits": teacher["logits"]}
+
     def losses(self, step: Step):
         p = self.params
-        cohort = []
-        for s in self.stages:
-            head = self.heads[s].to(step.teacher[s].device)
-            cohort.append(head(step.teacher[s]).detach())
-        cohort.append(step.teacher["logits"])
+        names = self.score_names()
+        # a replaying student's step holds the cohort's scores already (raykd.teacher.replay)
+        scores = step.teacher if all(n in step.teacher for n in names) \
+            else self.teacher_scores(step.teacher)
+        cohort = [scores[n] for n in names]
         alpha = p.alphas if p.alphas else p.alpha
         return {"dih": dih_loss(step.student["logits"], cohort, step.y, alpha, p.temperature,
                                 p.ce_once)}

@@ -1,8 +1,10 @@
 """How a training run reaches its teachers: a `TeacherHandle` becomes the `Teacher` interface
-in the worker (the model in-process, or a client of the job's shard actors), and for
-deterministic inputs the teacher's stored outputs (computed once, raykd.teacher.cache)."""
+in the worker (the model in-process, or a client of the job's shard actors); for
+deterministic inputs the teacher's stored outputs (computed once, raykd.teacher.cache), and for
+augmented inputs under `teacher.replay` its stored views (raykd.teacher.replay)."""
 from __future__ import annotations
 
+import os
 import time
 
 from raykd.data import load_dataset
@@ -10,6 +12,7 @@ from raykd.log import log
 from raykd.teacher.cache import cached_teacher
 from raykd.teacher.handle import TeacherHandle
 from raykd.teacher.local import LocalTeacher
+from raykd.teacher.replay import ReplayedViews, replayed_teacher
 from raykd.teacher.service import TeacherClient
 
 
@@ -30,6 +33,24 @@ def open_teachers(handles: list[TeacherHandle], taps: list[str], data_spec, spli
                            data_spec.eval_batch_size,
                            log=lambda m: log.info("[%s] %s", name, m), read=read)
             if h.cache_dir else t for t, h in zip(teachers, handles)]
+
+
+def open_replayed(unit, method, architectures: list, views: ReplayedViews, num_classes: int,
+                  device) -> list:
+    """The unit's teachers as their stored views for its method (filled on first use)."""
+    inputs = method_input_files(unit.method_inputs)
+    return [replayed_teacher(h, model, lambda h=h: open_teacher(h, device), method, unit.data,
+                             views, num_classes, inputs, device,
+                             say=lambda m: log.info("[%s] %s", unit.key, m))
+            for h, model in zip(unit.teachers, architectures)]
+
+
+def method_input_files(inputs: dict) -> list[str]:
+    """The files among a unit's method inputs (a DIH student's heads): what its method computes
+    the teacher's scores with, beside the teacher."""
+    values = [v for value in inputs.values()
+              for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return sorted(v for v in values if isinstance(v, str) and os.path.isfile(v))
 
 
 def store_outputs(unit, device) -> None:

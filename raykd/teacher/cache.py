@@ -54,6 +54,14 @@ def cache_key(teacher_export: str, data_spec, split: str, taps: list[str]) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def stored_dtype(t: torch.Tensor) -> np.dtype:
+    """How a tap is stored: activations as float32 (whatever precision computed them); float16
+    and integer arrays (replayed views' log-probabilities and class indices) as they are."""
+    if t.dtype == torch.float16 or not t.is_floating_point():
+        return torch.empty(0, dtype=t.dtype).numpy().dtype
+    return np.dtype(np.float32)
+
+
 class EntryWriter:
     """Fills one entry batch by batch in a private folder; `commit` renames it into place."""
 
@@ -82,8 +90,10 @@ class EntryWriter:
                 name = f"tap-{len(self.files)}.npy"
                 self.files[tap] = name
                 self.arrays[tap] = np.lib.format.open_memmap(
-                    self.tmp / name, mode="w+", dtype=np.float32, shape=(self.rows, *t.shape[1:]))
-            self.arrays[tap][lo:lo + len(t)] = t.detach().float().cpu().numpy()
+                    self.tmp / name, mode="w+", dtype=stored_dtype(t),
+                    shape=(self.rows, *t.shape[1:]))
+            kept = t if t.dtype == torch.float16 or not t.is_floating_point() else t.float()
+            self.arrays[tap][lo:lo + len(t)] = kept.detach().cpu().numpy()
 
     def commit(self) -> bool:
         """Put the entry in place; False if another writer stored it first."""

@@ -40,8 +40,13 @@ class SeededSamples(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
+        return self.draw(i, self.epoch)
+
+    def draw(self, i, stream: int):
+        """Image i as its random transforms make it from generator stream `stream` (an epoch, or
+        a stored view's number: raykd.teacher.replay)."""
         with torch.random.fork_rng(devices=[]):    # the global stream is left as it was
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_033 + int(i))
+            torch.manual_seed(((self.seed * 1_000_003 + stream) * 1_000_033 + int(i))
                               % (1 << 63))
             return self.dataset[i]
 

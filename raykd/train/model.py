@@ -20,7 +20,8 @@ from raykd.models import build_model, count_macs, count_params
 from raykd.models.export import load_export, model_name, save_export
 from raykd.models.staged import latency_ms
 from raykd.models.weights import load_weights
-from raykd.teacher.access import open_teachers
+from raykd.teacher.access import open_replayed, open_teachers
+from raykd.teacher.replay import ReplayedViews
 from raykd.train.batches import (
     WithIndex,
     at_epoch,
@@ -64,7 +65,8 @@ class ModelTrainer(UnitTrainer):
         unit, device = self.unit, self.device
         torch.manual_seed(unit.random_seed)
         self.splits = splits = load_dataset(unit.data)
-        self.train_samples = training_samples(splits, unit.augmentation_seed)
+        self.train_samples = ReplayedViews(splits.train, unit.replay, unit.augmentation_seed) \
+            if unit.replay else training_samples(splits, unit.augmentation_seed)
         model, started_from = student_model(unit, splits, device)
         # a model that starts from trained weights (a stitched student) is scored before
         # training; on the test split only where the unit may read it (never a sweep trial)
@@ -74,7 +76,7 @@ class ModelTrainer(UnitTrainer):
             **{f"initial_{name}": evaluate(model.to(device), part, unit.data.eval_batch_size,
                                            device) for name, part in scored},
             "started_from": started_from} if started_from else {}
-        architectures = [load_export(h.export_path) for h in unit.teachers]
+        self.architectures = architectures = [load_export(h.export_path) for h in unit.teachers]
         self.method = build_method(unit.method_name, unit.method, MethodContext(
             student=model, num_classes=splits.num_classes, input_shape=splits.input_shape,
             train_size=len(splits.train),
@@ -96,9 +98,16 @@ class ModelTrainer(UnitTrainer):
         self.teacher_taps = self.method.teacher_taps() if unit.teachers else []
         # a unit with no epoch left to train (only evaluated) opens no teacher: opening may
         # fill the teacher's cache over the training split, which a data-free job never reads
-        self.teachers = open_teachers(unit.teachers, self.teacher_taps, unit.data, self.splits,
-                                      self.device, unit.key) \
-            if start_epoch < unit.optim.epochs else []
+        if start_epoch >= unit.optim.epochs:
+            self.teachers = []
+        elif unit.replay and unit.teachers:   # the method's class scores on stored views
+            self.teacher_taps = self.method.score_names()
+            self.teachers = open_replayed(unit, self.method, self.architectures,
+                                          self.train_samples, self.splits.num_classes,
+                                          self.device)
+        else:
+            self.teachers = open_teachers(unit.teachers, self.teacher_taps, unit.data,
+                                          self.splits, self.device, unit.key)
 
     def train_mode(self):
         self.trainable.train()

@@ -1,0 +1,258 @@
+"""Replayed teacher views: KD on augmented data without a teacher forward per step.
+
+After FKD (Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition", 2022):
+once per teacher, `teacher.replay.views` (K) augmented views of every training image are drawn
+and the teacher's class scores on each are stored; students then train on those exact views, one
+per image per epoch, and read the teacher's scores from the store. Teacher and student see the
+same view (Beyer et al. 2022: a teacher fixed on one view per image hurts).
+
+- **A view's parameters are its generator seed.** Every augmented training image is drawn from a
+  generator seeded by (stream, view, image) alone (raykd.train.batches.SeededSamples), so the
+  seed reproduces exactly what the job's random transforms drew, whatever they are (crop box,
+  flip, a factory's own transforms), bit for bit; the store's key holds the data spec (transforms
+  included), the torch and torchvision versions, K, k and the stream.
+- **What is stored per view**, for each class-score output a method reads (`method.teacher_scores`:
+  the teacher's logits, DIH's heads): the k largest log-probabilities (float16; log-probabilities,
+  not probabilities, because float16 flushes probabilities under 6e-8 to zero, which a
+  temperature of 4 would raise to 0.016), their classes, and the label's log-probability; the
+  label once. (4k + 2) bytes per output plus 2 per view: K = 8, k = 10 is 352 bytes per image.
+- **What a student reads back**: log-probabilities over every class, the stored ones exact and the
+  remaining mass (1 - the stored probabilities) spread evenly over the other classes. Methods take
+  them as logits: softmax(log p / T) is softmax(z / T) for the stored classes, so any temperature
+  applies; with k = the number of classes the teacher is reproduced exactly (to float16).
+- **The fill** runs where a student first needs the entry (the first of a teacher's students; the
+  others wait on its lock and read it), one pass over the training split per view, each view's
+  arrays committed to a resumable folder as it finishes: a killed fill resumes at the view it was
+  on. The entry then goes into the teacher cache's atomic, checksummed store (raykd.teacher.cache):
+  a damaged entry is detected, discarded and filled again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from raykd.errors import RaykdError
+from raykd.files import file_hash
+from raykd.log import log
+from raykd.teacher.cache import EntryWriter, FeatureCache, cache_key, source_key
+from raykd.teacher.local import Done
+from raykd.train.batches import SeededSamples
+
+LABEL = "label"
+
+
+def view_of(seed: int, epoch: int, index, views: int):
+    """The stored view image `index` trains on at `epoch` (int or int64 tensor): each image
+    cycles through its K views from a starting view of its own (from the student's seed), so K
+    epochs see every view once and images differ in which view they see together."""
+    start = ((seed * 1_000_003 + index) * 2_654_435_761) >> 7
+    return (start + epoch) % views
+
+
+class ReplayedViews(SeededSamples):
+    """The training split as a replaying student sees it: at each epoch, image i is stored view
+    `view_of(student_seed, epoch, i)`, drawn exactly as the fill drew it."""
+
+    def __init__(self, dataset, replay, student_seed: int):
+        super().__init__(dataset, replay.seed)
+        self.replay, self.views, self.student_seed = replay, replay.views, student_seed
+
+    def __getitem__(self, i):
+        return self.draw(i, int(view_of(self.student_seed, self.epoch, int(i), self.views)))
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The store's rows (view-major: view v of image i is row v * N + i) of this epoch's
+        views of images `index`."""
+        index = index.long()
+        return view_of(self.student_seed, self.epoch, index, self.views) * len(self) + index
+
+
+def score_taps(name: str) -> tuple[str, str, str]:
+    """The stored arrays of one class-score output: top-k log-probabilities, their classes,
+    and the label's log-probability."""
+    return f"{name}.topk", f"{name}.classes", f"{name}.label"
+
+
+def replay_key(export_path: str, data_spec, replay, names: list[str], inputs: list[str]) -> str:
+    """The store entry of (teacher, data and its transforms, K, k, stream, outputs). `inputs`:
+    other files the outputs are computed with (a DIH student's heads)."""
+    import torchvision
+
+    what = ["replay", f"views={replay.views}", f"topk={replay.topk}", f"seed={replay.seed}",
+            f"torch={torch.__version__}", f"torchvision={torchvision.__version__}",
+            *[f"scores={n}" for n in names], *[f"input={file_hash(p)}" for p in sorted(inputs)]]
+    return cache_key(export_path, data_spec, "train", what)
+
+
+def class_scores(topk: torch.Tensor, classes: torch.Tensor, label_logp: torch.Tensor,
+                 labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Log-probabilities over all classes from a view's stored ones: exact where stored (the
+    top k and the label), the remaining mass spread evenly over the other classes."""
+    rows = torch.arange(len(topk), device=topk.device)
+    logp = torch.zeros(len(topk), num_classes, device=topk.device)
+    known = torch.zeros(len(topk), num_classes, dtype=torch.bool, device=topk.device)
+    logp.scatter_(1, classes.long(), topk.float())
+    known.scatter_(1, classes.long(), True)
+    logp[rows, labels.long()] = label_logp.float()
+    known[rows, labels.long()] = True
+    mass = torch.where(known, logp.exp(), torch.zeros_like(logp)).sum(1)
+    others = (~known).sum(1)
+    # float16 rounding can put the stored mass a hair over 1: the rest then gets almost nothing
+    rest = ((1 - mass).clamp_min(1e-12) / others.clamp_min(1)).log()
+    return torch.where(known, logp, rest[:, None].expand_as(logp))
+
+
+class ReplayedTeacher:
+    """The `Teacher` interface over a replay entry: the class scores of this epoch's view of
+    each image (its rows from `views`), under the names the method reads them by."""
+
+    def __init__(self, model, stored: dict[str, torch.Tensor], views: ReplayedViews,
+                 num_classes: int, device):
+        self.model, self.stored, self.views = model, stored, views
+        self.num_classes, self.device = num_classes, torch.device(device)
+
+    def features(self, x, taps, index=None) -> dict[str, torch.Tensor]:
+        if index is None:
+            raise ValueError("a replayed teacher needs the batch's sample indices")
+        rows = self.views.rows(index)
+        labels = self.stored[LABEL][rows]
+        out = {}
+        for name in taps:
+            topk, classes, label = score_taps(name)
+            out[name] = class_scores(self.stored[topk][rows], self.stored[classes][rows],
+                                     self.stored[label][rows], labels,
+                                     self.num_classes).to(self.device)
+        return out
+
+    def submit(self, x, taps, index=None) -> Done:
+        return Done(self.features(x, taps, index))
+
+
+def view_scores(scores: dict[str, torch.Tensor], labels: torch.Tensor, k: int,
+                num_classes: int) -> dict[str, torch.Tensor]:
+    """What a view stores: per output its top-k log-probabilities (float16), their classes and
+    the label's log-probability; and the label."""
+    index_dtype = torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
+    out = {LABEL: labels.to(index_dtype)}
+    for name, logits in scores.items():
+        logp = F.log_softmax(logits.float(), dim=1)
+        top, classes = logp.topk(min(k, num_classes), dim=1)
+        tap_topk, tap_classes, tap_label = score_taps(name)
+        out[tap_topk] = top.half()
+        out[tap_classes] = classes.to(index_dtype)
+        out[tap_label] = logp.gather(1, labels.long()[:, None])[:, 0].half()
+    return out
+
+
+class ReplayFill:
+    """Fills one replay entry, one view (a pass over the training split) at a time; each finished
+    view's arrays are saved to `.replay-KEY/` (atomically, file by file), so a fill killed
+    mid-way resumes at the view it was on."""
+
+    def __init__(self, cache: FeatureCache, key: str, train, replay, num_classes: int):
+        self.cache, self.key, self.train, self.replay = cache, key, train, replay
+        self.num_classes = num_classes
+        self.partial = cache.root / f".replay-{key}"
+
+    def view_files(self, view: int) -> Path:
+        return self.partial / f"view-{view:05d}.json"
+
+    def done_views(self) -> list[int]:
+        return [v for v in range(self.replay.views) if self.view_files(v).exists()]
+
+    def run(self, teacher, taps: list[str], scores_of, batch_size: int, loader_workers: int,
+            say=log.info) -> None:
+        """`scores_of(teacher outputs) -> {name: class scores}`: the method's teacher_scores."""
+        self.partial.mkdir(parents=True, exist_ok=True)
+        samples = SeededSamples(self.train, self.replay.seed)
+        done = set(self.done_views())
+        if done:
+            say(f"replay fill {self.key}: resuming, {len(done)} of {self.replay.views} views "
+                "stored")
+        for view in range(self.replay.views):
+            if view in done:
+                continue
+            started = time.perf_counter()
+            samples.set_epoch(view)
+            parts: dict[str, list[torch.Tensor]] = {}
+            for x, y in DataLoader(samples, batch_size=batch_size, shuffle=False,
+                                   num_workers=loader_workers):
+                with torch.no_grad():
+                    scores = scores_of(teacher.features(x, taps))
+                for name, t in view_scores(scores, y, self.replay.topk, self.num_classes).items():
+                    parts.setdefault(name, []).append(t.cpu())
+            self.save_view(view, {name: torch.cat(ts) for name, ts in parts.items()})
+            say(f"replay fill {self.key}: view {view + 1}/{self.replay.views} "
+                f"({len(self.train)} images, {time.perf_counter() - started:.1f}s)")
+
+    def save_view(self, view: int, arrays: dict[str, torch.Tensor]) -> None:
+        files = {}
+        for i, (name, t) in enumerate(arrays.items()):
+            path = self.partial / f"view-{view:05d}-{i}.npy"
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, t.numpy())
+            os.replace(tmp, path)
+            files[name] = path.name
+        tmp = self.view_files(view).with_suffix(".tmp")
+        tmp.write_text(json.dumps(files))
+        os.replace(tmp, self.view_files(view))    # the view counts as stored from here on
+
+    def commit(self, source: str) -> None:
+        """The views, in order, into one checksummed entry; the resumable folder goes."""
+        n = len(self.train)
+        writer = EntryWriter(self.cache, self.key, n * self.replay.views, source)
+        try:
+            for view in range(self.replay.views):
+                files = json.loads(self.view_files(view).read_text())
+                writer.write(view * n, {name: torch.from_numpy(
+                    np.load(self.partial / f, allow_pickle=False)) for name, f in files.items()})
+        except BaseException:
+            writer.abandon()
+            raise
+        writer.commit()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def replayed_teacher(handle, model, open_online, method, data_spec, views: ReplayedViews,
+                     num_classes: int, inputs: list[str], device, say=log.info) -> ReplayedTeacher:
+    """The replay entry of one teacher (`model`: its architecture) for this student's method,
+    filled first if absent by the online teacher `open_online()`, opened only then. `inputs`:
+    other files the method's scores are computed with (a DIH student's heads)."""
+    names = method.score_names()
+    if not names:
+        raise RaykdError(replay_refusal(method.name))
+    replay = views.replay
+    cache = FeatureCache(handle.cache_dir)
+    key = replay_key(handle.export_path, data_spec, replay, names, inputs)
+    wanted = [LABEL, *[t for n in names for t in score_taps(n)]]
+    stored = cache.load(key, wanted)
+    if stored is not None:
+        say(f"replay store hit: {key}")
+    else:
+        with cache.filling(key):
+            stored = cache.load(key, wanted)    # filled by another process while this one waited
+            if stored is None:
+                say(f"replay store miss: drawing {replay.views} views of {len(views)} images and "
+                    f"storing the teacher's top-{replay.topk} ({key})")
+                fill = ReplayFill(cache, key, views.dataset, replay, num_classes)
+                fill.run(open_online(), method.teacher_taps(), method.teacher_scores,
+                         data_spec.eval_batch_size, data_spec.loader_workers, say)
+                fill.commit(source_key(handle.export_path, data_spec, "train"))
+                stored = cache.load(key, wanted)
+            if stored is None:
+                raise RuntimeError(f"replay entry {key} could not be read back after writing")
+    return ReplayedTeacher(model, stored, views, num_classes, device)
+
+
+def replay_refusal(method: str) -> str:
+    return (f"teacher.replay: method {method} reads the teacher's features, which a replay does "
+            "not store (it stores class scores: kd, dkd, dih and the like); drop teacher.replay "
+            "or this method from the job")
