@@ -117,6 +117,38 @@ def test_image_files_are_normalised_as_the_timm_teacher_was_trained(tmp_path):
         normalisation(DataSpec(mean=[0.1, 0.2]), 3, "d")
 
 
+def test_a_trained_teacher_reused_by_checkpoint_sees_images_normalised_as_it_was_trained(
+        tmp_path):
+    """A job that trains a timm teacher on image files normalises with timm's mean and std; a
+    later job distilling from that export (`teacher.checkpoint`) normalises the same way, from
+    what the export records, not by raykd's default for a zoo or unknown teacher (0.5 on grey
+    images): a teacher fed differently normalised images predicts nonsense."""
+    from raykd.models import build_model
+    from raykd.models.export import read_export, save_export
+    from raykd.train.model import ModelTrainer
+    from raykd.units import Unit
+
+    job = {"name": "j", "data": {"dataset": "imagefolder", "root": str(tmp_path)},
+           "teacher": {"model": "timm:resnet10t"}, "methods": {"kd": {}}}
+    trained = job_from_dict(job).data
+    assert trained.mean == [0.485, 0.456, 0.406]
+    export = tmp_path / "teacher.pt"
+    # what the training unit writes: its data spec's normalisation goes into the export
+    trainer = ModelTrainer.__new__(ModelTrainer)
+    trainer.unit = Unit(key="t", role="teacher", label="ce", model="timm:resnet10t",
+                        optim=None, data=trained, seed=0, export_path=str(export))
+    trainer.student = build_model("timm:resnet10t", 10, 1, 16)
+    trainer.splits = type("S", (), {"num_classes": 10, "in_channels": 1, "image_size": 16})()
+    trainer.export()
+    assert read_export(export, "model")["mean"] == [0.485, 0.456, 0.406]
+    reused = job_from_dict({**job, "teacher": {"checkpoint": str(export)}}).data
+    assert (reused.mean, reused.std) == (trained.mean, trained.std)
+    # an export that records none (a zoo teacher on raykd's default) leaves the default
+    save_export(build_model("cnn", 10, 1, 16), tmp_path / "zoo.pt", 10, 1, 16)
+    assert job_from_dict({**job, "teacher": {"checkpoint": str(tmp_path / "zoo.pt")}}).data.mean \
+        == []
+
+
 def test_data_args_reach_the_torchvision_class(tmp_path):
     """EMNIST's `split` is its subset (here digits), given through data.args; raykd asks for the
     training and test splits through `train`, which EMNIST passes on to MNIST."""

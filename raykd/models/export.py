@@ -44,9 +44,12 @@ def read_export(path: str | Path, kind: str) -> dict:
 # ---- staged models (teachers, students, stitched students) ---------------------------------
 
 def model_payload(model: StagedModel, num_classes: int, in_channels: int,
-                  image_size: int) -> dict:
-    """What a model export holds (plain values and CPU tensors: it can cross processes)."""
+                  image_size: int, mean: list | None = None, std: list | None = None) -> dict:
+    """What a model export holds (plain values and CPU tensors: it can cross processes).
+    `mean`/`std`: the normalisation of the images it was trained on, where the job set it (a
+    job distilling from the export as its `teacher.checkpoint` normalises the same way)."""
     return {"kind": "model", "arch": model.arch, "num_classes": num_classes,
+            "mean": list(mean or []), "std": list(std or []),
             "model_args": dict(getattr(model, "model_args", None) or {}),
             "stage_paths": list(getattr(model, "stage_paths", None) or []),
             "in_channels": in_channels, "image_size": image_size, "state_dict": _weights(model),
@@ -55,8 +58,8 @@ def model_payload(model: StagedModel, num_classes: int, in_channels: int,
 
 
 def save_export(model: StagedModel, path: str | Path, num_classes: int, in_channels: int,
-                image_size: int) -> None:
-    torch_save(model_payload(model, num_classes, in_channels, image_size), path)
+                image_size: int, mean: list | None = None, std: list | None = None) -> None:
+    torch_save(model_payload(model, num_classes, in_channels, image_size, mean, std), path)
 
 
 def load_export(path: str | Path, map_location="cpu") -> StagedModel:

@@ -174,7 +174,7 @@ class ModelTrainer(UnitTrainer):
     def export(self):
         s = self.splits
         save_export(self.student, self.unit.export_path, s.num_classes, s.in_channels,
-                    s.image_size)
+                    s.image_size, self.unit.data.mean, self.unit.data.std)
 
     @classmethod
     def rows(cls, unit, metrics, common, num_classes, input_shape):
