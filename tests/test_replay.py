@@ -3,6 +3,7 @@ trains on, bit for bit; the stored scores are the teacher's on them; the store i
 decides its contents, detects damage and resumes a killed fill; jobs that cannot use it are told
 so in one line; and students of KD and DIH train on it end to end."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -74,19 +75,34 @@ def test_replayed_views_are_the_stored_views_and_carry_the_teachers_top_k(tmp_pa
                                                                           digits_teacher):
     spec = replay_job(tmp_path, views=3, topk=4)
     splits = load_dataset(spec.data)
-    views = ReplayedViews(splits.train, spec.teacher.replay, student_seed=11)
+    seed = 2_147_000_011        # a unit's augmentation seed is up to 2^31
+    views = ReplayedViews(splits.train, spec.teacher.replay, student_seed=seed)
+    # the view an image is drawn at (Python ints) is the row its scores are read from (tensors)
+    every = torch.arange(len(splits.train))
+    assert view_of(seed, 5, every, 3).tolist() == [view_of(seed, 5, i, 3) for i in range(len(every))]
     messages: list[str] = []
     teacher = replayed(spec, digits_teacher, views, lambda: LocalTeacher(digits_teacher),
                        messages)
     assert any("replay store miss" in m for m in messages)
     online = LocalTeacher(digits_teacher)
+    # the fill says how much of the teacher's probability it spreads evenly (view 1 checked)
+    said = next(m for m in messages if "view 1/3" in m)
+    spread = float(re.search(r"; ([0-9.]+)% of the teacher's probability", said).group(1))
+    first = [expected_view(splits.train, spec.teacher.replay.seed, 0, i)
+             for i in range(len(splits.train))]
+    p = F.softmax(online.features(torch.stack(first), ["logits"])["logits"], dim=1)
+    labels = torch.tensor([int(splits.train[i][1]) for i in range(len(splits.train))])
+    kept = torch.zeros_like(p, dtype=torch.bool)
+    kept.scatter_(1, p.topk(4, dim=1).indices, True)
+    kept[torch.arange(len(p)), labels] = True
+    assert spread == pytest.approx(100 * float(p[~kept].sum() / len(p)), abs=0.06)
     seen_views = set()
     for epoch in range(4):
         views.set_epoch(epoch)
         index = torch.arange(0, 40)
         x = torch.stack([views[int(i)][0] for i in index])
         for i in range(0, 40, 7):   # bit-identical to the transform under the stored seed
-            v = int(view_of(11, epoch, i, 3))
+            v = int(view_of(seed, epoch, i, 3))
             seen_views.add(v)
             assert torch.equal(x[i], expected_view(splits.train, spec.teacher.replay.seed, v, i))
         # the augmentation is real: another view of an image differs

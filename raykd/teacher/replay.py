@@ -52,8 +52,9 @@ LABEL = "label"
 def view_of(seed: int, epoch: int, index, views: int):
     """The stored view image `index` trains on at `epoch` (int or int64 tensor): each image
     cycles through its K views from a starting view of its own (from the student's seed), so K
-    epochs see every view once and images differ in which view they see together."""
-    start = ((seed * 1_000_003 + index) * 2_654_435_761) >> 7
+    epochs see every view once and images differ in which view they see together. Python ints
+    and int64 tensors give the same answer: no intermediate value exceeds 2^52."""
+    start = (((seed % 65_521) * 1_000_003 + index) * 40_503) >> 5
     return (start + epoch) % views
 
 
@@ -152,6 +153,18 @@ def view_scores(scores: dict[str, torch.Tensor], labels: torch.Tensor, k: int,
     return out
 
 
+def spread_mass(arrays: dict[str, torch.Tensor], num_classes: int, name: str = "logits") -> float:
+    """The mean probability the stored classes (top k and label) leave to be spread evenly."""
+    if f"{name}.topk" not in arrays:
+        name = next(n for n in arrays if n.endswith(".topk"))[:-len(".topk")]
+    topk, classes, label = (arrays[t] for t in score_taps(name))
+    full = class_scores(topk, classes, label, arrays[LABEL], num_classes).exp()
+    stored = torch.zeros_like(full, dtype=torch.bool)
+    stored.scatter_(1, classes.long(), True)
+    stored[torch.arange(len(full)), arrays[LABEL].long()] = True
+    return float(torch.where(stored, torch.zeros_like(full), full).sum(1).mean())
+
+
 class ReplayFill:
     """Fills one replay entry, one view (a pass over the training split) at a time; each finished
     view's arrays are saved to `.replay-KEY/` (atomically, file by file), so a fill killed
@@ -189,9 +202,12 @@ class ReplayFill:
                     scores = scores_of(teacher.features(x, taps))
                 for name, t in view_scores(scores, y, self.replay.topk, self.num_classes).items():
                     parts.setdefault(name, []).append(t.cpu())
-            self.save_view(view, {name: torch.cat(ts) for name, ts in parts.items()})
+            arrays = {name: torch.cat(ts) for name, ts in parts.items()}
+            self.save_view(view, arrays)
             say(f"replay fill {self.key}: view {view + 1}/{self.replay.views} "
-                f"({len(self.train)} images, {time.perf_counter() - started:.1f}s)")
+                f"({len(self.train)} images, {time.perf_counter() - started:.1f}s; "
+                f"{100 * spread_mass(arrays, self.num_classes):.2f}% of the teacher's probability "
+                "is outside the stored classes, spread evenly)")
 
     def save_view(self, view: int, arrays: dict[str, torch.Tensor]) -> None:
         files = {}
