@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ from raykd.teacher.local import Done
 from raykd.train.batches import SeededSamples
 
 LABEL = "label"
+AHEAD = 4           # teacher batches a fill keeps in flight
 
 
 def view_of(seed: int, epoch: int, index, views: int):
@@ -196,12 +198,25 @@ class ReplayFill:
             started = time.perf_counter()
             samples.set_epoch(view)
             parts: dict[str, list[torch.Tensor]] = {}
+            pending: deque = deque()
+
+            def take_oldest() -> None:
+                labels, job = pending.popleft()
+                with torch.no_grad():
+                    scores = scores_of(job.result())
+                for name, t in view_scores(scores, labels, self.replay.topk,
+                                           self.num_classes).items():
+                    parts.setdefault(name, []).append(t.cpu())
+
             for x, y in DataLoader(samples, batch_size=batch_size, shuffle=False,
                                    num_workers=loader_workers):
-                with torch.no_grad():
-                    scores = scores_of(teacher.features(x, taps))
-                for name, t in view_scores(scores, y, self.replay.topk, self.num_classes).items():
-                    parts.setdefault(name, []).append(t.cpu())
+                # batches in flight: a teacher served by several shard-actor replicas works on
+                # them at once (an in-process teacher has computed each by the time it returns)
+                pending.append((y, teacher.submit(x, taps)))
+                if len(pending) > AHEAD:
+                    take_oldest()
+            while pending:
+                take_oldest()
             arrays = {name: torch.cat(ts) for name, ts in parts.items()}
             self.save_view(view, arrays)
             say(f"replay fill {self.key}: view {view + 1}/{self.replay.views} "
