@@ -7,11 +7,13 @@ invocation,
    resnet56 -> resnet20 on CIFAR-shaped 3x32x32 images (batch 128), and torchvision ResNet-50 ->
    ResNet-18 at 3x224x224 (batch 64); synthetic Gaussian images, random weights;
 2. four small students (resnet20, CIFAR-shaped) packed on the GPU at 0.25 each, against the
-   same four one at a time on the whole GPU (wall seconds of the runs).
+   same four one at a time on the whole GPU (wall seconds of the runs);
+3. on augmented CIFAR-shaped data (bench/augmented_gaussian.py: random crops and flips), KD
+   images/s through raykd with the teacher run every step against replayed teacher views
+   (`teacher.replay`, K = 4, k = 10; the store filled first, its time reported) and against CE.
 
-It writes bench/RESULTS.md's `gpu` section, naming the device. Replayed teacher views (issue 34)
-are not built yet, so their row is absent. `--quick` runs the same code tiny (on CPU where there
-is no GPU) to check the script itself, and writes nothing.
+It writes bench/RESULTS.md's `gpu` section, naming the device. `--quick` runs the same code tiny
+(on CPU where there is no GPU) to check the script itself, and writes nothing.
 
     .venv/bin/python bench/gpu.py            # on the GPU machine, about 5-8 minutes
     .venv/bin/python bench/gpu.py --quick    # anywhere (CPU: about 5 minutes)
@@ -19,6 +21,7 @@ is no GPU) to check the script itself, and writes nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from raykd.losses import kd_loss  # noqa: E402
 from raykd.models import build_model  # noqa: E402
 from raykd.models.export import save_export  # noqa: E402
-from raykd.specs import DataSpec, GaussianSpec, OptimSpec  # noqa: E402
+from raykd.specs import DataSpec, GaussianSpec, OptimSpec, ReplaySpec  # noqa: E402
 from raykd.teacher import TeacherHandle  # noqa: E402
 from raykd.units import Unit  # noqa: E402
 
@@ -143,6 +146,43 @@ def raykd_images_per_s(work: Path, name: str, pair: Pair, setting: dict, teacher
     return pair.samples / float(history.epoch_s.iloc[-1])
 
 
+AUGMENTED = "augmented_gaussian:splits"     # bench/augmented_gaussian.py
+
+
+def replay_rows(work: Path, pair: Pair, teacher: Path, gpus: float, epochs: int,
+                workers: int) -> list[str]:
+    """CE, KD with the teacher online and KD on replayed views, on augmented data (bf16 +
+    channels_last): images/s of each run's last epoch, and the replay store's fill time."""
+    import pandas as pd
+
+    data = replace(data_spec(pair), dataset=AUGMENTED, loader_workers=workers,
+                   args={"size": pair.size, "samples": pair.samples, "held_out": pair.batch})
+    optim = replace(OptimSpec(epochs=epochs, lr=0.05), **SETTINGS["bf16 + channels_last"])
+    rates, rows = {}, []
+    for name, method, replay in (("ce", "ce", None), ("kd online", "kd", None),
+                                 ("kd replayed", "kd", ReplaySpec(views=4, topk=10))):
+        key = name.replace(" ", "-")
+        unit = Unit(key=key, role="student", label=key, method_name=method,
+                    method={"temperature": 4.0, "alpha": 0.9} if method == "kd" else {},
+                    model=pair.student, optim=optim, data=data, seed=0,
+                    export_path=str(work / key / "student.pt"),
+                    history_path=str(work / key / "metrics" / f"{key}.jsonl"),
+                    teacher_candidates=[str(teacher)] if method == "kd" else [], replay=replay,
+                    teachers=[TeacherHandle(str(teacher), "local", cache_dir=str(work / "cache"))]
+                    if method == "kd" else [])
+        started = time.perf_counter()
+        fit([unit], work, pair, gpus)
+        wall = time.perf_counter() - started
+        history = pd.read_parquet(Path(unit.history_path).with_suffix(".parquet"))
+        rates[name] = pair.samples / float(history.epoch_s.iloc[-1])
+        # the run's time outside its epochs: start-up, and for the replaying run the store's fill
+        outside = wall - float(history.epoch_s.sum())
+        rows.append(f"| {name} | {rates[name]:,.0f} | {rates[name] / rates.get('ce', 1):.2f}x | "
+                    f"{outside:.1f} s |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +201,11 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (quick check)"
     pairs = QUICK if args.quick else PAIRS
     work = fresh_workdir("gpu")
+    from raykd import factories
+
+    # the replay row's data factory, importable by the Ray processes started below
+    factories.allow([AUGMENTED])
+    os.environ.update(factories.runtime_env([AUGMENTED])["env_vars"])
     init_ray(log_to_driver=False)
     lines = []
     for label, pair in pairs.items():
@@ -190,6 +235,7 @@ def main() -> None:
     fit([raykd_unit(work, f"packed{i}", pair, bf16, teacher, args.epochs) for i in range(4)],
         work, pair, gpus / 4, lanes=lanes)
     packed_s = time.perf_counter() - started
+    replayed = replay_rows(work, pair, teacher, gpus, args.epochs, 4 if gpus else 0)
     ray.shutdown()
     body = f"""## On a GPU: a KD step through raykd against a plain loop; four students on one GPU
 
@@ -205,7 +251,13 @@ Four resnet20 students (bf16 + channels_last, {args.epochs} epochs each): one at
 whole GPU {alone_s:.1f} s; packed as {lanes} lanes of one run at 0.25 GPU each {packed_s:.1f} s
 (**{alone_s / packed_s:.2f}x** faster).
 
-Replayed teacher views are not built yet (issue 34), so they have no row.
+Augmented data (random crops and flips of the CIFAR-shaped images, 4 loader workers on a GPU),
+bf16 + channels_last, resnet20 student; KD from the teacher run every step against replayed
+views (K = 4, k = 10: the store is filled once before the first epoch):
+
+| run | images/s | against CE | outside the epochs (start-up, the replay fill) |
+| --- | --- | --- | --- |
+{chr(10).join(replayed)}
 """
     print(body)
     if not args.quick:
