@@ -191,6 +191,9 @@ def test_a_killed_fill_resumes_and_a_damaged_entry_is_filled_again(tmp_path, dig
     key = replay_key(str(digits_teacher), spec.data, spec.teacher.replay, ["logits"], [])
     a = FeatureCache(spec.run_dir.parent / "resumed").load(key)
     b = FeatureCache(spec.run_dir.parent / "whole").load(key)
+    # what the README and docs/teachers.md say a view of an image costs: 4k + 4 bytes
+    rows = 3 * len(train)
+    assert sum(t.numel() * t.element_size() for t in a.values()) == rows * (4 * 4 + 4)
     assert a.keys() == b.keys()
     for name in a:    # resuming stores what an uninterrupted fill stores
         assert torch.equal(a[name], b[name]), name
