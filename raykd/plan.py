@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from raykd.errors import RaykdError
 from raykd.files import file_hash
 from raykd.methods import MethodContext, method_params
-from raykd.models import StagedModel, build_model
+from raykd.models import LOGITS, StagedModel, build_model
 from raykd.models.export import load_export
 from raykd.models.weights import load_weights
 from raykd.specs import JobSpec
@@ -58,6 +58,7 @@ class SeedPlan:
     teachers: list[Unit]          # this seed's teacher units ([] with teacher.checkpoint)
     exports: list[str]            # this seed's teacher exports (teacher 0 first)
     units: dict[str, Unit] = field(default_factory=dict)   # planned so far in this seed
+    num_classes: int = 0
 
     def unit(self, key: str, **kw) -> Unit:
         """A unit with the job's paths and defaults."""
@@ -81,6 +82,24 @@ class SeedPlan:
             unit = self.units[key]
             unit.store_outputs = unit.store_outputs or OutputsToStore(cache_dir)
             unit.store_outputs.add(splits, taps)
+
+    def store_replay(self, cls, params, teacher_keys: list[str]) -> None:
+        """Students that replay the teacher's logits alone (kd, dkd) read one entry per teacher:
+        the teacher's lane fills it once trained, before they start. Other replaying methods'
+        entries (DIH's heads) are filled by their first student."""
+        replay, cache_dir = self.spec.teacher.replay, self.spec.teacher_cache_dir
+        if replay is None or not cache_dir or not teacher_keys:
+            return
+        method = cls(params, MethodContext(
+            student=self.student_arch, num_classes=self.num_classes, input_shape=self.input_shape,
+            teacher=self.teacher_arch, teachers=[self.teacher_arch] * len(teacher_keys),
+            shapes_only=True))
+        if method.score_names() != [LOGITS]:
+            return
+        for key in teacher_keys:
+            unit = self.units[key]
+            unit.store_outputs = unit.store_outputs or OutputsToStore(cache_dir)
+            unit.store_outputs.replay = replay
 
     @property
     def first_teacher(self) -> list[str]:
@@ -121,6 +140,8 @@ class SeedPlan:
                 depends_on=deps + list(depends_on) + extra.pop("depends_on", []))
             student = self.unit(f"seed{self.seed}-{name}", **{**fields, **kw, **extra})
             out.append(self.add(student))
+            if previous is None and cls.uses_teacher:
+                self.store_replay(cls, params, [k for k in deps if k in self.units])
         return out
 
 
@@ -165,7 +186,8 @@ def plan_units(spec: JobSpec, splits) -> list[Unit]:
     student_arch = student_architecture(spec, splits)
     units: list[Unit] = []
     for seed in spec.seeds:
-        plan = SeedPlan(spec, seed, teacher_arch, student_arch, splits.input_shape, [], [])
+        plan = SeedPlan(spec, seed, teacher_arch, student_arch, splits.input_shape, [], [],
+                        num_classes=splits.num_classes)
         if spec.teacher.checkpoint:
             plan.exports = [spec.teacher.checkpoint]
         for k, arch in enumerate([] if spec.teacher.checkpoint else teacher_models(spec)):
@@ -200,7 +222,8 @@ def preflight(spec: JobSpec, splits) -> None:
             method = cls(params, MethodContext(student=student, num_classes=splits.num_classes,
                                                input_shape=splits.input_shape, teacher=group[0],
                                                teachers=group, shapes_only=True))
-            if spec.teacher.replay is not None and cls.uses_teacher and not method.score_names():
+            if spec.teacher.replay is not None and method.teacher_taps() \
+                    and not method.score_names():
                 raise RaykdError(replay_refusal(
                     label if label == cls.name else f"{label} ({cls.name})"))
     check_replay(spec, splits)

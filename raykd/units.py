@@ -55,6 +55,8 @@ class OutputsToStore:
     loading the teacher to compute the entries while its siblings wait on the fill lock."""
     cache_dir: str
     taps: dict[str, list[str]] = field(default_factory=dict)   # split -> taps
+    # its logits on replayed views, for students that replay them (raykd.teacher.replay)
+    replay: ReplaySpec | None = None
 
     def add(self, splits, taps) -> None:
         for split in splits:

@@ -225,10 +225,18 @@ def test_jobs_that_cannot_replay_are_told_in_one_line_before_ray(tmp_path, secti
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
+def test_methods_that_read_class_scores_or_no_teacher_outputs_may_replay(tmp_path):
+    spec = replay_job(tmp_path, methods={"ce": {}, "ls": {"method": "kd", "transform": "ls"},
+                                         "dist": {}, "dkd": {}, "top2": {"method": "kd",
+                                                                         "transform": "topk",
+                                                                         "k": 2}})
+    preflight(spec, load_dataset(spec.data))     # no line: each is served (or needs nothing)
+
+
 def test_kd_and_dih_students_train_on_replayed_views_with_every_row(ray_session, tmp_path):
     """A job on augmented data: the teacher trains online, the DIH heads on its stage maps; the
     KD (Tang's partial teacher) and DIH students train on replayed views, one fill per teacher
-    and method scores, and finish with every row."""
+    and method scores (KD's by the teacher's own lane), and finish with every row."""
     spec = replay_job(tmp_path, views=2, topk=3, methods={
         "kd_pt": {"method": "kd", "transform": "pt"}, "dih": {}},
         heads={"train": {"epochs": 1, "lr": 0.05}},
@@ -241,6 +249,10 @@ def test_kd_and_dih_students_train_on_replayed_views_with_every_row(ray_session,
     manifests = [json.loads(p.read_text())
                  for p in (tmp_path / "feature_cache").glob("*/manifest.json")]
     replays = sorted(sorted(m["taps"]) for m in manifests if "label" in m["taps"])
+    # KD's entry was filled by the teacher's lane once it had trained (before any student
+    # started); DIH's, which needs the heads trained after the teacher, by the DIH student
+    assert sorted(m["filled_by"] for m in manifests if "label" in m["taps"]) == \
+        ["seed0-dih", "seed0-teacher"]
     # one replay entry per (teacher, scores): KD's logits; DIH's heads and the teacher's logits
     assert replays == [
         ["head:stage1.classes", "head:stage1.label", "head:stage1.topk", "head:stage2.classes",

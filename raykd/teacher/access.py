@@ -12,7 +12,7 @@ from raykd.log import log
 from raykd.teacher.cache import cached_teacher
 from raykd.teacher.handle import TeacherHandle
 from raykd.teacher.local import LocalTeacher
-from raykd.teacher.replay import ReplayedViews, replayed_teacher
+from raykd.teacher.replay import ReplayedViews, TeacherLogits, replayed_teacher
 from raykd.teacher.service import TeacherClient
 
 
@@ -41,7 +41,7 @@ def open_replayed(unit, method, architectures: list, views: ReplayedViews, num_c
     inputs = method_input_files(unit.method_inputs)
     return [replayed_teacher(h, model, lambda h=h: open_teacher(h, device), method, unit.data,
                              views, num_classes, inputs, device,
-                             say=lambda m: log.info("[%s] %s", unit.key, m))
+                             say=lambda m: log.info("[%s] %s", unit.key, m), filled_by=unit.key)
             for h, model in zip(unit.teachers, architectures)]
 
 
@@ -58,6 +58,8 @@ def store_outputs(unit, device) -> None:
     read from the teacher cache (`unit.store_outputs`), so that they all start on a hit."""
     request = unit.store_outputs
     splits = load_dataset(unit.data) if request else None
+    if request and request.replay and not splits.deterministic:
+        store_replay(unit, splits, device)
     if not (request and request.taps and splits.deterministic):
         return
     started, teacher = time.perf_counter(), LocalTeacher(unit.export_path, device)
@@ -68,3 +70,13 @@ def store_outputs(unit, device) -> None:
              unit.key, ", ".join(request.taps), ", ".join(sorted(
                  {t for taps in request.taps.values() for t in taps})),
              time.perf_counter() - started)
+
+
+def store_replay(unit, splits, device) -> None:
+    """Fill, from the export just written, the replay entry of this teacher's logits that its
+    replaying students read (their seed only picks which stored view an epoch trains on)."""
+    request, teacher = unit.store_outputs, LocalTeacher(unit.export_path, device)
+    views = ReplayedViews(splits.train, request.replay, student_seed=0)
+    replayed_teacher(TeacherHandle(unit.export_path, cache_dir=request.cache_dir), teacher.model,
+                     lambda: teacher, TeacherLogits(), unit.data, views, splits.num_classes, [],
+                     device, say=lambda m: log.info("[%s] %s", unit.key, m), filled_by=unit.key)

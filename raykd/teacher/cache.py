@@ -65,8 +65,10 @@ def stored_dtype(t: torch.Tensor) -> np.dtype:
 class EntryWriter:
     """Fills one entry batch by batch in a private folder; `commit` renames it into place."""
 
-    def __init__(self, cache: "FeatureCache", key: str, rows: int, source: str = ""):
+    def __init__(self, cache: "FeatureCache", key: str, rows: int, source: str = "",
+                 filled_by: str = ""):
         self.cache, self.key, self.rows, self.source = cache, key, rows, source
+        self.filled_by = filled_by    # the unit that computed it (for the curious; not read)
         cache.root.mkdir(parents=True, exist_ok=True)
         self.tmp = cache.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
@@ -101,7 +103,7 @@ class EntryWriter:
             for array in self.arrays.values():
                 array.flush()
             self.arrays.clear()
-            meta = {"rows": self.rows, "source": self.source,
+            meta = {"rows": self.rows, "source": self.source, "filled_by": self.filled_by,
                     "taps": {tap: name for tap, name in self.files.items()},
                     "sizes": {name: (self.tmp / name).stat().st_size for name in self.files.values()},
                     "hashes": {name: file_hash(self.tmp / name) for name in self.files.values()}}

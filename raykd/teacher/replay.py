@@ -20,8 +20,11 @@ same view (Beyer et al. 2022: a teacher fixed on one view per image hurts).
   remaining mass (1 - the stored probabilities) spread evenly over the other classes. Methods take
   them as logits: softmax(log p / T) is softmax(z / T) for the stored classes, so any temperature
   applies; with k = the number of classes the teacher is reproduced exactly (to float16).
-- **The fill** runs where a student first needs the entry (the first of a teacher's students; the
-  others wait on its lock and read it), one pass over the training split per view, each view's
+- **The fill** runs on a trained teacher's own lane for the students that replay its logits (kd,
+  dkd: raykd.plan asks for it, as for the teacher's other stored outputs), else where a student
+  first needs the entry (a DIH student, whose heads train after the teacher; a
+  `teacher.checkpoint`: the first of its students, the others wait on its lock and read it), one
+  pass over the training split per view with teacher batches in flight, each view's
   arrays committed to a resumable folder as it finishes: a killed fill resumes at the view it was
   on. The entry then goes into the teacher cache's atomic, checksummed store (raykd.teacher.cache):
   a damaged entry is detected, discarded and filled again.
@@ -236,10 +239,10 @@ class ReplayFill:
         tmp.write_text(json.dumps(files))
         os.replace(tmp, self.view_files(view))    # the view counts as stored from here on
 
-    def commit(self, source: str) -> None:
+    def commit(self, source: str, filled_by: str = "") -> None:
         """The views, in order, into one checksummed entry; the resumable folder goes."""
         n = len(self.train)
-        writer = EntryWriter(self.cache, self.key, n * self.replay.views, source)
+        writer = EntryWriter(self.cache, self.key, n * self.replay.views, source, filled_by)
         try:
             for view in range(self.replay.views):
                 files = json.loads(self.view_files(view).read_text())
@@ -252,11 +255,28 @@ class ReplayFill:
         shutil.rmtree(self.partial, ignore_errors=True)
 
 
+class TeacherLogits:
+    """The scores of a method that distils the teacher's logits alone (kd, dkd): what a trained
+    teacher's own lane stores for its replaying students, before any of them starts."""
+    name = "teacher"
+
+    def score_names(self) -> list[str]:
+        return ["logits"]
+
+    def teacher_taps(self) -> list[str]:
+        return ["logits"]
+
+    def teacher_scores(self, teacher: dict) -> dict:
+        return {"logits": teacher["logits"]}
+
+
 def replayed_teacher(handle, model, open_online, method, data_spec, views: ReplayedViews,
-                     num_classes: int, inputs: list[str], device, say=log.info) -> ReplayedTeacher:
+                     num_classes: int, inputs: list[str], device, say=log.info,
+                     filled_by: str = "") -> ReplayedTeacher:
     """The replay entry of one teacher (`model`: its architecture) for this student's method,
     filled first if absent by the online teacher `open_online()`, opened only then. `inputs`:
-    other files the method's scores are computed with (a DIH student's heads)."""
+    other files the method's scores are computed with (a DIH student's heads). `filled_by`: the
+    unit filling it, recorded in the entry's manifest."""
     names = method.score_names()
     if not names:
         raise RaykdError(replay_refusal(method.name))
@@ -276,7 +296,7 @@ def replayed_teacher(handle, model, open_online, method, data_spec, views: Repla
                 fill = ReplayFill(cache, key, views.dataset, replay, num_classes)
                 fill.run(open_online(), method.teacher_taps(), method.teacher_scores,
                          data_spec.eval_batch_size, data_spec.loader_workers, say)
-                fill.commit(source_key(handle.export_path, data_spec, "train"))
+                fill.commit(source_key(handle.export_path, data_spec, "train"), filled_by)
                 stored = cache.load(key, wanted)
             if stored is None:
                 raise RuntimeError(f"replay entry {key} could not be read back after writing")
@@ -285,5 +305,5 @@ def replayed_teacher(handle, model, open_online, method, data_spec, views: Repla
 
 def replay_refusal(method: str) -> str:
     return (f"teacher.replay: method {method} reads the teacher's features, which a replay does "
-            "not store (it stores class scores: kd, dkd, dih and the like); drop teacher.replay "
+            "not store (it stores class scores: kd, dkd, dist, dih); drop teacher.replay "
             "or this method from the job")

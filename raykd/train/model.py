@@ -65,8 +65,6 @@ class ModelTrainer(UnitTrainer):
         unit, device = self.unit, self.device
         torch.manual_seed(unit.random_seed)
         self.splits = splits = load_dataset(unit.data)
-        self.train_samples = ReplayedViews(splits.train, unit.replay, unit.augmentation_seed) \
-            if unit.replay else training_samples(splits, unit.augmentation_seed)
         model, started_from = student_model(unit, splits, device)
         # a model that starts from trained weights (a stitched student) is scored before
         # training; on the test split only where the unit may read it (never a sweep trial)
@@ -82,6 +80,10 @@ class ModelTrainer(UnitTrainer):
             train_size=len(splits.train),
             teacher=architectures[0] if architectures else None, teachers=architectures,
             inputs=unit.method_inputs))
+        # replayed views for a student that reads its teacher (kd's ls and sim read none)
+        self.replaying = bool(unit.replay and unit.teachers and self.method.teacher_taps())
+        self.train_samples = ReplayedViews(splits.train, unit.replay, unit.augmentation_seed) \
+            if self.replaying else training_samples(splits, unit.augmentation_seed)
         self.trainable = TrainableParts(model, self.method.modules()).to(device)
         self.student = model
         return self.trainable
@@ -100,7 +102,7 @@ class ModelTrainer(UnitTrainer):
         # fill the teacher's cache over the training split, which a data-free job never reads
         if start_epoch >= unit.optim.epochs:
             self.teachers = []
-        elif unit.replay and unit.teachers:   # the method's class scores on stored views
+        elif self.replaying:   # the method's class scores on stored views
             self.teacher_taps = self.method.score_names()
             self.teachers = open_replayed(unit, self.method, self.architectures,
                                           self.train_samples, self.splits.num_classes,
