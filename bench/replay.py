@@ -119,7 +119,7 @@ def main() -> None:
 
     fill_s = time_fill(job("replay", work, seeds, args.epochs, {"kd": kd}, replay),
                        work / "fill-cache")
-    per_image = args.views * (4 * args.topk + 2 + 2)
+    per_image = args.views * (4 * args.topk + 6)
     body = f"""## Replayed teacher views: KD on augmented data at a CE epoch's cost
 
 `.venv/bin/python bench/replay.py --epochs {args.epochs} --views {args.views} --topk {args.topk} --seeds {args.seeds}`; {machine()}.

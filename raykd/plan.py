@@ -83,20 +83,24 @@ class SeedPlan:
             unit.store_outputs = unit.store_outputs or OutputsToStore(cache_dir)
             unit.store_outputs.add(splits, taps)
 
-    def store_replay(self, cls, params, teacher_keys: list[str]) -> None:
-        """Students that replay the teacher's logits alone (kd, dkd) read one entry per teacher:
-        the teacher's lane fills it once trained, before they start. Other replaying methods'
-        entries (DIH's heads) are filled by their first student."""
-        replay, cache_dir = self.spec.teacher.replay, self.spec.teacher_cache_dir
-        if replay is None or not cache_dir or not teacher_keys:
-            return
+    def replayed(self, cls, params) -> tuple[bool, bool]:
+        """Under `teacher.replay`: does this method's student read its teacher (so replays it),
+        and does it read the teacher's logits alone (kd, dkd, dist: one entry per teacher, which
+        the teacher's own lane fills)?"""
+        if self.spec.teacher.replay is None or not cls.uses_teacher:
+            return False, False
         method = cls(params, MethodContext(
             student=self.student_arch, num_classes=self.num_classes, input_shape=self.input_shape,
-            teacher=self.teacher_arch, teachers=[self.teacher_arch] * len(teacher_keys),
+            teacher=self.teacher_arch, teachers=[self.teacher_arch] * len(self.exports or [1]),
             shapes_only=True))
-        if method.score_names() != [LOGITS]:
-            return
-        for key in teacher_keys:
+        return bool(method.teacher_taps()), method.score_names() == [LOGITS]
+
+    def store_replay(self, teacher_keys: list[str]) -> None:
+        """Have these teachers fill their logits' replay entry once trained, before their
+        students start. Other replaying methods' entries (DIH's heads) are filled by their first
+        student."""
+        replay, cache_dir = self.spec.teacher.replay, self.spec.teacher_cache_dir
+        for key in teacher_keys if cache_dir else []:
             unit = self.units[key]
             unit.store_outputs = unit.store_outputs or OutputsToStore(cache_dir)
             unit.store_outputs.replay = replay
@@ -113,6 +117,7 @@ class SeedPlan:
         `depends_on`."""
         chain = int(entry.get("chain", 1))
         parameters = {k: v for k, v in entry.items() if k not in ("method", "chain")}
+        replays, logits_only = self.replayed(cls, params)
         out: list[Unit] = []
         for link in range(1, chain + 1):
             name = label if chain == 1 else f"{label}.{link}"
@@ -136,12 +141,12 @@ class SeedPlan:
                 init_from=self.spec.student.checkpoint, reinit=self.spec.student.reinit,
                 diagnostics_dir=str(self.spec.run_dir / "diagnostics" / f"seed{self.seed}-{name}"),
                 teacher_candidates=teachers, teacher_mode=mode,
-                replay=self.spec.teacher.replay if cls.uses_teacher else None,
+                replay=self.spec.teacher.replay if replays else None,
                 depends_on=deps + list(depends_on) + extra.pop("depends_on", []))
             student = self.unit(f"seed{self.seed}-{name}", **{**fields, **kw, **extra})
             out.append(self.add(student))
-            if previous is None and cls.uses_teacher:
-                self.store_replay(cls, params, [k for k in deps if k in self.units])
+            if previous is None and logits_only:
+                self.store_replay([k for k in deps if k in self.units])
         return out
 
 

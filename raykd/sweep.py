@@ -160,7 +160,9 @@ def check_prerequisites(raw: dict, spec: JobSpec, shapes) -> None:
         tuned.seeds = seeds
         units = {u.key: u for u in plan_units(tuned, shapes)}
         keys = needed_by(units, sorted(targets)) - targets
-        return {k: dataclasses.asdict(units[k]) for k in sorted(keys)}
+        # what each trains (its settings digest), not where its outputs go or what it stores
+        # for its dependants (a teacher stores replay views only for students that read them)
+        return {k: units[k].settings for k in sorted(keys)}
 
     base = prerequisites(spec)
     for key, dim in sweep.space.items():

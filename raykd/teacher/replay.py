@@ -7,19 +7,21 @@ per image per epoch, and read the teacher's scores from the store. Teacher and s
 same view (Beyer et al. 2022: a teacher fixed on one view per image hurts).
 
 - **A view's parameters are its generator seed.** Every augmented training image is drawn from a
-  generator seeded by (stream, view, image) alone (raykd.train.batches.SeededSamples), so the
-  seed reproduces exactly what the job's random transforms drew, whatever they are (crop box,
-  flip, a factory's own transforms), bit for bit; the store's key holds the data spec (transforms
-  included), the torch and torchvision versions, K, k and the stream.
+  generator seed of (stream, view, image) alone (raykd.train.batches.SeededSamples seeds torch's,
+  Python's and NumPy's generators with it), so the seed reproduces exactly what the job's random
+  transforms drew, whatever they are (crop box, flip, a factory's own transforms), bit for bit;
+  the store's key holds the data spec (transforms included), raykd's augmentation recipes, the
+  torch and torchvision versions, K, k and the stream.
 - **What is stored per view**, for each class-score output a method reads (`method.teacher_scores`:
   the teacher's logits, DIH's heads): the k largest log-probabilities (float16; log-probabilities,
   not probabilities, because float16 flushes probabilities under 6e-8 to zero, which a
-  temperature of 4 would raise to 0.016), their classes, and the label's log-probability; the
-  label once. (4k + 2) bytes per output plus 2 per view: K = 8, k = 10 is 352 bytes per image.
+  temperature of 4 would raise to 0.016), their classes, the label's log-probability and the
+  log of the probability the other classes hold (computed in float32); the label once.
+  (4k + 4) bytes per output plus 2 per view: K = 8, k = 10 is 368 bytes per image.
 - **What a student reads back**: log-probabilities over every class, the stored ones exact and the
-  remaining mass (1 - the stored probabilities) spread evenly over the other classes. Methods take
-  them as logits: softmax(log p / T) is softmax(z / T) for the stored classes, so any temperature
-  applies; with k = the number of classes the teacher is reproduced exactly (to float16).
+  remaining mass spread evenly over the other classes. Methods take them as logits:
+  softmax(log p / T) is softmax(z / T) for the stored classes, so any temperature applies; with
+  k = the number of classes the teacher is reproduced exactly (to float16).
 - **The fill** runs on a trained teacher's own lane for the students that replay its logits (kd,
   dkd: raykd.plan asks for it, as for the teacher's other stored outputs), else where a student
   first needs the entry (a DIH student, whose heads train after the teacher; a
@@ -81,10 +83,10 @@ class ReplayedViews(SeededSamples):
         return view_of(self.student_seed, self.epoch, index, self.views) * len(self) + index
 
 
-def score_taps(name: str) -> tuple[str, str, str]:
+def score_taps(name: str) -> tuple[str, str, str, str]:
     """The stored arrays of one class-score output: top-k log-probabilities, their classes,
-    and the label's log-probability."""
-    return f"{name}.topk", f"{name}.classes", f"{name}.label"
+    the label's log-probability, and the log of the probability left to the other classes."""
+    return f"{name}.topk", f"{name}.classes", f"{name}.label", f"{name}.rest"
 
 
 def replay_key(export_path: str, data_spec, replay, names: list[str], inputs: list[str]) -> str:
@@ -92,28 +94,36 @@ def replay_key(export_path: str, data_spec, replay, names: list[str], inputs: li
     other files the outputs are computed with (a DIH student's heads)."""
     import torchvision
 
+    from raykd.data import augment
+
     what = ["replay", f"views={replay.views}", f"topk={replay.topk}", f"seed={replay.seed}",
             f"torch={torch.__version__}", f"torchvision={torchvision.__version__}",
+            f"recipes={file_hash(augment.__file__)}",    # raykd's own augmentation presets
             *[f"scores={n}" for n in names], *[f"input={file_hash(p)}" for p in sorted(inputs)]]
     return cache_key(export_path, data_spec, "train", what)
 
 
+def known_classes(classes: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Which classes a view stores (its top k and its label), as a batch x classes mask."""
+    known = torch.zeros(len(classes), num_classes, dtype=torch.bool, device=classes.device)
+    known.scatter_(1, classes.long(), True)
+    known[torch.arange(len(classes), device=classes.device), labels.long()] = True
+    return known
+
+
 def class_scores(topk: torch.Tensor, classes: torch.Tensor, label_logp: torch.Tensor,
-                 labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+                 rest: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Log-probabilities over all classes from a view's stored ones: exact where stored (the
-    top k and the label), the remaining mass spread evenly over the other classes."""
+    top k and the label), the rest's stored mass (its log, `rest`) spread evenly over the
+    other classes. The rest is stored, not taken as 1 minus the stored probabilities: a
+    confident teacher's top log-probability rounds to 0 in float16, which would leave nothing."""
     rows = torch.arange(len(topk), device=topk.device)
     logp = torch.zeros(len(topk), num_classes, device=topk.device)
-    known = torch.zeros(len(topk), num_classes, dtype=torch.bool, device=topk.device)
     logp.scatter_(1, classes.long(), topk.float())
-    known.scatter_(1, classes.long(), True)
     logp[rows, labels.long()] = label_logp.float()
-    known[rows, labels.long()] = True
-    mass = torch.where(known, logp.exp(), torch.zeros_like(logp)).sum(1)
-    others = (~known).sum(1)
-    # float16 rounding can put the stored mass a hair over 1: the rest then gets almost nothing
-    rest = ((1 - mass).clamp_min(1e-12) / others.clamp_min(1)).log()
-    return torch.where(known, logp, rest[:, None].expand_as(logp))
+    known = known_classes(classes, labels, num_classes)
+    each = rest.float() - (~known).sum(1).clamp_min(1).float().log()
+    return torch.where(known, logp, each[:, None].expand_as(logp))
 
 
 class ReplayedTeacher:
@@ -132,9 +142,7 @@ class ReplayedTeacher:
         labels = self.stored[LABEL][rows]
         out = {}
         for name in taps:
-            topk, classes, label = score_taps(name)
-            out[name] = class_scores(self.stored[topk][rows], self.stored[classes][rows],
-                                     self.stored[label][rows], labels,
+            out[name] = class_scores(*(self.stored[t][rows] for t in score_taps(name)), labels,
                                      self.num_classes).to(self.device)
         return out
 
@@ -144,30 +152,29 @@ class ReplayedTeacher:
 
 def view_scores(scores: dict[str, torch.Tensor], labels: torch.Tensor, k: int,
                 num_classes: int) -> dict[str, torch.Tensor]:
-    """What a view stores: per output its top-k log-probabilities (float16), their classes and
-    the label's log-probability; and the label."""
+    """What a view stores: per output its top-k log-probabilities (float16), their classes, the
+    label's log-probability and the log of what the other classes hold (computed in float32;
+    floored at e^-60 so that a loss never meets log 0); and the label."""
     index_dtype = torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
     out = {LABEL: labels.to(index_dtype)}
     for name, logits in scores.items():
         logp = F.log_softmax(logits.float(), dim=1)
         top, classes = logp.topk(min(k, num_classes), dim=1)
-        tap_topk, tap_classes, tap_label = score_taps(name)
+        known = known_classes(classes, labels, num_classes)
+        rest = torch.logsumexp(logp.masked_fill(known, float("-inf")), dim=1).clamp_min(-60.0)
+        tap_topk, tap_classes, tap_label, tap_rest = score_taps(name)
         out[tap_topk] = top.half()
         out[tap_classes] = classes.to(index_dtype)
         out[tap_label] = logp.gather(1, labels.long()[:, None])[:, 0].half()
+        out[tap_rest] = rest.half()
     return out
 
 
 def spread_mass(arrays: dict[str, torch.Tensor], num_classes: int, name: str = "logits") -> float:
     """The mean probability the stored classes (top k and label) leave to be spread evenly."""
-    if f"{name}.topk" not in arrays:
-        name = next(n for n in arrays if n.endswith(".topk"))[:-len(".topk")]
-    topk, classes, label = (arrays[t] for t in score_taps(name))
-    full = class_scores(topk, classes, label, arrays[LABEL], num_classes).exp()
-    stored = torch.zeros_like(full, dtype=torch.bool)
-    stored.scatter_(1, classes.long(), True)
-    stored[torch.arange(len(full)), arrays[LABEL].long()] = True
-    return float(torch.where(stored, torch.zeros_like(full), full).sum(1).mean())
+    if f"{name}.rest" not in arrays:
+        name = next(n for n in arrays if n.endswith(".rest"))[:-len(".rest")]
+    return float(arrays[f"{name}.rest"].float().exp().mean())
 
 
 class ReplayFill:
@@ -184,7 +191,24 @@ class ReplayFill:
         return self.partial / f"view-{view:05d}.json"
 
     def done_views(self) -> list[int]:
-        return [v for v in range(self.replay.views) if self.view_files(v).exists()]
+        """The views a previous fill saved whole; one whose files do not load with a row per
+        image (torn by a machine's crash) is computed again."""
+        done = []
+        for view in range(self.replay.views):
+            listing = self.view_files(view)
+            if not listing.exists():
+                continue
+            try:
+                files = json.loads(listing.read_text())
+                whole = all(len(np.load(self.partial / f, mmap_mode="r", allow_pickle=False))
+                            == len(self.train) for f in files.values())
+            except (OSError, ValueError):
+                whole = False
+            if whole:
+                done.append(view)
+            else:
+                listing.unlink(missing_ok=True)
+        return done
 
     def run(self, teacher, taps: list[str], scores_of, batch_size: int, loader_workers: int,
             say=log.info) -> None:
@@ -231,11 +255,11 @@ class ReplayFill:
         files = {}
         for i, (name, t) in enumerate(arrays.items()):
             path = self.partial / f"view-{view:05d}-{i}.npy"
-            tmp = path.with_suffix(".tmp.npy")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
             np.save(tmp, t.numpy())
             os.replace(tmp, path)
             files[name] = path.name
-        tmp = self.view_files(view).with_suffix(".tmp")
+        tmp = self.view_files(view).with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(files))
         os.replace(tmp, self.view_files(view))    # the view counts as stored from here on
 
@@ -282,11 +306,15 @@ def replayed_teacher(handle, model, open_online, method, data_spec, views: Repla
         raise RaykdError(replay_refusal(method.name))
     replay = views.replay
     cache = FeatureCache(handle.cache_dir)
+    cache.remove_stale()
     key = replay_key(handle.export_path, data_spec, replay, names, inputs)
     wanted = [LABEL, *[t for n in names for t in score_taps(n)]]
     stored = cache.load(key, wanted)
     if stored is not None:
         say(f"replay store hit: {key}")
+        # a fill killed between putting its entry in place and removing its views (no fill of
+        # a stored entry can be running: a fill holds the lock from its miss to its commit)
+        shutil.rmtree(cache.root / f".replay-{key}", ignore_errors=True)
     else:
         with cache.filling(key):
             stored = cache.load(key, wanted)    # filled by another process while this one waited

@@ -2,6 +2,9 @@
 ahead, and top-1 evaluation (sharded across data-parallel workers)."""
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
@@ -44,11 +47,20 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def draw(self, i, stream: int):
         """Image i as its random transforms make it from generator stream `stream` (an epoch, or
-        a stored view's number: raykd.teacher.replay)."""
-        with torch.random.fork_rng(devices=[]):    # the global stream is left as it was
-            torch.manual_seed(((self.seed * 1_000_003 + stream) * 1_000_033 + int(i))
-                              % (1 << 63))
-            return self.dataset[i]
+        a stored view's number: raykd.teacher.replay). torch's, Python's and NumPy's global
+        generators are all seeded (torchvision's RandomOrder and RandomChoice draw from
+        Python's, other libraries' transforms from NumPy's) and left as they were."""
+        seed = ((self.seed * 1_000_003 + stream) * 1_000_033 + int(i)) % (1 << 63)
+        python, numpy = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % (1 << 32))
+                return self.dataset[i]
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
 
 
 def training_samples(splits, seed: int):
