@@ -83,6 +83,7 @@ def validate(spec: JobSpec) -> None:
     named_weights = spec.teacher.weights     # a timm tag, before it resolves to its file
     spec.teacher.weights = resolve_weights(spec.teacher.model, spec.teacher.weights, "teacher")
     spec.student.weights = resolve_weights(spec.student.model, spec.student.weights, "student")
+    checkpoints = {}     # read once: checked here, the teacher's normalisation read below
     for part in (spec.teacher, spec.student):
         where = "teacher" if part is spec.teacher else "student"
         if part.checkpoint is None:
@@ -91,10 +92,11 @@ def validate(spec: JobSpec) -> None:
         if not Path(part.checkpoint).is_file():
             raise RaykdError(f"{where}.checkpoint: no such file {part.checkpoint}")
         try:
-            read_export(part.checkpoint, "model")
+            checkpoints[where] = read_export(part.checkpoint, "model")
         except RaykdError as e:
             raise RaykdError(f"{where}.checkpoint: {e}") from None
-    teacher_norm(spec, named_weights)        # after: a bad tag is resolve_weights' one line
+    # after resolve_weights (a bad tag is its one line) and the checkpoint's check
+    teacher_norm(spec, named_weights, checkpoints.get("teacher"))
     if spec.ray.workers > 1 and 0 < spec.ray.gpus < 1:
         raise RaykdError(f"ray.gpus_per_worker={spec.ray.gpus_per_worker} with ray.workers="
                          f"{spec.ray.workers}: data-parallel workers need a whole GPU each (NCCL "
@@ -134,19 +136,19 @@ IN_MEMORY = ("digits", "mnist5k", "gaussian")   # normalised tensors: nothing to
 FILE_DATASETS = ("imagefolder", "torchvision:")
 
 
-def teacher_norm(spec: JobSpec, weights: str | None) -> None:
+def teacher_norm(spec: JobSpec, weights: str | None, checkpoint: dict | None = None) -> None:
     """Image files are normalised as the teacher's timm pretrained config says, as timm's own
     `resolve_data_config` would, when the job gives no `data.mean`/`data.std` (recorded in the
     run's job.yaml, so a re-run from it normalises the same way); a `teacher.checkpoint` as its
     export records it was trained. `weights`: the job's `teacher.weights` as written (a timm tag
-    picks that tag's config)."""
+    picks that tag's config); `checkpoint`: that export's payload, as validation read it."""
     data = spec.data
     if data.mean or data.std or not data.dataset.startswith(FILE_DATASETS) or spec.teacher.models:
         return
     if spec.teacher.checkpoint:
         # a trained teacher sees its inputs as it was trained on them: the normalisation its
         # export records (the job that trained it may have taken timm's)
-        payload = read_export(spec.teacher.checkpoint, "model")
+        payload = checkpoint or {}
         if payload.get("mean") and payload.get("std"):
             data.mean, data.std = list(payload["mean"]), list(payload["std"])
         return

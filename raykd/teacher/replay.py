@@ -170,11 +170,26 @@ def view_scores(scores: dict[str, torch.Tensor], labels: torch.Tensor, k: int,
     return out
 
 
-def spread_mass(arrays: dict[str, torch.Tensor], num_classes: int, name: str = "logits") -> float:
+def spread_mass(arrays: dict[str, torch.Tensor], name: str = "logits") -> float:
     """The mean probability the stored classes (top k and label) leave to be spread evenly."""
     if f"{name}.rest" not in arrays:
         name = next(n for n in arrays if n.endswith(".rest"))[:-len(".rest")]
     return float(arrays[f"{name}.rest"].float().exp().mean())
+
+
+def in_flight(teacher, taps: list[str], loader, ahead: int = AHEAD):
+    """(labels, teacher outputs) of each batch in order, with `ahead` batches submitted before
+    one is read: a teacher served by several shard-actor replicas works on them at once (an
+    in-process teacher has computed each by the time `submit` returns)."""
+    pending: deque = deque()
+    for x, y in loader:
+        pending.append((y, teacher.submit(x, taps)))
+        if len(pending) > ahead:
+            labels, job = pending.popleft()
+            yield labels, job.result()
+    while pending:
+        labels, job = pending.popleft()
+        yield labels, job.result()
 
 
 class ReplayFill:
@@ -225,30 +240,19 @@ class ReplayFill:
             started = time.perf_counter()
             samples.set_epoch(view)
             parts: dict[str, list[torch.Tensor]] = {}
-            pending: deque = deque()
-
-            def take_oldest() -> None:
-                labels, job = pending.popleft()
+            loader = DataLoader(samples, batch_size=batch_size, shuffle=False,
+                                num_workers=loader_workers)
+            for labels, outputs in in_flight(teacher, taps, loader):
                 with torch.no_grad():
-                    scores = scores_of(job.result())
+                    scores = scores_of(outputs)
                 for name, t in view_scores(scores, labels, self.replay.topk,
                                            self.num_classes).items():
                     parts.setdefault(name, []).append(t.cpu())
-
-            for x, y in DataLoader(samples, batch_size=batch_size, shuffle=False,
-                                   num_workers=loader_workers):
-                # batches in flight: a teacher served by several shard-actor replicas works on
-                # them at once (an in-process teacher has computed each by the time it returns)
-                pending.append((y, teacher.submit(x, taps)))
-                if len(pending) > AHEAD:
-                    take_oldest()
-            while pending:
-                take_oldest()
             arrays = {name: torch.cat(ts) for name, ts in parts.items()}
             self.save_view(view, arrays)
             say(f"replay fill {self.key}: view {view + 1}/{self.replay.views} "
                 f"({len(self.train)} images, {time.perf_counter() - started:.1f}s; "
-                f"{100 * spread_mass(arrays, self.num_classes):.2f}% of the teacher's probability "
+                f"{100 * spread_mass(arrays):.2f}% of the teacher's probability "
                 "is outside the stored classes, spread evenly)")
 
     def save_view(self, view: int, arrays: dict[str, torch.Tensor]) -> None:
