@@ -44,7 +44,7 @@ def main() -> None:
     subprocess.run([raykd, "run", str(JOB), f"output_dir={args.out}"], check=True)
     wall = time.perf_counter() - started
     sys.path.insert(0, str(ROOT))
-    from raykd.results import read_results
+    from raykd.outputs.results import read_results
 
     rows = read_results(Path(args.out) / "mnist_baselines")
     table = comparison(rows)

@@ -46,7 +46,7 @@ def run(code: Path, out: Path, name: str, overrides: list[str]) -> None:
 
 
 def stitched(out: Path, name: str):
-    from raykd.results import read_results
+    from raykd.outputs.results import read_results
 
     rows = read_results(out / name).set_index("method")
     return rows.loc[["nd.stitched"]], rows.loc[["nd"]] if "nd" in rows.index else None

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from raykd.driver.units import Unit  # noqa: E402
+from raykd.job.specs import DataSpec, GaussianSpec, OptimSpec, ReplaySpec  # noqa: E402
 from raykd.losses import kd_loss  # noqa: E402
 from raykd.models import build_model  # noqa: E402
 from raykd.models.export import save_export  # noqa: E402
-from raykd.specs import DataSpec, GaussianSpec, OptimSpec, ReplaySpec  # noqa: E402
 from raykd.teacher import TeacherHandle  # noqa: E402
-from raykd.units import Unit  # noqa: E402
 
 from results_md import fresh_workdir, machine, write_section  # noqa: E402
 
@@ -192,7 +192,7 @@ def main() -> None:
 
     import ray
 
-    from raykd.ray_env import init_ray
+    from raykd.cluster.ray_env import init_ray
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.quick:
@@ -201,7 +201,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (quick check)"
     pairs = QUICK if args.quick else PAIRS
     work = fresh_workdir("gpu")
-    from raykd import factories
+    from raykd.job import factories
 
     # the replay row's data factory, importable by the Ray processes started below
     factories.allow([AUGMENTED])

@@ -20,10 +20,10 @@ from results_md import fresh_workdir, machine, quickstart_teacher, write_section
 def main() -> None:
     import ray
 
-    from raykd.config import job_from_dict
+    from raykd.cluster.ray_env import init_ray
     from raykd.data import load_dataset
-    from raykd.plan import plan_units
-    from raykd.ray_env import init_ray
+    from raykd.driver.plan import plan_units
+    from raykd.job.config import job_from_dict
     from raykd.teacher import LocalTeacher, TeacherHandle
     from raykd.teacher.cache import cached_teacher
     from raykd.train.runner import RunSettings, fit_units

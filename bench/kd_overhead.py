@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from raykd.data import load_dataset  # noqa: E402
+from raykd.driver.units import Unit  # noqa: E402
+from raykd.job.specs import DataSpec, OptimSpec  # noqa: E402
 from raykd.losses import kd_loss  # noqa: E402
 from raykd.models import build_model  # noqa: E402
-from raykd.specs import DataSpec, OptimSpec  # noqa: E402
 from raykd.teacher import LocalTeacher, TeacherHandle  # noqa: E402
 from raykd.train.batches import evaluate  # noqa: E402
 from raykd.train.optim import make_optimizer  # noqa: E402
-from raykd.units import Unit  # noqa: E402
 
 from results_md import alternating, fresh_workdir, machine, quickstart_teacher, write_section  # noqa: E402
 
@@ -62,7 +62,7 @@ def main() -> None:
 
     import ray
 
-    from raykd.ray_env import init_ray
+    from raykd.cluster.ray_env import init_ray
     from raykd.train.runner import RunSettings, fit_units
 
     torch.set_num_threads(1)

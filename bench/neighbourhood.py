@@ -45,7 +45,7 @@ def time_teacher_store(spec, work: Path) -> float:
     import torch
 
     from raykd.data import load_dataset
-    from raykd.plan import plan_units
+    from raykd.driver.plan import plan_units
     from raykd.teacher.access import store_outputs
 
     [teacher] = [u for u in plan_units(spec, load_dataset(spec.data)) if u.key == "seed0-teacher"]
@@ -64,12 +64,12 @@ def main() -> None:
     import pandas as pd
     import ray
 
-    from raykd.config import load_job
+    from raykd.cluster.ray_env import init_ray
     from raykd.data import load_dataset
+    from raykd.driver.pipeline import run_job
+    from raykd.driver.plan import plan_units
+    from raykd.job.config import load_job
     from raykd.models.export import build_stitched, load_export
-    from raykd.pipeline import run_job
-    from raykd.plan import plan_units
-    from raykd.ray_env import init_ray
     from raykd.teacher import TeacherHandle
     from raykd.train.batches import evaluate
     from raykd.train.runner import RunSettings, fit_units

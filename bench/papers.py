@@ -34,8 +34,8 @@ REPORTED = {
 
 
 def job_size(path: Path) -> tuple[int, float]:
-    from raykd.config import load_job
-    from raykd.plan import plan_units
+    from raykd.driver.plan import plan_units
+    from raykd.job.config import load_job
 
     spec = load_job(path)
     shape, classes = SHAPES[spec.data.dataset]

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from raykd.data import load_dataset
+from raykd.job.specs import DataSpec, OptimSpec
 from raykd.losses import kd_loss
 from raykd.models import build_model
-from raykd.specs import DataSpec, OptimSpec
 from raykd.train.batches import evaluate
 from raykd.train.optim import make_optimizer, make_scheduler
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from raykd.driver.units import Unit  # noqa: E402
+from raykd.job.specs import DataSpec, OptimSpec  # noqa: E402
 from raykd.models import build_model  # noqa: E402
 from raykd.models.export import save_export  # noqa: E402
-from raykd.specs import DataSpec, OptimSpec  # noqa: E402
 from raykd.teacher import TeacherHandle  # noqa: E402
-from raykd.units import Unit  # noqa: E402
 
 from results_md import alternating, fresh_workdir, machine, write_section  # noqa: E402
 
@@ -43,7 +43,7 @@ def main() -> None:
     import pandas as pd
     import ray
 
-    from raykd.ray_env import init_ray
+    from raykd.cluster.ray_env import init_ray
     from raykd.train.runner import RunSettings, fit_units
 
     work = fresh_workdir("precision")

@@ -63,7 +63,7 @@ NOISE = 0.005   # a row mean over 3 seeds moving by more than this is reported b
 
 
 def report(work: Path, walls: dict, against: str | None) -> None:
-    from raykd.results import format_summary, read_results
+    from raykd.outputs.results import format_summary, read_results
 
     rows = read_results(work / "now-1" / "quickstart")
     table = format_summary(rows)

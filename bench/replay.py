@@ -58,8 +58,8 @@ def time_fill(raw: dict, cache_dir: Path) -> float:
     """Seconds to fill the job's replay entry for KD, in this process on one thread."""
     import torch
 
-    from raykd.config import job_from_dict
     from raykd.data import load_dataset
+    from raykd.job.config import job_from_dict
     from raykd.methods import MethodContext, build_method
     from raykd.models import build_model
     from raykd.models.export import load_export

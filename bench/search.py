@@ -33,10 +33,10 @@ MAX_PARAMS, TOP, FINETUNE, E2E_EPOCHS = 250_000, 5, 4, 8
 
 
 def main() -> int:
-    from raykd.config import job_from_dict, load_job
-    from raykd.pipeline import run_job
-    from raykd.ray_env import init_ray
-    from raykd.search import SearchRequest, run_search
+    from raykd.cluster.ray_env import init_ray
+    from raykd.driver.pipeline import run_job
+    from raykd.job.config import job_from_dict, load_job
+    from raykd.nas.search import SearchRequest, run_search
 
     shutil.rmtree(OUT, ignore_errors=True)
     init_ray(None, None)

@@ -44,7 +44,7 @@ def main() -> None:
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from raykd.ray_env import init_ray
+    from raykd.cluster.ray_env import init_ray
     from raykd.train.runner import trainer_class
 
     raykd_trainer = trainer_class(1)

@@ -75,8 +75,8 @@ def table() -> str:
         trials = pd.read_parquet(run_dir / "sweep.parquet")
         counts = f"{(trials.status == 'finished').sum()} / {(trials.status == 'stopped').sum()}"
         line(name, tuned, counts, student_rows(run_dir, label))
-    from raykd.config import load_job
     from raykd.data import load_dataset
+    from raykd.job.config import load_job
 
     val_images = len(load_dataset(load_job(ROOT / BASELINE).data).val)
     p = float(ce.val_top1.mean())

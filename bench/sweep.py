@@ -36,7 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from raykd.ray_env import init_ray
+    from raykd.cluster.ray_env import init_ray
     from raykd.sweep import run_sweep
 
     work = fresh_workdir("sweep")

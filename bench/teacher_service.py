@@ -51,9 +51,9 @@ def main() -> None:
 
     import pandas as pd
 
-    from raykd.config import job_from_dict
-    from raykd.pipeline import run_job
-    from raykd.ray_env import init_ray
+    from raykd.cluster.ray_env import init_ray
+    from raykd.driver.pipeline import run_job
+    from raykd.job.config import job_from_dict
     from raykd.teacher import LocalTeacher
     from raykd.teacher.service import TeacherClient, TeacherService
 

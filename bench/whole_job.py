@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     import pandas as pd
 
-    from raykd.results import load_history
+    from raykd.outputs.results import load_history
 
     work = fresh_workdir("whole_job")
     accuracy: dict[str, list[dict]] = {"raykd": [], "plain": []}

@@ -19,18 +19,18 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from raykd.specs import JobSpec
+from raykd.job.specs import JobSpec
 
 
 def run(job: str | Path | dict | JobSpec, overrides: list[str] | tuple[str, ...] = ()):
     """Run (or resume) a job; return its results table (one row per trained model)."""
-    from raykd.config import check_writable, job_from_dict, job_runtime_env, load_job
+    from raykd.cluster.ray_env import init_ray
     from raykd.data import load_dataset
-    from raykd.factories import named_sources
-    from raykd.pipeline import run_job
-    from raykd.plan import preflight
-    from raykd.ray_env import init_ray
-    from raykd.typed import apply_overrides
+    from raykd.driver.pipeline import run_job
+    from raykd.driver.plan import preflight
+    from raykd.job.config import check_writable, job_from_dict, job_runtime_env, load_job
+    from raykd.job.factories import named_sources
+    from raykd.job.typed import apply_overrides
 
     if isinstance(job, JobSpec):
         spec = job_from_dict(apply_overrides(named_sources(_plain(job)), list(overrides)))

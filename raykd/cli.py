@@ -21,13 +21,13 @@ from raykd.errors import RaykdError
 
 
 def _cmd_run(args) -> int:
-    from raykd.config import check_writable, job_runtime_env, load_job
+    from raykd.cluster.ray_env import init_ray, stop_on_signals
     from raykd.data import load_dataset
-    from raykd.ownership import own
-    from raykd.pipeline import run_job
-    from raykd.plan import preflight
-    from raykd.ray_env import init_ray, stop_on_signals
-    from raykd.results import ResultsTable
+    from raykd.driver.ownership import own
+    from raykd.driver.pipeline import run_job
+    from raykd.driver.plan import preflight
+    from raykd.job.config import check_writable, job_runtime_env, load_job
+    from raykd.outputs.results import ResultsTable
 
     spec = load_job(args.job, args.overrides)
     check_writable(spec)
@@ -41,7 +41,7 @@ def _cmd_run(args) -> int:
     print(f"\nresults: {spec.run_dir / 'results.parquet'}")
     print_report(spec.run_dir, df)
     if args.emit_results:
-        from raykd.submit import emit_results
+        from raykd.cluster.submit import emit_results
         emit_results(df)
     return 0
 
@@ -61,9 +61,9 @@ def injected_failures() -> dict[str, int] | None:
 def _cmd_submit(args) -> int:
     from pathlib import Path
 
-    from raykd.config import load_job
+    from raykd.cluster.submit import Cluster, check_factories_travel, job_path_in_project, results_from_logs
     from raykd.files import atomic_write
-    from raykd.submit import Cluster, check_factories_travel, job_path_in_project, results_from_logs
+    from raykd.job.config import load_job
 
     if args.stop or args.follow:
         if args.job:
@@ -100,11 +100,11 @@ def _cmd_submit(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from raykd.config import check_writable, job_from_dict, job_runtime_env, load_raw
+    from raykd.cluster.ray_env import init_ray, stop_on_signals
     from raykd.data import load_dataset
-    from raykd.ownership import own
-    from raykd.plan import preflight
-    from raykd.ray_env import init_ray, stop_on_signals
+    from raykd.driver.ownership import own
+    from raykd.driver.plan import preflight
+    from raykd.job.config import check_writable, job_from_dict, job_runtime_env, load_raw
     from raykd.sweep import check_prerequisites, check_sweep, run_sweep
 
     raw = load_raw(args.job, args.overrides)
@@ -129,8 +129,15 @@ def _cmd_sweep(args) -> int:
 def _cmd_search(args) -> int:
     import json
 
-    from raykd.ray_env import init_ray, stop_on_signals
-    from raykd.search import SearchRequest, library_entries, positions, run_search, search_runtime_env, solve
+    from raykd.cluster.ray_env import init_ray, stop_on_signals
+    from raykd.nas.search import (
+        SearchRequest,
+        library_entries,
+        positions,
+        run_search,
+        search_runtime_env,
+        solve,
+    )
 
     try:
         seeds = tuple(int(s) for s in args.seeds.split(","))
@@ -167,7 +174,7 @@ def print_sweep(table, top: int = 10) -> None:
 
 def print_report(run_dir, df) -> None:
     """The results table (mean ± std over seeds), then any per-sample diagnostics."""
-    from raykd.results import format_summary, summarize_diagnostics
+    from raykd.outputs.results import format_summary, summarize_diagnostics
 
     print(format_summary(df))
     diagnostics = summarize_diagnostics(run_dir)
@@ -181,7 +188,7 @@ def _cmd_results(args) -> int:
 
     import pandas as pd
 
-    from raykd.results import plot_summary, read_results
+    from raykd.outputs.results import plot_summary, read_results
 
     sweep = Path(args.run_dir) / "sweep.parquet"
     if sweep.is_file():
@@ -197,7 +204,7 @@ def _cmd_results(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from raykd.deploy import export_student
+    from raykd.outputs.deploy import export_student
 
     record = export_student(args.run_dir, args.label, args.format, args.seed, args.out)
     lat = record["latency_ms"]
@@ -215,7 +222,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from raykd.report import write_report
+    from raykd.outputs.report import write_report
 
     path = write_report(args.run_dir, args.out)
     print(f"report written to {path}")
@@ -384,9 +391,9 @@ def add_run_dir_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raykd import ray_env
+    from raykd.cluster import ray_env
+    from raykd.cluster.ray_env import set_ray_env
     from raykd.log import setup_logging
-    from raykd.ray_env import set_ray_env
 
     set_ray_env()  # before anything imports ray: some settings are read at import
     setup_logging()

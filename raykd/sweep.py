@@ -22,11 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from raykd.config import job_from_dict
 from raykd.errors import RaykdError, one_line
+from raykd.job.config import job_from_dict
+from raykd.job.specs import InputShape, JobSpec, SearchDim, SweepSpec
+from raykd.job.typed import set_key
 from raykd.log import log
-from raykd.specs import InputShape, JobSpec, SearchDim, SweepSpec
-from raykd.typed import set_key
 
 TRIAL_RESOURCE = "raykd_trial"
 SWEEP_DIR = "sweep"
@@ -149,7 +149,7 @@ def check_prerequisites(raw: dict, spec: JobSpec, shapes) -> None:
     best.yaml would record a value that never took effect; and ASHA schedules on the base
     epoch count. Checked by planning the job with each dimension's representative values and
     comparing the prerequisite units with the base plan's."""
-    from raykd.plan import needed_by, plan_units
+    from raykd.driver.plan import needed_by, plan_units
 
     sweep = spec.sweep
     seeds = trial_seeds(spec)
@@ -205,8 +205,8 @@ def trial_unit(raw: dict, values: dict, sweep: SweepSpec, run_dir: Path, trial_i
     """The tuned student of one trial for one of its seeds, as a unit with its teachers
     attached (in-process, from the cache): what `raykd run` would train, without the test
     split. Only the tuned method is planned, for that seed."""
+    from raykd.driver.plan import plan_units, resolve_teachers
     from raykd.methods import method_class
-    from raykd.plan import plan_units, resolve_teachers
     from raykd.teacher import TeacherHandle
 
     spec = job_from_dict(with_values(raw, values))
@@ -281,7 +281,7 @@ def make_trial(raw: dict, sweep: SweepSpec, run_dir: Path, rows: list[dict],
         fail = bool(fail_when) and all(config.get(k) == v for k, v in fail_when.items())
         units = [trial_unit(raw, config, sweep, run_dir, trial_id, rows, teacher_cache, shapes,
                             seed, fail and i == 0) for i, seed in enumerate(seeds)]
-        # the sampled values, for trackers (raykd.tracking follows this trial's history)
+        # the sampled values, for trackers (raykd.outputs.tracking follows this trial's history)
         folder = run_dir / SWEEP_DIR / "trials" / trial_id
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps({k: _plain(v) for k, v in config.items()}))
@@ -407,7 +407,7 @@ class Sweep:
         """A run folder holds one sweep, run by one driver: resuming it with a job changed in
         anything a trial depends on (the `sweep:` section, a method, the data, a model, ...) is
         refused, naming the first changed key."""
-        from raykd.ownership import own
+        from raykd.driver.ownership import own
 
         own(self.run_dir)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -444,9 +444,9 @@ class Sweep:
         """Train what the tuned student depends on (teachers, DIH heads, ND parts), once; wait
         until their run has given its CPUs back; fill the teacher cache the trials read.
         Returns the tuned student's epochs."""
-        from raykd.pipeline import release_finished_runs, run_job, wait_for_room
-        from raykd.plan import plan_units
-        from raykd.results import ResultsTable
+        from raykd.driver.pipeline import release_finished_runs, run_job, wait_for_room
+        from raykd.driver.plan import plan_units
+        from raykd.outputs.results import ResultsTable
 
         units = {u.key: u for u in plan_units(self.spec, self.shapes)}
         before = sorted({key for target in self.targets for key in units[target].depends_on})
@@ -531,7 +531,7 @@ class Sweep:
     def run_best(self, values: dict):
         """Write best.yaml (the job with the best values, the tuned method only) and run it
         over the job's seeds."""
-        from raykd.pipeline import run_job
+        from raykd.driver.pipeline import run_job
 
         best_raw = with_values(self.raw, values)
         best_raw.pop("sweep", None)
@@ -543,7 +543,7 @@ class Sweep:
 def track_trials(spec: JobSpec, trials: Path, method: str):
     """A tracker following every trial's history as trials appear, one tracked run per trial
     and seed (None without tracking)."""
-    from raykd.tracking import Tracker, sinks_for
+    from raykd.outputs.tracking import Tracker, sinks_for
 
     sinks = sinks_for(spec)
     if not sinks:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from raykd.ray_env import set_ray_env
+from raykd.cluster.ray_env import set_ray_env
 
 set_ray_env()
 # Train waits this long for a run's workers to be placed before it tries again (60 s by default):

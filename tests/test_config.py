@@ -6,9 +6,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raykd.config import job_from_dict, load_job
 from raykd.errors import RaykdError, one_line
-from raykd.specs import JobSpec
+from raykd.job.config import job_from_dict, load_job
+from raykd.job.specs import JobSpec
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
@@ -112,7 +112,7 @@ def test_bad_job_files_name_the_field(tmp_path, text, message):
 
 
 def test_paths_that_cannot_work_are_refused_before_ray(tmp_path):
-    from raykd.config import check_writable
+    from raykd.job.config import check_writable
 
     a_file = tmp_path / "plain.txt"
     a_file.write_text("not a folder")
@@ -212,7 +212,7 @@ def test_hostile_job_files_are_one_line_in_seconds_and_bounded_memory(tmp_path, 
 
     path = tmp_path / "job.yaml"
     path.write_text(text)
-    code = ("import resource, sys\nfrom raykd.config import load_job\n"
+    code = ("import resource, sys\nfrom raykd.job.config import load_job\n"
             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "try:\n    load_job(sys.argv[1])\nexcept Exception as e:\n"
             "    print(type(e).__name__ + ': ' + str(e))\n"

@@ -7,7 +7,7 @@ import torch
 
 from raykd.data import load_dataset
 from raykd.errors import RaykdError
-from raykd.specs import DataSpec, GaussianSpec
+from raykd.job.specs import DataSpec, GaussianSpec
 
 
 def _labels(ds):

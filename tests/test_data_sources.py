@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from raykd.config import job_from_dict, load_job
 from raykd.data import load_dataset
 from raykd.errors import RaykdError
-from raykd.specs import DataSpec
+from raykd.job.config import job_from_dict, load_job
+from raykd.job.specs import DataSpec
 
 from conftest import small_job
 
@@ -123,10 +123,10 @@ def test_a_trained_teacher_reused_by_checkpoint_sees_images_normalised_as_it_was
     later job distilling from that export (`teacher.checkpoint`) normalises the same way, from
     what the export records, not by raykd's default for a zoo or unknown teacher (0.5 on grey
     images): a teacher fed differently normalised images predicts nonsense."""
+    from raykd.driver.units import Unit
     from raykd.models import build_model
     from raykd.models.export import read_export, save_export
     from raykd.train.model import ModelTrainer
-    from raykd.units import Unit
 
     job = {"name": "j", "data": {"dataset": "imagefolder", "root": str(tmp_path)},
            "teacher": {"model": "timm:resnet10t"}, "methods": {"kd": {}}}

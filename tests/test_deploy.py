@@ -6,9 +6,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from raykd.deploy import load_test_split
 from raykd.models.export import load_export
-from raykd.results import read_results
+from raykd.outputs.deploy import load_test_split
+from raykd.outputs.results import read_results
 
 from conftest import RAYKD
 

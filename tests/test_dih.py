@@ -4,14 +4,14 @@ import pytest
 import ray
 import torch
 
-from raykd.config import job_from_dict
 from raykd.data import load_dataset
+from raykd.driver.pipeline import run_job
+from raykd.driver.plan import plan_units, preflight
 from raykd.errors import RaykdError
 from raykd.files import file_hash
+from raykd.job.config import job_from_dict
 from raykd.losses import dih_loss
 from raykd.models.export import load_heads
-from raykd.pipeline import run_job
-from raykd.plan import plan_units, preflight
 
 from conftest import small_job
 

@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from raykd.cli import main
-from raykd.config import job_from_dict
+from raykd.driver.pipeline import run_job
 from raykd.files import torch_load
-from raykd.pipeline import run_job
+from raykd.job.config import job_from_dict
 
 from conftest import all_cpus_free, small_job
 
@@ -210,12 +210,12 @@ def test_a_killed_driver_leaves_nothing_running_and_the_rerun_finishes(ray_sessi
 
 
 def test_a_local_instance_listens_on_free_loopback_ports_and_ends_with_its_driver():
-    """The local instance a driver starts (raykd.local_head) takes none of Ray's fixed default
+    """The local instance a driver starts (raykd.cluster.local_head) takes none of Ray's fixed default
     ports, so a head started beside it (`ray start --head`) gets its own; every service of it
     listens on loopback; the ports are the ones it chose; a driver killed outright takes it
     down (the parent-death signal), and one that ends normally stops it at exit, leaving no
     process behind either way."""
-    script = ("import time\nfrom raykd.local_head import LocalHead\nhead = LocalHead(1)\n"
+    script = ("import time\nfrom raykd.cluster.local_head import LocalHead\nhead = LocalHead(1)\n"
               "print(head.address, head.dashboard, head.process.pid, flush=True)\n"
               "time.sleep(600)\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -243,7 +243,7 @@ def test_a_local_instance_listens_on_free_loopback_ports_and_ends_with_its_drive
         time.sleep(0.5)
     assert not [p for p in family if alive(p)], "the head outlived its killed driver"
     # a driver that ends normally, after a task ran on workers: nothing of its instance stays
-    script = ("import time\nfrom raykd.ray_env import init_ray\nimport ray\n"
+    script = ("import time\nfrom raykd.cluster.ray_env import init_ray\nimport ray\n"
               "init_ray(num_cpus=1)\nray.get(ray.remote(lambda: 1).remote())\n"
               "print(flush=True)\ntime.sleep(5)\n")
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
@@ -339,7 +339,7 @@ def test_sigterm_stops_the_driver_in_one_line_as_ctrl_c_does(ray_session, tmp_pa
 
 STOP_IN_A_HUNG_CLEANUP = """
 import os, signal, sys, time
-from raykd import ray_env
+from raykd.cluster import ray_env
 ray_env.new_command(forced_exit=True)
 ray_env.EXIT_GRACE_S = float(sys.argv[1])
 ray_env.stop_on_signals()
@@ -432,8 +432,8 @@ def test_a_full_disk_is_one_line_naming_where_and_what_to_do(tmp_path, capsys, m
     import pytest
 
     from raykd import cli
+    from raykd.driver.pipeline import JobRun
     from raykd.errors import RaykdError, out_of_space
-    from raykd.pipeline import JobRun
 
     with pytest.raises(OSError) as full:
         with open("/dev/full", "w") as f:

@@ -3,14 +3,14 @@ teacher choices of KD (first, best by validation, ensemble)."""
 import pytest
 import torch
 
-from raykd.config import job_from_dict
 from raykd.data import load_dataset
+from raykd.driver.pipeline import run_job
+from raykd.driver.plan import preflight
 from raykd.errors import RaykdError
+from raykd.job.config import job_from_dict
 from raykd.losses import feed_loss
 from raykd.models import build_model, count_params
 from raykd.models.export import load_export
-from raykd.pipeline import run_job
-from raykd.plan import preflight
 
 from conftest import small_job
 

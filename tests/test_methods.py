@@ -3,12 +3,12 @@ import pandas as pd
 import pytest
 import torch
 
-from raykd.config import job_from_dict
+from raykd.driver.pipeline import run_job
+from raykd.driver.plan import preflight
 from raykd.errors import RaykdError
+from raykd.job.config import job_from_dict
 from raykd.methods import MethodContext, Step, build_method, method_names
 from raykd.models import build_model, count_params
-from raykd.pipeline import run_job
-from raykd.plan import preflight
 
 from conftest import small_job
 
@@ -176,10 +176,10 @@ def test_a_student_started_from_trained_weights_is_scored_on_test_only_outside_s
     (evaluate_test False) must not read the test split for it."""
     import byo_data
 
-    from raykd import factories
-    from raykd.specs import DataSpec, OptimSpec
+    from raykd.driver.units import Unit
+    from raykd.job import factories
+    from raykd.job.specs import DataSpec, OptimSpec
     from raykd.train.model import ModelTrainer
-    from raykd.units import Unit
 
     factories.allow(["byo_data:counted_digits"])
 

@@ -6,19 +6,19 @@ import pytest
 import torch
 from torch import nn
 
-from raykd.config import job_from_dict
 from raykd.data import load_dataset
+from raykd.driver.pipeline import run_job
+from raykd.driver.units import NeighbourhoodPart, Unit
 from raykd.errors import RaykdError
+from raykd.job.config import job_from_dict
+from raykd.job.specs import DataSpec, OptimSpec
 from raykd.methods.neighbourhood import choose_candidates
 from raykd.models import build_model, count_params
 from raykd.models.batchnorm import recalibrate_batchnorm
 from raykd.models.export import build_stitched, load_candidate, load_export, save_candidate
 from raykd.models.stitch import Candidate, block_shapes, neighbourhoods, pools, stitch
-from raykd.pipeline import run_job
-from raykd.specs import DataSpec, OptimSpec
 from raykd.teacher import TeacherHandle
 from raykd.train.batches import evaluate
-from raykd.units import NeighbourhoodPart, Unit
 
 from conftest import small_job
 

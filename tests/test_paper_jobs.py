@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from raykd.config import load_job
-from raykd.pipeline import run_job
+from raykd.driver.pipeline import run_job
+from raykd.job.config import load_job
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 # channels, image size and classes of each paper dataset, the images made small: a job's models

@@ -7,15 +7,15 @@ import pytest
 import ray
 
 from raykd.cli import main
-from raykd.config import job_from_dict
 from raykd.data import load_dataset
+from raykd.driver.pipeline import run_job, wait_for_room
+from raykd.driver.plan import plan_units
 from raykd.errors import RaykdError, one_line
 from raykd.files import file_hash
+from raykd.job.config import job_from_dict
 from raykd.models import count_params
 from raykd.models.export import load_export
-from raykd.pipeline import run_job, wait_for_room
-from raykd.plan import plan_units
-from raykd.results import REQUIRED_COLUMNS, read_results
+from raykd.outputs.results import REQUIRED_COLUMNS, read_results
 
 from conftest import all_cpus_free, small_job
 
@@ -120,7 +120,7 @@ def _stuck_teardown() -> None:
 
 
 def test_a_finished_run_stuck_in_teardown_is_stopped_before_new_runs_start(ray_session):
-    from raykd import pipeline
+    from raykd.driver import pipeline
 
     stuck = _stuck_teardown.remote()
     while ray_session.available_resources().get("CPU", 0) >= 2:   # it holds its CPU

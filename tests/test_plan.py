@@ -1,7 +1,7 @@
 """Planning: what units a job becomes, their seeds and dependencies (no Ray)."""
-from raykd.config import job_from_dict
 from raykd.data import load_dataset
-from raykd.plan import plan_units
+from raykd.driver.plan import plan_units
+from raykd.job.config import job_from_dict
 
 from conftest import small_job
 

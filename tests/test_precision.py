@@ -4,12 +4,12 @@ the module's checkpoint keys, and a real run trains with all of them."""
 import pytest
 import torch
 
-from raykd.config import job_from_dict
+from raykd.driver.pipeline import run_job
 from raykd.files import torch_load
+from raykd.job.config import job_from_dict
+from raykd.job.specs import OptimSpec
 from raykd.losses import kd_loss
 from raykd.models import build_model
-from raykd.pipeline import run_job
-from raykd.specs import OptimSpec
 from raykd.train.precision import StepPrecision
 
 from conftest import small_job

@@ -10,12 +10,12 @@ import time
 import pandas as pd
 
 from raykd.files import remove_stale_temps, torch_load
-from raykd.results import read_results
+from raykd.outputs.results import read_results
 
 WRITER = r"""
 import sys, torch
 from raykd.files import torch_save
-from raykd.results import ResultsTable
+from raykd.outputs.results import ResultsTable
 run_dir, export = sys.argv[1], sys.argv[2]
 table = ResultsTable(run_dir)
 i = len(table.rows)

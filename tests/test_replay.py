@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raykd.config import job_from_dict
 from raykd.data import load_dataset
+from raykd.driver.pipeline import run_job
+from raykd.driver.plan import preflight
 from raykd.errors import RaykdError
+from raykd.job.config import job_from_dict
+from raykd.job.specs import DataSpec
 from raykd.methods import MethodContext, build_method
 from raykd.models import build_model
 from raykd.models.export import load_export, save_export
-from raykd.pipeline import run_job
-from raykd.plan import preflight
-from raykd.specs import DataSpec
 from raykd.teacher.cache import FeatureCache
 from raykd.teacher.handle import TeacherHandle
 from raykd.teacher.local import Done, LocalTeacher

@@ -4,7 +4,7 @@ import time
 
 import ray
 
-from raykd.scheduler import Launch, run_in_order
+from raykd.driver.scheduler import Launch, run_in_order
 
 
 @ray.remote(num_cpus=0)

@@ -11,14 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raykd.cli import main
-from raykd.config import job_from_dict, load_job
 from raykd.data import load_dataset
+from raykd.driver.pipeline import run_job
 from raykd.errors import RaykdError
 from raykd.files import file_hash
+from raykd.job.config import job_from_dict, load_job
 from raykd.models.export import build_stitched, load_export
-from raykd.pipeline import run_job
-from raykd.search import SearchRequest, library_entries, positions, run_search, solve
-from raykd.selection import best_choices
+from raykd.nas.search import SearchRequest, library_entries, positions, run_search, solve
+from raykd.nas.selection import best_choices
 from raykd.train.batches import evaluate
 
 from conftest import small_job
@@ -227,7 +227,7 @@ def test_two_jobs_share_a_library_and_search_retrains_nothing(ray_session, tmp_p
 def _append_parts(library: str, export_dir: str, teacher: str, rounds: int) -> None:
     """A job's side: the same library entry added again and again, each time with another
     checkpoint (as a part retrained after its entry went stale would be)."""
-    from raykd.library import NeighbourhoodLibrary
+    from raykd.nas.library import NeighbourhoodLibrary
 
     lib, folder = NeighbourhoodLibrary(library), Path(export_dir)
     for i in range(rounds):
@@ -245,7 +245,7 @@ def test_a_library_searched_while_a_job_adds_to_it_reads_consistent_entries(tmp_
     another process keeps replacing that entry."""
     import multiprocessing
 
-    from raykd.library import NeighbourhoodLibrary
+    from raykd.nas.library import NeighbourhoodLibrary
 
     teacher = tmp_path / "teacher.pt"
     teacher.write_bytes(b"teacher")

@@ -8,9 +8,9 @@ import torch
 import yaml
 
 import raykd
-from raykd.config import job_from_dict
 from raykd.data import load_dataset
 from raykd.errors import RaykdError
+from raykd.job.config import job_from_dict
 from raykd.models import build_model
 from raykd.models.export import load_export, save_export
 
@@ -155,7 +155,7 @@ def test_a_timm_teacher_distils_into_a_torchvision_student_on_an_image_folder(
         df.role == "teacher"].params.iloc[0]
     # the library of the cut timm teacher's parts, searched (the teacher given by a path
     # relative to where the search runs, as on the command line)
-    from raykd.search import SearchRequest, run_search
+    from raykd.nas.search import SearchRequest, run_search
 
     monkeypatch.chdir(tmp_path)
     teacher = Path(df[df.role == "teacher"].export.iloc[0]).relative_to(tmp_path)
@@ -170,7 +170,7 @@ def test_a_timm_teacher_distils_into_a_torchvision_student_on_an_image_folder(
     for export in students.export:   # rebuilt from the export alone: source, arguments, stages
         model = load_export(export)
         assert model.stage_names == ["stage1", "stage2", "stage3"]
-    from raykd.deploy import export_student
+    from raykd.outputs.deploy import export_student
 
     record = export_student(tmp_path / "byo", "kd")   # ONNX, checked against PyTorch on test
     assert record["top1_agreement"] == 1.0 and record["max_abs_diff"] < 1e-3
@@ -239,7 +239,7 @@ def test_starting_weights_load_exactly_and_bad_files_are_one_line(tmp_path):
     job = small_job(tmp_path, data={"dataset": "gaussian", "gaussian": {"channels": 3}},
                     teacher={"model": "torchvision:resnet18", "weights": str(tmp_path / "imagenet.pth")})
     with pytest.raises(RaykdError, match="teacher.weights: .* fc.bias has shape"):
-        from raykd.plan import preflight
+        from raykd.driver.plan import preflight
         spec = job_from_dict(job)
         preflight(spec, load_dataset(spec.data))
 
@@ -247,7 +247,7 @@ def test_starting_weights_load_exactly_and_bad_files_are_one_line(tmp_path):
 def test_a_factory_of_your_own_is_imported_only_because_a_job_names_it(tmp_path):
     import sys
 
-    from raykd import factories
+    from raykd.job import factories
 
     name = "byo_factory:tiny_net"
     factories._ALLOWED.discard(name)
@@ -295,7 +295,7 @@ def test_callable_sources_are_named_as_a_job_file_would_name_them():
     import timm
     import torchvision
 
-    from raykd.factories import named_sources
+    from raykd.job.factories import named_sources
 
     raw = named_sources({"teacher": {"models": [timm.models.resnet18,
                                                 torchvision.models.resnet18]},

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from raykd.config import job_from_dict, load_job
 from raykd.errors import RaykdError
+from raykd.job.config import job_from_dict, load_job
 from raykd.sweep import check_sweep, run_sweep
 
 from conftest import all_cpus_free, small_job
@@ -142,8 +142,8 @@ def test_asha_sweep_stops_trials_records_failures_and_runs_the_best(ray_session,
     # every trial is tracked with its sampled value and each epoch it ran, once
     from mlflow.tracking import MlflowClient
 
-    from raykd.report import build_report
-    from raykd.tracking import read_scalars
+    from raykd.outputs.report import build_report
+    from raykd.outputs.tracking import read_scalars
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("asha")
@@ -236,7 +236,7 @@ def test_optuna_search_is_built_and_refuses_grids():
     from optuna import __version__  # noqa: F401  (installed with raykd)
     from ray.tune.search.optuna import OptunaSearch
 
-    from raykd.specs import SearchDim, SweepSpec
+    from raykd.job.specs import SearchDim, SweepSpec
     from raykd.sweep import search_alg
 
     spec = SweepSpec(method="kd", search="optuna",

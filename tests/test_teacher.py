@@ -9,9 +9,9 @@ import torch
 
 from raykd.data import load_dataset
 from raykd.errors import RaykdError
+from raykd.job.specs import DataSpec
 from raykd.models import build_model
 from raykd.models.export import save_export
-from raykd.specs import DataSpec
 from raykd.teacher import LocalTeacher
 from raykd.teacher.cache import EntryWriter, FeatureCache, cache_key, cached_teacher
 from raykd.teacher.service import TeacherClient, TeacherService, shard_name

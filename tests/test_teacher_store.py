@@ -1,10 +1,10 @@
 """The shared teacher store: entries keyed by everything that decides a teacher's weights."""
 import dataclasses
 
+from raykd.driver.units import Unit
 from raykd.files import file_hash
-from raykd.specs import DataSpec, OptimSpec
+from raykd.job.specs import DataSpec, OptimSpec
 from raykd.teacher.store import TeacherStore, teacher_digest
-from raykd.units import Unit
 
 
 def teacher_unit(tmp_path, name="a", **kw):
@@ -55,7 +55,7 @@ def test_editing_your_own_model_or_data_file_misses_the_store_and_the_cache(tmp_
     edited file misses the teacher store and the teacher-output cache, an unchanged one hits."""
     import sys
 
-    from raykd import factories
+    from raykd.job import factories
     from raykd.teacher.cache import cache_key
 
     module = tmp_path / "mine_store.py"

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from raykd.results import read_results
+from raykd.outputs.results import read_results
 
 
 def unit_rows(tracked_run):
@@ -108,9 +108,9 @@ def test_tensorboard_events_hold_each_units_curves_once(tracked_run):
 
 def test_tracking_settings_are_checked_and_a_server_that_is_down_does_not_stop_a_job(
         tmp_path, caplog):
-    from raykd.config import job_from_dict
     from raykd.errors import RaykdError
-    from raykd.tracking import sinks_for
+    from raykd.job.config import job_from_dict
+    from raykd.outputs.tracking import sinks_for
 
     with pytest.raises(RaykdError, match="tracking.mlflow: expected a tracking URI"):
         job_from_dict({"tracking": {"mlflow": 5}})

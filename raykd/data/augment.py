@@ -12,7 +12,7 @@ Validation and test splits never augment.
 """
 from __future__ import annotations
 
-from raykd.specs import image_hw
+from raykd.job.specs import image_hw
 
 PRESETS = ("standard", "cifar", "none")
 

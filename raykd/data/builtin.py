@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 from raykd.data.augment import preset, train_transforms
 from raykd.data.registry import DatasetSplits, _limit, register_dataset, split_indices, subset
 from raykd.errors import RaykdError
-from raykd.specs import image_hw
+from raykd.job.specs import image_hw
 
 
 def _tensor_splits(x: np.ndarray, y: np.ndarray, spec, name: str, num_classes: int,

@@ -20,7 +20,7 @@ from raykd.data.augment import preset, train_transforms
 from raykd.data.normalise import normalisation
 from raykd.data.registry import DatasetSplits, register_dataset, split_indices, subset
 from raykd.errors import RaykdError, one_line
-from raykd.specs import image_hw
+from raykd.job.specs import image_hw
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 

@@ -18,7 +18,7 @@ def check_dataset_name(name: str) -> None:
 
 
 def load_dataset(spec) -> DatasetSplits:
-    """Build the splits a `DataSpec` describes (raykd.specs)."""
+    """Build the splits a `DataSpec` describes (raykd.job.specs)."""
     check_dataset_name(spec.dataset)
     if ":" in spec.dataset:
         return load_sourced(spec)

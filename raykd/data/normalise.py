@@ -1,6 +1,6 @@
 """The mean and std that image-file datasets (image folders, torchvision dataset classes) are
 normalised by: `data.mean`/`data.std` as given, else those of the teacher's timm pretrained
-config (set by raykd.config), else ImageNet's for colour and 0.5 for grey.
+config (set by raykd.job.config), else ImageNet's for colour and 0.5 for grey.
 
 One value stands for every channel (as timm's `mean: [0.5]`); three values on grey images are
 averaged, the grey image being read as R = G = B (as timm adapts a colour model's first

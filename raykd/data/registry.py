@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from raykd.errors import RaykdError
-from raykd.specs import InputShape
+from raykd.job.specs import InputShape
 
 _DATASETS: dict[str, Callable] = {}
 

@@ -25,12 +25,12 @@ import inspect
 import os
 from collections.abc import Mapping
 
-from raykd import factories
 from raykd.data.augment import preset, train_transforms
 from raykd.data.normalise import normalisation
 from raykd.data.registry import DatasetSplits, split_indices, subset
 from raykd.errors import RaykdError, one_line
-from raykd.specs import image_hw
+from raykd.job import factories
+from raykd.job.specs import image_hw
 
 TORCHVISION = "torchvision:"
 

@@ -13,9 +13,9 @@ from typing import Annotated
 
 import torch.nn.functional as F
 
+from raykd.job.typed import NonNegative, Positive
 from raykd.losses import attention_loss
 from raykd.methods.base import DistillMethod, Step, paired_stages, register_method
-from raykd.typed import NonNegative, Positive
 
 
 @dataclass

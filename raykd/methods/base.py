@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from raykd.errors import RaykdError
+from raykd.job.typed import from_dict
 from raykd.models import LOGITS, StagedModel
-from raykd.typed import from_dict
 
 
 @dataclass
@@ -72,7 +72,7 @@ class DistillMethod:
 
     @classmethod
     def plan(cls, plan, label: str, entry: dict, params) -> list:
-        """Add this method's units for one seed to `plan` (a raykd.plan.SeedPlan). The default:
+        """Add this method's units for one seed to `plan` (a raykd.driver.plan.SeedPlan). The default:
         one student, or a chain of students (`chain: N`), each the next one's teacher. Methods
         that need more (heads, neighbourhoods) extend this."""
         return plan.students(label, cls.name, entry, params, cls)

@@ -15,11 +15,11 @@ from typing import Annotated
 import torch.nn.functional as F
 from torch import nn
 
+from raykd.job.typed import Between, NonNegative, Positive
 from raykd.losses import channel_loss, guided_kd_loss
 from raykd.methods.base import DistillMethod, Step, paired_stages, register_method
 from raykd.models.staged import nonnegative_taps, tap_shapes
 from raykd.schedules import channel_distillation_schedule
-from raykd.typed import Between, NonNegative, Positive
 
 # CD-weight decay points when a job gives none: with EDT, the official CIFAR-100 recipe (x0.9 at
 # epochs 60 and 160 of 200); without, a constant weight (its CIFAR-100 recipe). ImageNet's recipe

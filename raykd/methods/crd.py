@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from raykd.errors import RaykdError
+from raykd.job.typed import AtLeast, Between, NonNegative, Positive
 from raykd.losses import contrast_nce_loss
 from raykd.methods.base import DistillMethod, Step, needs_teacher, register_method
 from raykd.methods.rkd import embedding
 from raykd.models.staged import tap_shapes
-from raykd.typed import AtLeast, Between, NonNegative, Positive
 
 
 @dataclass

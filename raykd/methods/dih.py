@@ -13,14 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
+from raykd.driver.units import HeadsPart
 from raykd.errors import RaykdError
+from raykd.job.typed import Between, Positive
 from raykd.losses import dih_loss
 from raykd.methods.base import DistillMethod, Step, needs_teacher, register_method
 from raykd.models.export import load_heads
 from raykd.models.heads import build_heads, check_stages
 from raykd.teacher.local import freeze
-from raykd.typed import Between, Positive
-from raykd.units import HeadsPart
 
 HEADS = "heads"   # a DIH student's method input: its trained heads' exports, as planned
 

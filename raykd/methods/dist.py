@@ -11,9 +11,9 @@ from typing import Annotated
 
 import torch.nn.functional as F
 
+from raykd.job.typed import NonNegative, Positive
 from raykd.losses import dist_loss
 from raykd.methods.base import DistillMethod, Step, register_method
-from raykd.typed import NonNegative, Positive
 
 
 @dataclass

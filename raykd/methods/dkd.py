@@ -10,9 +10,9 @@ from typing import Annotated
 
 import torch.nn.functional as F
 
+from raykd.job.typed import Between, NonNegative, Positive
 from raykd.losses import dkd_loss
 from raykd.methods.base import DistillMethod, Step, register_method
-from raykd.typed import Between, NonNegative, Positive
 
 
 @dataclass

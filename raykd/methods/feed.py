@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from raykd.errors import RaykdError
+from raykd.job.typed import NonNegative
 from raykd.losses import feed_loss
 from raykd.methods.base import DistillMethod, Step, register_method
 from raykd.models.staged import tap_shapes
-from raykd.typed import NonNegative
 
 
 @dataclass

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from raykd.errors import RaykdError
+from raykd.job.typed import Between, NonNegative, Positive
 from raykd.losses import hint_loss, kd_loss
 from raykd.methods.base import DistillMethod, Step, needs_teacher, register_method
 from raykd.models.staged import tap_shapes
-from raykd.typed import Between, NonNegative, Positive
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from raykd.errors import RaykdError
+from raykd.job.typed import AtLeast, Between, Positive
 from raykd.losses import kd_loss, reweighting_factor, soft_target_kd_loss
 from raykd.methods.base import DistillMethod, Step, register_method
 from raykd.teacher_transforms import (
@@ -22,7 +23,6 @@ from raykd.teacher_transforms import (
     similarity_targets,
     transform_teacher,
 )
-from raykd.typed import AtLeast, Between, Positive
 
 
 @register_method("ce")

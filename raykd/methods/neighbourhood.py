@@ -20,7 +20,10 @@ from typing import Annotated
 
 import torch.nn.functional as F
 
+from raykd.driver.units import Inputs, NeighbourhoodPart
 from raykd.errors import RaykdError
+from raykd.job.specs import OptimSpec
+from raykd.job.typed import AtLeast, Between, NonNegative, Positive
 from raykd.losses import kd_loss
 from raykd.methods.base import DistillMethod, Step, needs_teacher, parse_params, register_method
 from raykd.models import count_params
@@ -33,10 +36,7 @@ from raykd.models.stitch import (
     parse_candidate,
     pools,
 )
-from raykd.selection import choose_one_per_group
-from raykd.specs import OptimSpec
-from raykd.typed import AtLeast, Between, NonNegative, Positive
-from raykd.units import Inputs, NeighbourhoodPart
+from raykd.nas.selection import choose_one_per_group
 
 DATA_RECALIBRATION = 2048   # training images for a stitched student's BatchNorm, on data inputs
 LIBRARY_DIR = "neighbourhoods"   # the default library, inside the job's output folder

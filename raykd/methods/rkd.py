@@ -12,9 +12,9 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
+from raykd.job.typed import NonNegative
 from raykd.losses import rkd_loss
 from raykd.methods.base import DistillMethod, Step, needs_teacher, register_method
-from raykd.typed import NonNegative
 
 
 @dataclass

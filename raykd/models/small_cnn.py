@@ -9,8 +9,8 @@ from collections import OrderedDict
 
 from torch import nn
 
+from raykd.job.specs import image_hw
 from raykd.models.cifar_resnet import ClassifierHead
-from raykd.specs import image_hw
 
 
 def _stage(cin: int, cout: int, pool: bool) -> nn.Sequential:

@@ -18,9 +18,9 @@ import inspect
 from torch import nn
 
 from raykd.errors import RaykdError, one_line
-from raykd.factories import check_allowed, code_fingerprint, is_factory, load
+from raykd.job.factories import check_allowed, code_fingerprint, is_factory, load
+from raykd.job.specs import image_hw
 from raykd.models.staged import StagedModel
-from raykd.specs import image_hw
 
 SOURCES = ("torchvision", "timm")
 

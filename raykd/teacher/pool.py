@@ -7,8 +7,8 @@ from pathlib import Path
 import ray
 
 from raykd.errors import RaykdError
+from raykd.job.specs import TeacherSpec
 from raykd.log import log
-from raykd.specs import TeacherSpec
 from raykd.teacher.handle import TeacherHandle
 from raykd.teacher.service import TeacherService
 
@@ -27,7 +27,7 @@ class TeacherPool:
                  runtime_env: dict | None = None):
         """`users`: each future unit's teacher exports; `most_at_once`: the most teachers one
         unit uses at once; `run_cpus`: what one training run needs; `runtime_env`: the shard
-        actors' (the job's factories of its own, raykd.factories)."""
+        actors' (the job's factories of its own, raykd.job.factories)."""
         self.job_name, self.spec, self.input_shape = job_name, teacher, input_shape
         self.runtime_env = runtime_env
         self.placement = resolve_placement(teacher)

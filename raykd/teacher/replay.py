@@ -23,7 +23,7 @@ same view (Beyer et al. 2022: a teacher fixed on one view per image hurts).
   softmax(log p / T) is softmax(z / T) for the stored classes, so any temperature applies; with
   k = the number of classes the teacher is reproduced exactly (to float16).
 - **The fill** runs on a trained teacher's own lane for the students that replay its logits (kd,
-  dkd: raykd.plan asks for it, as for the teacher's other stored outputs), else where a student
+  dkd: raykd.driver.plan asks for it, as for the teacher's other stored outputs), else where a student
   first needs the entry (a DIH student, whose heads train after the teacher; a
   `teacher.checkpoint`: the first of its students, the others wait on its lock and read it), one
   pass over the training split per view with teacher batches in flight, each view's

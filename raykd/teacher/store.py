@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 
 from raykd.data import data_identity
+from raykd.driver.units import Unit
 from raykd.files import atomic_copy, atomic_write, file_hash
 from raykd.log import log
 from raykd.models.sources import fingerprint
-from raykd.units import Unit
 
 STORE_DIR = "teachers"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 
+from raykd.driver.units import Unit
 from raykd.errors import RaykdError, one_line
 from raykd.log import log
 from raykd.train import heads as _heads  # noqa: F401  (registers heads)
@@ -13,7 +14,6 @@ from raykd.train import neighbourhood as _neighbourhood  # noqa: F401  (register
 from raykd.train.lanes import work_lane
 from raykd.train.layout import FAILED
 from raykd.train.skeleton import UNIT_KINDS, UnitTrainer, run_epochs
-from raykd.units import Unit
 
 
 def unit_kind(name: str) -> type[UnitTrainer]:

@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader
 
 from raykd.data import load_dataset
 from raykd.files import atomic_copy, file_hash
-from raykd.library import NeighbourhoodLibrary, recipe_digest
 from raykd.log import log
 from raykd.losses import neighbourhood_loss
 from raykd.models import LOGITS, count_macs, count_params
 from raykd.models.export import save_candidate
 from raykd.models.staged import BlockRange, latency_ms, mode, nonnegative_taps
 from raykd.models.stitch import block_shapes, boundary_taps, make_candidate, parse_candidate
+from raykd.nas.library import NeighbourhoodLibrary, recipe_digest
 from raykd.teacher import LocalTeacher
 from raykd.teacher.access import open_teachers
 from raykd.teacher.cache import cached_teacher

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from raykd.specs import OptimSpec
+from raykd.job.specs import OptimSpec
 
 
 def make_optimizer(params, spec: OptimSpec) -> torch.optim.Optimizer:

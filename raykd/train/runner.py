@@ -29,12 +29,12 @@ from ray.train import (
 )
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from raykd.driver.units import Unit
 from raykd.log import quiet_ray_logs
-from raykd.results import load_history
+from raykd.outputs.results import load_history
 from raykd.train.lanes import UnitQueue
 from raykd.train.layout import FAILED, metrics_file, state_file
 from raykd.train.ray_internals import is_placement_timeout, without_datasets
-from raykd.units import Unit
 
 
 def scaling_config(workers: int, cpus_per_worker: float, gpus_per_worker: float,

@@ -16,12 +16,12 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from raykd.driver.units import Unit
 from raykd.log import duration, log, quiet_ray_logs, setup_logging
 from raykd.teacher.access import store_outputs
 from raykd.train.optim import make_optimizer, make_scheduler
 from raykd.train.precision import StepPrecision
 from raykd.train.progress import Progress
-from raykd.units import Unit
 
 
 class UnitTrainer:

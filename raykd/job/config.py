@@ -1,4 +1,4 @@
-"""Reading a job: YAML in, a validated `JobSpec` (raykd.specs) out, with `key=value` overrides.
+"""Reading a job: YAML in, a validated `JobSpec` (raykd.job.specs) out, with `key=value` overrides.
 
 A job is about 20 lines of YAML (see jobs/quickstart.yaml). Every field has a typed default, so a
 job only states what differs. Overrides use dotted paths: `student.train.epochs=5`,
@@ -11,16 +11,16 @@ import copy
 import re
 from pathlib import Path
 
-from raykd import factories
 from raykd.data import check_dataset_name
 from raykd.errors import RaykdError, one_line
+from raykd.job import factories
+from raykd.job.specs import JobSpec
+from raykd.job.typed import apply_overrides, from_dict
+from raykd.job.yaml_safe import MAX_BYTES, parse
 from raykd.methods import method_params
 from raykd.models import check_model_name
 from raykd.models.export import read_export
 from raykd.models.pretrained import resolve_weights
-from raykd.specs import JobSpec
-from raykd.typed import apply_overrides, from_dict
-from raykd.yaml_safe import MAX_BYTES, parse
 
 JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 

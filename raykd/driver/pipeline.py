@@ -1,7 +1,7 @@
 """From a job spec to results rows: plan the units, run them on Ray in dependency order.
 
-spec -> units (raykd.plan) -> concurrent Ray Train runs (raykd.train.runner), launched by the
-dependency scheduler (raykd.scheduler) with their teachers attached (raykd.teacher.pool) -> rows
+spec -> units (raykd.driver.plan) -> concurrent Ray Train runs (raykd.train.runner), launched by the
+dependency scheduler (raykd.driver.scheduler) with their teachers attached (raykd.teacher.pool) -> rows
 in RUN_DIR/results.parquet. Units with a row already are not run again; an interrupted unit
 resumes from its last checkpoint.
 """
@@ -15,18 +15,18 @@ from pathlib import Path
 import ray
 import yaml
 
-from raykd import factories
-from raykd.config import job_factories
+from raykd.cluster.storage import check_shared_storage
 from raykd.data import load_dataset
+from raykd.driver.ownership import own
+from raykd.driver.plan import needed_by, plan_units, preflight, resolve_teachers
+from raykd.driver.scheduler import Launch, run_in_order
 from raykd.errors import RaykdError, out_of_space
+from raykd.job import factories
+from raykd.job.config import job_factories
+from raykd.job.specs import JobSpec
 from raykd.log import duration, log
 from raykd.methods import method_class
-from raykd.ownership import own
-from raykd.plan import needed_by, plan_units, preflight, resolve_teachers
-from raykd.results import ResultsTable
-from raykd.scheduler import Launch, run_in_order
-from raykd.specs import JobSpec
-from raykd.storage import check_shared_storage
+from raykd.outputs.results import ResultsTable
 from raykd.teacher.pool import TeacherPool
 from raykd.teacher.store import STORE_DIR, TeacherStore
 
@@ -148,7 +148,7 @@ class JobRun:
         self.runtime_env = factories.runtime_env(job_factories(spec))
 
     def run(self):
-        own(self.run_dir)            # one driver per run folder (raykd.ownership)
+        own(self.run_dir)            # one driver per run folder (raykd.driver.ownership)
         release_finished_runs()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         check_shared_storage(self.spec.output_dir)   # multi-node clusters only
@@ -383,7 +383,7 @@ def announce(pack: list, lanes: int, joined: bool = False) -> None:
 def start_tracking(spec: JobSpec, units: dict, done: set, table: ResultsTable):
     """A tracker following every unit of the job (None when the job asks for no tracking);
     units finished before are handed their stored rows, so a tracker added later catches up."""
-    from raykd.tracking import Tracker, sinks_for, unit_params
+    from raykd.outputs.tracking import Tracker, sinks_for, unit_params
 
     sinks = sinks_for(spec)
     if not sinks:

@@ -1,7 +1,7 @@
 """Code of the user's own, named `package.module:function` in a job file: a model factory
 (`teacher.model`, `student.model`) or a data factory (`data.dataset`).
 
-raykd imports such a function only because a job file names it (raykd.config, or a run folder's
+raykd imports such a function only because a job file names it (raykd.job.config, or a run folder's
 own job.yaml), never because a file it reads (an export, a checkpoint) does. The Ray processes a
 job starts get the job's list, and the folders the modules import from, through `runtime_env`.
 """

@@ -134,7 +134,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
              log_to_driver: bool = True, runtime_env: dict | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local instance on loopback;
     `runtime_env` is the whole driver's (every task, actor, Train run and Tune trial inherits
-    it: the job's factories of its own, raykd.factories)."""
+    it: the job's factories of its own, raykd.job.factories)."""
     import ray
 
     set_ray_env()
@@ -147,11 +147,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, **quiet)
     else:
-        # A head of its own on free loopback ports (raykd.local_head), with the dashboard,
+        # A head of its own on free loopback ports (raykd.cluster.local_head), with the dashboard,
         # which serves the state API that Train's placement-group cleaner polls (without it
         # that cleaner logs a warning every second), and the `raykd_trial` slots that sweep
         # trial drivers take instead of a CPU (raykd.sweep). The head stops at exit.
-        from raykd.local_head import LocalHead
+        from raykd.cluster.local_head import LocalHead
 
         head = LocalHead(num_cpus)
         ray.init(address=head.address, log_to_driver=log_to_driver, **quiet)

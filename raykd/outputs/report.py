@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from raykd.files import atomic_write, output_file
-from raykd.results import final_diagnostics, load_history, read_results, summary_figure, summary_table
+from raykd.outputs.results import final_diagnostics, load_history, read_results, summary_figure, summary_table
 
 REPORT_FILE = "report.html"
 STYLE = """

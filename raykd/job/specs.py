@@ -1,6 +1,6 @@
 """What a job can say: the typed schema of a job spec, with a default for every field.
 
-Pure dataclasses (no loading, no validation: see raykd.config). Fields with a fixed set of
+Pure dataclasses (no loading, no validation: see raykd.job.config). Fields with a fixed set of
 values are `Literal` types, so the converter names the allowed values in its error.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from raykd.typed import AtLeast, NonNegative, Positive
+from raykd.job.typed import AtLeast, NonNegative, Positive
 
 Optimizer = Literal["sgd", "adam"]
 Placement = Literal["auto", "local", "actors"]

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from raykd.specs import DataSpec, OptimSpec, ReplaySpec
+from raykd.job.specs import DataSpec, OptimSpec, ReplaySpec
 from raykd.teacher.handle import TeacherHandle
 
 # a results row's role: "teacher", "student", or what a unit kind names its own ("head", ...)
@@ -106,7 +106,7 @@ class Unit:
     store_outputs: OutputsToStore | None = None   # for its dependants, once trained
     fail_at_epoch: int | None = None   # fault injection for tests: raise after this epoch's checkpoint
     # a digest of everything that decides what the unit trains, its dependencies' included
-    # (raykd.plan.settle_settings): a re-run trains a unit again when it changed
+    # (raykd.driver.plan.settle_settings): a re-run trains a unit again when it changed
     settings: str = ""
 
     @property

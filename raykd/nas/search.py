@@ -5,7 +5,7 @@ trainings. The search picks one candidate per position minimising an additive pr
 part's relative reconstruction error, or the drop of the teacher's val accuracy with only that
 part swapped in) under additive budgets (parameters, MACs, batch-1 CPU latency: the teacher's
 total minus what is replaced plus what replaces it), exactly, with the integer program of
-raykd.selection, for the top K distinct solutions. Their stitched students are scored on the
+raykd.nas.selection, for the top K distinct solutions. Their stitched students are scored on the
 validation split in parallel Ray tasks, a Pareto table is written, and the best by val accuracy
 is exported with a ready-to-run job that fine-tunes it with KD (run here as Ray Train runs when
 `--finetune-epochs` > 0).
@@ -26,11 +26,11 @@ import pandas as pd
 import yaml
 
 from raykd.errors import RaykdError
-from raykd.factories import is_factory, runtime_env
 from raykd.files import atomic_copy, file_hash, torch_save
-from raykd.library import NeighbourhoodLibrary
+from raykd.job.factories import is_factory, runtime_env
 from raykd.log import log
-from raykd.selection import best_choices
+from raykd.nas.library import NeighbourhoodLibrary
+from raykd.nas.selection import best_choices
 
 PROXIES = {"recon": "relative reconstruction error on held-out inputs",
            "swap": "drop of the teacher's val accuracy with only this part swapped in"}
@@ -215,7 +215,7 @@ def score_students(infos: list[dict], data: dict, bn_recalibration: int,
 
 
 def data_spec(data: dict):
-    from raykd.config import job_from_dict
+    from raykd.job.config import job_from_dict
 
     return job_from_dict({"name": "search", "data": dict(data), "methods": {"ce": {}}}).data
 
@@ -301,8 +301,8 @@ def run_search(request: SearchRequest):
              table.candidates[best], table.val_top1[best], table.params[best], search_s, out)
     results = None
     if request.finetune_epochs:
-        from raykd.config import job_from_dict
-        from raykd.pipeline import run_job
+        from raykd.driver.pipeline import run_job
+        from raykd.job.config import job_from_dict
 
         log.info("search: fine-tuning the chosen student with KD (%d epochs, seeds %s)",
                  request.finetune_epochs, list(request.seeds))
@@ -314,7 +314,7 @@ def search_factories(teacher: str, data: dict) -> list[str]:
     """The functions of the user's own the search builds with: those the job that trained the
     teacher names (its run folder's job.yaml above the export), allowed here. A teacher export
     outside its run folder that names one is refused where it is loaded, in one line."""
-    from raykd.config import export_run_factories
+    from raykd.job.config import export_run_factories
 
     names = export_run_factories(teacher)
     if is_factory(data.get("dataset")) and data["dataset"] not in names:

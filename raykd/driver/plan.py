@@ -12,15 +12,15 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from raykd.driver.units import OutputsToStore, Unit
 from raykd.errors import RaykdError
 from raykd.files import file_hash
+from raykd.job.specs import JobSpec
 from raykd.methods import MethodContext, method_params
 from raykd.models import LOGITS, StagedModel, build_model
 from raykd.models.export import load_export
 from raykd.models.weights import load_weights
-from raykd.specs import JobSpec
 from raykd.teacher.replay import replay_refusal
-from raykd.units import OutputsToStore, Unit
 
 
 def with_weights(model, part, where: str):

@@ -49,8 +49,8 @@ def choose_student(df: pd.DataFrame, label: str, seed: int | None = None) -> dic
 
 def load_test_split(run_dir: Path):
     """The run's test split, as (inputs, labels) tensors, from the job it was run with."""
-    from raykd.config import job_from_dict
     from raykd.data import load_dataset
+    from raykd.job.config import job_from_dict
 
     job = run_dir / "job.yaml"
     if not job.is_file():
@@ -133,9 +133,9 @@ def export_student(run_dir: str | Path, label: str, fmt: str = "onnx", seed: int
                    out: str | Path | None = None) -> dict:
     """Write the chosen student in `fmt`, check it on the test split, measure its latency; return
     the export's record (also written beside it as JSON)."""
-    from raykd.config import allow_run_factories
+    from raykd.job.config import allow_run_factories
     from raykd.models.export import load_export
-    from raykd.results import read_results
+    from raykd.outputs.results import read_results
 
     if fmt not in FORMATS:
         raise RaykdError(f"--format {fmt}: allowed: {', '.join(FORMATS)}")

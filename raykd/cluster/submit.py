@@ -165,8 +165,8 @@ class Cluster:
 def check_factories_travel(spec, project: Path) -> None:
     """Every factory of the user's own that the job names reaches the cluster: its module inside
     the project folder (the job's working_dir, on every node's path) or an installed package."""
-    from raykd import factories
-    from raykd.config import job_factories
+    from raykd.job import factories
+    from raykd.job.config import job_factories
 
     stranded = factories.outside(job_factories(spec), project)
     if stranded:

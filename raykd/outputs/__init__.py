@@ -1,0 +1,2 @@
+"""What a job leaves: the results table (results), experiment tracking (tracking), the HTML
+report (report) and deployable exports (deploy)."""
