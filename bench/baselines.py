@@ -1,6 +1,6 @@
 """The methods comparison: `raykd run jobs/mnist_baselines.yaml` (every method at its paper's
 defaults, 5 seeds), summarised per method as test top-1 mean ± std, the paired gain over CE
-(mean ± std of the per-seed differences) and how many seeds beat CE; rewrites the README's
+(mean ± std of the per-seed differences) and how many seeds beat CE; rewrites docs/methods.md's
 `baselines` block and bench/RESULTS.md's section.
 
     .venv/bin/python bench/baselines.py            # about 10 minutes on 2 CPU cores
@@ -63,12 +63,12 @@ teacher, cnn_small student), {seeds} seeds; test top-1, selection on val only.
     below = int((means < means["ce"]).sum())
     write_block("baselines", f"""Every method at its paper's defaults on the quickstart's models
 (mnist5k, 1,000 training images, 8 epochs; {seeds} seeds; written by
-`.venv/bin/python bench/baselines.py` from [`jobs/mnist_baselines.yaml`](jobs/mnist_baselines.yaml)).
+`.venv/bin/python bench/baselines.py` from [`jobs/mnist_baselines.yaml`](../jobs/mnist_baselines.yaml)).
 {below} of {len(means) - 1} methods score below CE at these defaults, which their papers set for
 CIFAR or ImageNet: the table shows each method running at its paper's settings, not how the
-methods rank when tuned here (`raykd sweep`, [docs/sweeps.md](docs/sweeps.md)) or at scale.
+methods rank when tuned here (`raykd sweep`, [sweeps.md](sweeps.md)) or at scale.
 
-{table}""")
+{table}""", "docs/methods.md")
     print(table)
 
 

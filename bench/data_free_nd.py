@@ -1,7 +1,7 @@
 """Neighbourhood Distillation without data against with data: `jobs/mnist_neighbourhood.yaml`
 (3 seeds) with its parts distilled on training images, and again on synthetic inputs
 (`inputs: gaussian`, raykd.train.synthetic), the stitched students compared on test; rewrites
-the README's `data_free_nd` block and bench/RESULTS.md's section.
+docs/methods.md's `data_free_nd` block and bench/RESULTS.md's section.
 
     .venv/bin/python bench/data_free_nd.py                    # about 10 minutes on 2 CPU cores
     .venv/bin/python bench/data_free_nd.py --against REV      # plus REV's synthetic inputs
@@ -96,13 +96,11 @@ learned on synthetic inputs and are fit to the statistics those produce.
 
 {table}
 """)
-    write_block("data_free_nd", f"""Neighbourhood Distillation also runs without training data:
-with `inputs: gaussian` each neighbourhood learns from Gaussians with the statistics that the
-teacher's BatchNorms remember ([docs/methods.md](docs/methods.md#without-data)), at the cost in
-accuracy this table shows on [`mnist_neighbourhood`](jobs/mnist_neighbourhood.yaml) (3 seeds;
-written by `.venv/bin/python bench/data_free_nd.py`):
+    write_block("data_free_nd", f"""What distilling without data costs in accuracy on
+[`mnist_neighbourhood`](../jobs/mnist_neighbourhood.yaml) (3 seeds; written by
+`.venv/bin/python bench/data_free_nd.py`):
 
-{table}""")
+{table}""", "docs/methods.md")
     print(table)
 
 
