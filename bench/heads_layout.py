@@ -18,9 +18,11 @@ from results_md import fresh_workdir, machine, quickstart_teacher, write_section
 
 
 def main() -> None:
+    from raykd.cluster.ray_env import init_ray, set_ray_env
+    set_ray_env()   # before ray is imported: Ray reads its loopback-only mode at import
+
     import ray
 
-    from raykd.cluster.ray_env import init_ray
     from raykd.data import load_dataset
     from raykd.driver.plan import plan_units
     from raykd.job.config import job_from_dict

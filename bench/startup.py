@@ -5,13 +5,17 @@ with `TorchTrainer` (which also sets up a torch process group across the workers
 V2's plain `DataParallelTrainer` (no process group), and with the `DataParallelTrainer` raykd
 runs (raykd.train.ray_internals.without_datasets: no Ray Data dataset manager, a process per run); with
 1 and 2 workers. Plus a fresh Python's `import torch` and `import ray.train.torch`, which every
-worker process pays. Repetitions alternate; medians with min-max.
+worker process pays. And the CPU the whole machine spent on each run (every process: Train's
+controller, its placement-group cleaner and synchronisation actor, the workers, Ray's own
+services), which bounds how many runs two cores start side by side. Repetitions alternate;
+medians with min-max.
 
     .venv/bin/python bench/startup.py [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,6 +34,13 @@ def stamp(config: dict) -> None:
     Path(config["dir"], f"in-{rank}").write_text(repr(time.time()))
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores, every process)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, iowait = ticks[3], ticks[4]
+    return (sum(ticks) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
 def import_time(module: str) -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
@@ -40,22 +51,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    from raykd.cluster.ray_env import init_ray, set_ray_env
+    set_ray_env()   # before ray is imported: Ray reads its loopback-only mode at import
+
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from raykd.cluster.ray_env import init_ray
     from raykd.train.runner import trainer_class
 
     raykd_trainer = trainer_class(1)
 
     init_ray(num_cpus=2, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="raykd-startup-")
-    parts: dict[str, list[tuple[float, float]]] = {}
+    parts: dict[str, list[tuple[float, float, float]]] = {}
 
     def run(cls, workers: int, name: str):
         def go() -> float:
             d = tempfile.mkdtemp(dir=storage)
+            cpu = busy_cpu_s()
             started = time.time()
             cls(stamp, train_loop_config={"dir": d},
                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
@@ -63,7 +77,9 @@ def main() -> None:
             ended = time.time()
             first = min(float(p.read_text()) for p in Path(d).glob("in-*"))
             last = max(float(p.read_text()) for p in Path(d).glob("in-*"))
-            parts.setdefault(name, []).append((first - started, ended - last))
+            time.sleep(1.0)     # the run's actor processes exit
+            parts.setdefault(name, []).append((first - started, ended - last,
+                                               busy_cpu_s() - cpu))
             return round(ended - started, 2)
         return go
 
@@ -80,21 +96,25 @@ def main() -> None:
                           args.repeats)
     rows = "\n".join(
         f"| {name} | {median_spread(w)} | {median_spread([p[0] for p in parts[name]])} | "
-        f"{median_spread([p[1] for p in parts[name]])} |" for name, w in walls.items())
+        f"{median_spread([p[1] for p in parts[name]])} | "
+        f"{median_spread([round(p[2], 1) for p in parts[name]])} |" for name, w in walls.items())
     body = f"""## Fixed cost of one Ray Train run
 
 `.venv/bin/python bench/startup.py --repeats {args.repeats}`; {machine()}.
 A run whose worker function imports torch and returns (each cell: median (min-max) of {args.repeats}).
 
-| run | fit() wall | start-up: fit() to the first worker having imported torch | teardown: from the last to fit() returning |
-| --- | --- | --- | --- |
+| run | fit() wall | start-up: fit() to the first worker having imported torch | teardown: from the last to fit() returning | CPU, whole machine: fit() and 1 s after |
+| --- | --- | --- | --- | --- |
 {rows}
 
 A fresh Python process, which each Ray worker is: `import torch` {median_spread(imports['import torch'])},
 `import ray.train.torch` {median_spread(imports['import ray.train.torch'])}.
 
 raykd pays this once per *pack*, not once per unit: a pack's lanes train one unit after
-another inside one run, and units join it as they become ready.
+another inside one run, and units join it as they become ready. The CPU column is why the test
+suite's time is about its number of Train runs on two cores: a run keeps more than one core busy
+while it starts (each of its actor processes imports Ray Train, and the workers torch), so two
+runs side by side take about as long as one after the other.
 """
     write_section("startup", body)
     print(body)
