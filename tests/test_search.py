@@ -17,7 +17,14 @@ from raykd.errors import RaykdError
 from raykd.files import file_hash
 from raykd.job.config import job_from_dict, load_job
 from raykd.models.export import build_stitched, load_export
-from raykd.nas.search import SearchRequest, library_entries, positions, run_search, solve
+from raykd.nas.search import (
+    SearchRequest,
+    library_entries,
+    positions,
+    run_search,
+    score_student,
+    solve,
+)
 from raykd.nas.selection import best_choices
 from raykd.train.batches import evaluate
 
@@ -222,6 +229,27 @@ def test_two_jobs_share_a_library_and_search_retrains_nothing(ray_session, tmp_p
     spec = load_job(out / "student.yaml", ["student.reinit=true", "name=scratch"])
     assert spec.student.checkpoint == str(out / "student.pt")
     assert json.loads(catalog.data[0])["dataset"] == "digits"
+
+
+def test_a_scored_student_is_exported_with_the_normalisation_of_its_images(tmp_path,
+                                                                          digits_teacher):
+    """A searched student is written as scored, ready to deploy or to distil from: its export
+    records how its images were normalised (here an image folder with the job's own mean and
+    std), as a trained student's does; without it, `raykd export` and a job that takes it as
+    `teacher.checkpoint` would feed it images normalised otherwise."""
+    from PIL import Image
+
+    for label in range(10):
+        (tmp_path / "png" / "train" / str(label)).mkdir(parents=True)
+        for i in range(3):
+            pixels = torch.randint(0, 256, (8, 8), generator=torch.Generator().manual_seed(i))
+            Image.fromarray(pixels.to(torch.uint8).numpy(), mode="L").save(
+                tmp_path / "png" / "train" / str(label) / f"{i}.png")
+    data = {"dataset": "imagefolder", "root": str(tmp_path / "png"), "image_size": 8,
+            "val_size": 10, "test_size": 10, "mean": [0.25], "std": [0.125]}
+    score = score_student({"teacher": str(digits_teacher), "parts": []}, data, 0)
+    assert (score["export"]["mean"], score["export"]["std"]) == ([0.25], [0.125])
+    assert 0 <= score["val_top1"] <= 1
 
 
 def _append_parts(library: str, export_dir: str, teacher: str, rounds: int) -> None:

@@ -181,37 +181,41 @@ def stitch_info(teacher: str, solution: list[dict]) -> dict:
             "parts": [[int(r["nb_start"]), int(r["nb_stop"]), r["checkpoint"]] for r in solution]}
 
 
+def score_student(info: dict, data: dict, bn_recalibration: int) -> dict:
+    """One stitched student's val accuracy, parameters, MACs and measured latency, its
+    BatchNorm statistics first recomputed on `bn_recalibration` training images
+    (raykd.models.batchnorm); "export" holds its export payload as scored, with the
+    normalisation of the images it was scored on (so a deployed or re-used student sees its
+    inputs as it was trained)."""
+    from raykd.data import load_dataset
+    from raykd.models import count_macs, count_params
+    from raykd.models.batchnorm import recalibrate_batchnorm
+    from raykd.models.export import build_stitched, model_payload
+    from raykd.models.staged import latency_ms
+    from raykd.train.batches import evaluate
+
+    spec = data_spec(data)
+    splits = load_dataset(spec)
+    model = build_stitched(info)
+    recalibrate_batchnorm(model, splits.train, spec.eval_batch_size, bn_recalibration)
+    model.eval()
+    return {"val_top1": evaluate(model, splits.val, spec.eval_batch_size, "cpu"),
+            "params": count_params(model), "macs": count_macs(model, splits.input_shape),
+            "latency_ms": latency_ms(model, splits.input_shape),
+            "export": model_payload(model, splits.num_classes, splits.in_channels,
+                                    splits.image_size, spec.mean, spec.std)}
+
+
 def score_students(infos: list[dict], data: dict, bn_recalibration: int,
                    runtime_env: dict | None = None) -> list[dict]:
-    """Val accuracy, parameters, MACs and measured latency of each stitched student, its
-    BatchNorm statistics first recomputed on `bn_recalibration` training images
-    (raykd.models.batchnorm), one Ray task each (no training). Each score's "export" holds the
-    student's export payload as scored (the driver writes it: tasks may run on other nodes)."""
+    """`score_student` for each stitched student, one Ray task each (no training); the driver
+    writes the exports (tasks may run on other nodes)."""
     import ray
 
-    @ray.remote(num_cpus=1)
-    def score(info: dict) -> dict:
-        from raykd.data import load_dataset
-        from raykd.models import count_macs, count_params
-        from raykd.models.batchnorm import recalibrate_batchnorm
-        from raykd.models.export import build_stitched, model_payload
-        from raykd.models.staged import latency_ms
-        from raykd.train.batches import evaluate
-
-        spec = data_spec(data)
-        splits = load_dataset(spec)
-        model = build_stitched(info)
-        recalibrate_batchnorm(model, splits.train, spec.eval_batch_size, bn_recalibration)
-        model.eval()
-        return {"val_top1": evaluate(model, splits.val, spec.eval_batch_size, "cpu"),
-                "params": count_params(model), "macs": count_macs(model, splits.input_shape),
-                "latency_ms": latency_ms(model, splits.input_shape),
-                "export": model_payload(model, splits.num_classes, splits.in_channels,
-                                        splits.image_size)}
-
+    score = ray.remote(num_cpus=1)(score_student)
     if runtime_env:   # the teacher's or the data's factories, for the processes that build them
         score = score.options(runtime_env=runtime_env)
-    return ray.get([score.remote(info) for info in infos])
+    return ray.get([score.remote(info, data, bn_recalibration) for info in infos])
 
 
 def data_spec(data: dict):
