@@ -6,7 +6,7 @@ its RESULTS section.
 
 `--against` checks COMMIT out into a temporary git worktree and runs its tests with this venv
 (PYTHONPATH first), so both sides share Python, torch and Ray; the suites differ in what they
-test (each side runs its own tests). About 15 minutes per suite on 2 cores.
+test (each side runs its own tests). About 25 minutes per suite on 2 cores (377 tests).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def main() -> None:
 
     def measure(side: str, code: Path) -> dict:
         count[side] += 1
-        print(f"  {side}: running its test suite (about 15 minutes)", flush=True)
+        print(f"  {side}: running its test suite (about 25 minutes on 2 cores)", flush=True)
         return timed_suite(code, work / f"{side}-{count[side]}.log")
 
     suites = now_and_then(measure, args.against, args.repeats)
