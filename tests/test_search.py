@@ -243,7 +243,7 @@ def test_a_scored_student_is_exported_with_the_normalisation_of_its_images(tmp_p
         (tmp_path / "png" / "train" / str(label)).mkdir(parents=True)
         for i in range(3):
             pixels = torch.randint(0, 256, (8, 8), generator=torch.Generator().manual_seed(i))
-            Image.fromarray(pixels.to(torch.uint8).numpy(), mode="L").save(
+            Image.fromarray(pixels.to(torch.uint8).numpy()).save(
                 tmp_path / "png" / "train" / str(label) / f"{i}.png")
     data = {"dataset": "imagefolder", "root": str(tmp_path / "png"), "image_size": 8,
             "val_size": 10, "test_size": 10, "mean": [0.25], "std": [0.125]}
