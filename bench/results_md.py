@@ -1,6 +1,7 @@
 """bench/RESULTS.md is shared by every benchmark: each one rewrites only its own section."""
 from __future__ import annotations
 
+import os
 import platform
 import re
 from datetime import datetime, timezone
@@ -19,6 +20,13 @@ def machine() -> str:
     return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"torch {torch.__version__}, ray {ray.__version__}, "
             f"measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores, every process)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, iowait = ticks[3], ticks[4]
+    return (sum(ticks) - idle - iowait) / os.sysconf("SC_CLK_TCK")
 
 
 def alternating(runs: dict, repeats: int) -> dict[str, list]:

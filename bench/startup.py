@@ -15,7 +15,6 @@ medians with min-max.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import alternating, machine, median_spread, write_section  # noqa: E402
+from results_md import alternating, busy_cpu_s, machine, median_spread, write_section  # noqa: E402
 
 
 def stamp(config: dict) -> None:
@@ -32,13 +31,6 @@ def stamp(config: dict) -> None:
 
     rank = ray.train.get_context().get_world_rank()
     Path(config["dir"], f"in-{rank}").write_text(repr(time.time()))
-
-
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy since boot (all cores, every process)."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle, iowait = ticks[3], ticks[4]
-    return (sum(ticks) - idle - iowait) / os.sysconf("SC_CLK_TCK")
 
 
 def import_time(module: str) -> float:
