@@ -1,5 +1,5 @@
 # make demo   run the quickstart job on a local Ray instance (mnist5k, CPU, a few minutes)
-# make test   lint, then the whole test suite (real local Ray, about 30 minutes on 2 cores): what CI runs
+# make test   lint, then the whole test suite (real local Ray, about 20 minutes on 2 cores): what CI runs
 # make test-fast  lint and every test that does not start Ray (about 2 minutes)
 # make bench  run the benchmarks and rewrite bench/RESULTS.md
 # Each target creates .venv and installs raykd into it on first use.
