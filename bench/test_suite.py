@@ -34,24 +34,34 @@ from results_md import (  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(Path(sys.executable).parent / "python")
 SLOWEST = 8
+COSTLIEST_FILES = 12
 
 
 def timed_suite(code: Path, log: Path) -> dict:
     """Run `pytest` in `code`; return its wall time, the CPU the whole machine spent meanwhile
-    (the suite is CPU-bound on 2 cores: its time is what its Ray processes cost), its counts and
-    its slowest tests."""
+    (the suite is CPU-bound on 2 cores: its time is what its Ray processes cost), its counts, its
+    slowest tests and each test file's seconds (set-up, call and teardown of its tests)."""
     env = {**os.environ, "PYTHONPATH": str(code), "RAY_AUTH_MODE": "disabled"}
     started, cpu = time.perf_counter(), busy_cpu_s()
     done = subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           f"--durations={SLOWEST}"], capture_output=True, text=True, env=env,
+                           "--durations=0", "--durations-min=0"], capture_output=True, text=True, env=env,
                           cwd=code)
     wall = round(time.perf_counter() - started, 1)
     cpu_s = round(busy_cpu_s() - cpu)
     log.write_text(done.stdout + done.stderr)
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?)", done.stdout)}
-    slowest = re.findall(r"^([\d.]+)s (?:call|setup)\s+(\S+)", done.stdout, re.M)
+    durations = [(float(s), phase, name) for s, phase, name in
+                 re.findall(r"^([\d.]+)s (call|setup|teardown)\s+(\S.*?)\s*$", done.stdout, re.M)]
+    files: dict[str, list] = {}
+    for s, _, name in durations:
+        path, test = name.split("::", 1)
+        seconds, tests = files.setdefault(path, [0.0, set()])
+        files[path] = [seconds + s, tests | {test}]
     return {"wall_s": wall, "cpu_s": cpu_s, "counts": counts,
-            "slowest": [(float(s), name) for s, name in slowest]}
+            "slowest": [(s, name) for s, phase, name in durations
+                        if phase in ("call", "setup")][:SLOWEST],
+            "files": sorted(((round(s, 1), len(tests), path) for path, (s, tests) in files.items()),
+                            reverse=True)}
 
 
 def main() -> None:
@@ -65,7 +75,7 @@ def main() -> None:
 
     def measure(side: str, code: Path) -> dict:
         count[side] += 1
-        print(f"  {side}: running its test suite (about 25 minutes on 2 cores)", flush=True)
+        print(f"  {side}: running its test suite (about 20 minutes on 2 cores)", flush=True)
         return timed_suite(code, work / f"{side}-{count[side]}.log")
 
     suites = now_and_then(measure, args.against, args.repeats)
@@ -87,6 +97,8 @@ def report(suites: dict, against: str | None) -> None:
     now = [s["wall_s"] for s in suites["now"]]
     last = suites["now"][-1]
     slowest = "\n".join(f"| {name} | {s:.1f} |" for s, name in last["slowest"])
+    files = "\n".join(f"| {path} | {n} | {s:.1f} |"
+                      for s, n, path in last["files"][:COSTLIEST_FILES])
     before = ""
     if "before" in suites:
         then = [s["wall_s"] for s in suites["before"]]
@@ -102,6 +114,13 @@ def report(suites: dict, against: str | None) -> None:
 | slowest tests | s |
 | --- | --- |
 {slowest}
+
+Where the time goes, by test file (pytest's set-up, call and teardown seconds of its tests; the
+{COSTLIEST_FILES} costliest of {len(last['files'])} files, {sum(s for s, _, _ in last['files'][:COSTLIEST_FILES]):.0f} of {sum(s for s, _, _ in last['files']):.0f} s):
+
+| test file | tests | s |
+| --- | --- | --- |
+{files}
 """
     write_section("test_suite", body)
     write_block("test_suite", f"""On this 2-core machine the suite took {statistics.median(now):.0f} s
