@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,23 +45,23 @@ def timed_suite(code: Path, log: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code), "RAY_AUTH_MODE": "disabled"}
     started, cpu = time.perf_counter(), busy_cpu_s()
     done = subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "--durations=0", "--durations-min=0"], capture_output=True, text=True, env=env,
-                          cwd=code)
+                           "--durations=0", "--durations-min=0"],
+                          capture_output=True, text=True, env=env, cwd=code)
     wall = round(time.perf_counter() - started, 1)
     cpu_s = round(busy_cpu_s() - cpu)
     log.write_text(done.stdout + done.stderr)
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?)", done.stdout)}
     durations = [(float(s), phase, name) for s, phase, name in
                  re.findall(r"^([\d.]+)s (call|setup|teardown)\s+(\S.*?)\s*$", done.stdout, re.M)]
-    files: dict[str, list] = {}
+    seconds, tests = defaultdict(float), defaultdict(set)
     for s, _, name in durations:
         path, test = name.split("::", 1)
-        seconds, tests = files.setdefault(path, [0.0, set()])
-        files[path] = [seconds + s, tests | {test}]
+        seconds[path] += s
+        tests[path].add(test)
     return {"wall_s": wall, "cpu_s": cpu_s, "counts": counts,
             "slowest": [(s, name) for s, phase, name in durations
                         if phase in ("call", "setup")][:SLOWEST],
-            "files": sorted(((round(s, 1), len(tests), path) for path, (s, tests) in files.items()),
+            "files": sorted(((round(s, 1), len(tests[path]), path) for path, s in seconds.items()),
                             reverse=True)}
 
 
