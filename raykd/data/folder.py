@@ -129,10 +129,10 @@ def export_folder(name: str, out: str | Path, limit: int | None = None) -> int:
         x, y = _mnist5k_arrays()
         pixels = (x[:, 0] * 255).round().astype(np.uint8)
     elif name == "digits":
-        from sklearn.datasets import load_digits
+        from raykd.data.builtin import digits_arrays
 
-        d = load_digits()
-        pixels, y = (d.images / 16.0 * 255).round().astype(np.uint8), d.target
+        images, y = digits_arrays()
+        pixels = (images / 16.0 * 255).round().astype(np.uint8)
     else:
         raise RaykdError(f"raykd data export: {name!r} cannot be written as files; allowed: "
                          "mnist5k, digits")
