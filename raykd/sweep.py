@@ -307,7 +307,7 @@ def train_one_seed(unit, settings, sweep: SweepSpec) -> None:
         return
     # named by the trial: a restored trial continues its Train run
     _, error = fit(trainer_for({"units": [unit]}, settings, sweep.workers, sweep.cpus_per_worker,
-                               unit.key, callbacks=(TuneReportCallback(),)))
+                               unit.key, callbacks=(TuneReportCallback(),)), settings)
     if error is not None:
         raise error
 

@@ -12,9 +12,6 @@ import pytest
 from raykd.cluster.ray_env import set_ray_env
 
 set_ray_env()
-# Train waits this long for a run's workers to be placed before it tries again (60 s by default):
-# the test of a run that cannot be placed waits one such step (read by Ray's processes at start)
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
 
 
 def pytest_collection_modifyitems(items):

@@ -135,10 +135,11 @@ def test_a_finished_run_stuck_in_teardown_is_stopped_before_new_runs_start(ray_s
 
 def test_what_cannot_be_placed_fails_in_one_line_naming_what_it_waits_for(ray_session, tmp_path):
     """Both CPUs held by a placement group nothing removes: the sweep's wait for room, and a
-    Train run itself (after its placement timeout), each end in one line."""
+    Train run itself (after its placement timeout, `ray.placement_timeout_s`, however short),
+    each end in one line."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from raykd.train.runner import RunSettings, fit_units
+    from raykd.train.runner import RunSettings, fit_units, placement_steps
 
     holder = placement_group([{"CPU": 2}])
     ray_session.get(holder.ready(), timeout=60)
@@ -158,8 +159,10 @@ def test_what_cannot_be_placed_fails_in_one_line_naming_what_it_waits_for(ray_se
         assert reason == ("no room for the run's 1 worker(s) ({'CPU': 1.0} each) within the "
                           "placement timeout (ray.placement_timeout_s); the cluster has "
                           "{'CPU': 0.0} free"), reason
-        # one start timeout of Train's (the session sets 10 s), no retry
-        assert time.monotonic() - started < 40
+        # its own 1 s, not one of Train's 60 s attempts
+        assert time.monotonic() - started < 15
+        # a job's placement timeout is cut into equal attempts no longer than Train's 60 s
+        assert [placement_steps(t) for t in (600, 90, 30)] == [(10, 60.0), (2, 45.0), (1, 30.0)]
     finally:
         remove_placement_group(holder)
     assert all_cpus_free(ray_session, 30)

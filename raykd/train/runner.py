@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,7 @@ def fit_units(units: list[Unit], settings: RunSettings,
     workers = settings.workers if unit_kind(unit.kind).data_parallel else 1
     started_at = time.time()
     result, error = fit(trainer_for({"units": units}, settings, workers, unit.cpus_per_worker,
-                                    unit.key))
+                                    unit.key), settings)
     if error is not None:
         return {unit.key: error}
     last = result.checkpoint.path if result.checkpoint is not None else None
@@ -129,14 +130,25 @@ def fit_units(units: list[Unit], settings: RunSettings,
                                 settings)}
 
 
-def fit(trainer):
+def fit(trainer, settings: RunSettings):
     """(result, error) of one run: Train V2 raises once a run's retries are spent; a run that
-    could not be placed in time fails with one line naming what it waited for."""
+    could not be placed within the settings' placement timeout fails with one line naming what
+    it waited for. Train takes how long one attempt may wait for placement from the environment
+    of the process that calls fit() (and hands it to the run's controller), so it is set here,
+    for this call only: the process (a launching task, a Tune trial) runs one fit() at a time."""
+    _, each_s = placement_steps(settings.placement_timeout_s)
+    previous = os.environ.get(START_TIMEOUT)
+    os.environ[START_TIMEOUT] = f"{each_s:g}"
     try:
         result = trainer.fit()
         return result, result.error
     except TrainingFailedError as e:
         return None, unplaced(e, trainer.scaling_config) or e
+    finally:
+        if previous is None:
+            os.environ.pop(START_TIMEOUT, None)
+        else:
+            os.environ[START_TIMEOUT] = previous
 
 
 def unplaced(error: BaseException, scaling: ScalingConfig) -> RuntimeError | None:
@@ -184,7 +196,8 @@ def trainer_for(config: dict, settings: RunSettings, workers: int, cpus_per_work
     """The one place a Ray Train run is built, for job runs and sweep trials alike: `workers`
     with `cpus_per_worker` each (and the settings' GPUs and custom resources), named `name` under
     the settings' storage, so re-running resumes it. A run waits at most about
-    `placement_timeout_s` for its workers to be placed, in Train's start-timeout steps."""
+    `placement_timeout_s` for its workers to be placed, in Train's start-timeout steps (`fit`
+    sets their length)."""
     return trainer_class(workers, packed="queue" in config)(
         train_worker,
         train_loop_config=config,
@@ -195,18 +208,23 @@ def trainer_for(config: dict, settings: RunSettings, workers: int, cpus_per_work
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(
                 max_failures=settings.max_failures,
-                controller_failure_limit=placement_attempts(settings.placement_timeout_s)),
+                controller_failure_limit=placement_steps(settings.placement_timeout_s)[0] - 1),
             callbacks=list(callbacks),
             logging_config=QUIET_TRAIN))
 
 
-def placement_attempts(timeout_s: float) -> int:
-    """Retries of a worker group that could not be placed, so that all of them together wait
-    about `timeout_s`: Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) per attempt."""
-    import os
+# Train's own setting: how long one attempt waits for a run's workers to be placed (60 s)
+START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
-    per_attempt = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
-    return max(0, math.ceil(timeout_s / per_attempt) - 1)
+
+def placement_steps(timeout_s: float) -> tuple[int, float]:
+    """(attempts, seconds each) that wait `timeout_s` in all: Train gives up on a worker group
+    it cannot place after its start timeout (START_TIMEOUT in the environment, else 60 s) and
+    tries again `controller_failure_limit` times, so the job's timeout is cut into equal
+    attempts no longer than that (600 s: ten of 60 s; 30 s: one of 30 s, not one of 60)."""
+    longest = float(os.environ.get(START_TIMEOUT, 60.0))
+    attempts = max(1, math.ceil(timeout_s / longest))
+    return attempts, timeout_s / attempts
 
 
 # Train's controller logs each worker group's start at INFO; raykd's own lines say enough
@@ -243,7 +261,7 @@ def run_pack(queue, settings: RunSettings, lanes: int, cpus_per_worker: float, n
     when `polled`, the outcomes of the units its lanes did not report finished (the driver's
     `OpenPack.poll` has read the others)."""
     _, error = fit(trainer_for({"queue": queue, "retries": settings.max_failures}, settings,
-                               lanes, cpus_per_worker, name))
+                               lanes, cpus_per_worker, name), settings)
     ray.get(queue.close.remote())     # nothing more may join a run that has ended
     units = ray.get(queue.all_units.remote())
     spans = ray.get(queue.lane_seconds.remote())
