@@ -133,13 +133,14 @@ def test_a_finished_run_stuck_in_teardown_is_stopped_before_new_runs_start(ray_s
     pipeline.wait_for_room({"CPU": 2}, "the sweep's first trial", bound_s=5)   # returns
 
 
-def test_what_cannot_be_placed_fails_in_one_line_naming_what_it_waits_for(ray_session, tmp_path):
+def test_what_cannot_be_placed_fails_in_one_line_naming_what_it_waits_for(ray_session, tmp_path,
+                                                                         monkeypatch):
     """Both CPUs held by a placement group nothing removes: the sweep's wait for room, and a
     Train run itself (after its placement timeout, `ray.placement_timeout_s`, however short),
     each end in one line."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from raykd.train.runner import RunSettings, fit_units, placement_steps
+    from raykd.train.runner import START_TIMEOUT, RunSettings, fit_units, placement_steps
 
     holder = placement_group([{"CPU": 2}])
     ray_session.get(holder.ready(), timeout=60)
@@ -162,6 +163,7 @@ def test_what_cannot_be_placed_fails_in_one_line_naming_what_it_waits_for(ray_se
         # its own 1 s, not one of Train's 60 s attempts
         assert time.monotonic() - started < 15
         # a job's placement timeout is cut into equal attempts no longer than Train's 60 s
+        monkeypatch.delenv(START_TIMEOUT, raising=False)
         assert [placement_steps(t) for t in (600, 90, 30)] == [(10, 60.0), (2, 45.0), (1, 30.0)]
     finally:
         remove_placement_group(holder)
